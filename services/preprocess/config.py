@@ -1,0 +1,79 @@
+"""Validated configuration of the preprocess service.
+
+Built once at the entry point (CLI flags, a Serve config, a Helm value) and passed down; library code
+reads no environment variables. Every field is bounded so a typo fails at start-up, not under load.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MIB = 1024 * 1024
+
+# Pillow's own decompression-bomb threshold (``PIL.Image.MAX_IMAGE_PIXELS`` by default): Pillow warns
+# above it and refuses above twice it, inside ``Image.open``. Keeping our limit at or below it means
+# our header check is what decides for every image Pillow lets through, and anything Pillow refuses on
+# its own is over our limit anyway, so both paths give the same answer.
+PILLOW_BOMB_PIXELS = 89_478_485
+
+
+def _default_workers() -> int:
+    return os.cpu_count() or 1
+
+
+class DecodeLimits(BaseModel):
+    """Hard bounds applied to one encoded image before and during decoding."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_image_bytes: int = Field(
+        default=20 * MIB,
+        ge=1,
+        le=512 * MIB,
+        description=(
+            "Largest encoded image accepted, in bytes. 20 MiB covers a 50-megapixel camera JPEG; raise it "
+            "for lossless scans. Checked before anything is parsed."
+        ),
+    )
+    max_pixels: int = Field(
+        default=50_000_000,
+        ge=1,
+        le=PILLOW_BOMB_PIXELS,
+        description=(
+            "Largest decoded image accepted, width x height. Checked from the header, before the pixels "
+            "are decoded, so a small file declaring a huge canvas costs nothing. 50 M pixels is ~150 MB "
+            f"of RGB. At most {PILLOW_BOMB_PIXELS} (Pillow's own bomb threshold)."
+        ),
+    )
+
+
+class PreprocessConfig(BaseModel):
+    """Everything the preprocess pool needs: decode limits, per-request caps and pool size."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    limits: DecodeLimits = Field(default_factory=DecodeLimits, description="Bounds on each image.")
+    max_images_per_request: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="Most images one request may carry; more is INVALID_ARGUMENT (reason too_many_images).",
+    )
+    max_tiles_per_request: int = Field(
+        default=128,
+        ge=1,
+        le=16384,
+        description=(
+            "Most tiles (thumbnails included) one request may produce, summed over its images; each tile "
+            "is 256 image tokens and 0.6 MB of uint8 pixels. More is INVALID_ARGUMENT (reason too_many_tiles), "
+            "decided from the image headers before any pixel is decoded."
+        ),
+    )
+    workers: int = Field(
+        default_factory=_default_workers,
+        ge=1,
+        le=512,
+        description="Threads decoding and resizing in parallel; defaults to the number of CPUs.",
+    )

@@ -1,0 +1,125 @@
+"""InternVL dynamic tiling, bit-identical with the reference ``dynamic_preprocess``.
+
+The reference (OpenGVLab ``load_image``) resizes the whole RGB image once with Pillow's BICUBIC to a
+grid of ``S``-pixel tiles, crops the tiles row-major and, for grids of more than one tile, appends the
+whole image resized to ``S`` x ``S`` as a thumbnail. This module does the same two Pillow resizes and
+nothing else: the crops are slices of one uint8 array, so the pixels are the reference's exactly and
+no float work is done on the CPU (normalisation happens on the encoder's device, ``normalize.py``).
+
+The grid choice follows ``find_closest_aspect_ratio`` literally, in float64, including the candidate
+order (the reference sorts a ``set`` by tile count, and the tie rule depends on that order) and the
+tie rule ``area > 0.5 * S * S * cols * rows``. An exact-fraction port picks different grids at
+midpoints, so the float arithmetic is part of the contract.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from services.common.types import TilingParams
+
+TOKENS_PER_TILE = 256  # (448 / 14)^2 * 0.5^2: pixel shuffle keeps a quarter of the 32x32 patches.
+
+
+@functools.lru_cache(maxsize=1024)
+def candidate_grids(min_num: int, max_num: int) -> tuple[tuple[int, int], ...]:
+    """The reference's ``target_ratios``: every (cols, rows) with min_num <= cols*rows <= max_num.
+
+    Built the way the reference builds it (a set, then a stable sort by tile count) so that equal
+    counts come in the same order; Python's set order for small-int tuples is deterministic.
+    """
+    grids = {
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_num <= i * j <= max_num
+    }
+    return tuple(sorted(grids, key=lambda g: g[0] * g[1]))
+
+
+def find_grid(width: int, height: int, params: TilingParams) -> tuple[int, int]:
+    """The (cols, rows) grid the reference picks for a ``width`` x ``height`` image."""
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    size = params.tile_size
+    aspect = width / height  # float64, as in the reference
+    area = width * height
+    best = (1, 1)
+    best_diff = math.inf
+    for cols, rows in candidate_grids(params.min_num, params.max_num):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best_diff = diff
+            best = (cols, rows)
+        elif diff == best_diff and area > 0.5 * size * size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def count_tiles(width: int, height: int, params: TilingParams) -> int:
+    """How many tiles (thumbnail included) ``tile_image`` will produce, from the size alone."""
+    cols, rows = find_grid(width, height, params)
+    return cols * rows + (1 if params.use_thumbnail and cols * rows > 1 else 0)
+
+
+@dataclass(frozen=True, eq=False)
+class TiledImage:
+    """One image cut into tiles: what preprocess hands to the vision encoder.
+
+    ``tiles`` is uint8 (N, S, S, 3), row-major grid tiles first, then the thumbnail (if any).
+    ``width``/``height`` are the original image's; ``sha256`` is of the original encoded bytes when
+    they are known (it names the image in cache keys).
+    """
+
+    tiles: np.ndarray
+    grid: tuple[int, int]
+    width: int
+    height: int
+    sha256: str | None = None
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.tiles.shape[0])
+
+    @property
+    def has_thumbnail(self) -> bool:
+        return self.num_tiles > self.grid[0] * self.grid[1]
+
+    def num_image_tokens(self, tokens_per_tile: int = TOKENS_PER_TILE) -> int:
+        """Number of ``<IMG_CONTEXT>`` tokens this image takes in the prompt."""
+        return self.num_tiles * tokens_per_tile
+
+
+def tile_image(img: Image.Image, params: TilingParams, *, sha256: str | None = None) -> TiledImage:
+    """Cut an RGB image into InternVL tiles, pixel-identical with the reference.
+
+    The image must already be what ``Image.open(...).convert('RGB')`` gives (``decoding.py``);
+    resizing any other mode would not match the reference.
+    """
+    if img.mode != "RGB":
+        raise ValueError(f"tile_image needs an RGB image, got mode {img.mode!r}")
+    params.validate()
+    size = params.tile_size
+    width, height = img.size
+    cols, rows = find_grid(width, height, params)
+    blocks = cols * rows
+    thumbnail = params.use_thumbnail and blocks > 1
+
+    # Image.resize defaults to BICUBIC for RGB; spelled out so a Pillow default change cannot move us.
+    resized = np.asarray(img.resize((cols * size, rows * size), Image.Resampling.BICUBIC))
+    # One writable array for the whole image; grid tiles are copied out of the resized pixels by
+    # slicing (tile k = row k // cols, column k % cols: the same pixels as ``resized.crop(box)``).
+    tiles = np.empty((blocks + int(thumbnail), size, size, 3), dtype=np.uint8)
+    # (rows*S, cols*S, 3) -> (rows, S, cols, S, 3) -> (rows, cols, S, S, 3), written into (N, S, S, 3)
+    tiles[:blocks].reshape(rows, cols, size, size, 3)[...] = resized.reshape(
+        rows, size, cols, size, 3
+    ).transpose(0, 2, 1, 3, 4)
+    if thumbnail:
+        tiles[blocks] = np.asarray(img.resize((size, size), Image.Resampling.BICUBIC))
+    return TiledImage(tiles=tiles, grid=(cols, rows), width=width, height=height, sha256=sha256)
