@@ -180,7 +180,9 @@ class Checkpoint:
             with safe_open(str(shard_path), framework="pt", device=str(device)) as f:
                 for name, key in items:
                     tensor = f.get_tensor(key)
-                    out[name] = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+                    out[name] = (
+                        tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+                    )
                     with self._lock:
                         self.keys_read.add(key)
         return out
@@ -209,7 +211,9 @@ def _read_weight_map(path: Path) -> dict[str, str]:
         raise FailedPrecondition(
             f"{path} holds only PyTorch .bin weights; convert them to safetensors", reason="checkpoint_format"
         )
-    raise NotFound(f"{path} has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE})", reason="checkpoint_missing")
+    raise NotFound(
+        f"{path} has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE})", reason="checkpoint_missing"
+    )
 
 
 def tensors_of(checkpoint: Checkpoint, components: Iterable[str], dtype=None) -> dict[str, dict[str, Any]]:

@@ -41,9 +41,7 @@ SPECIAL_TOKENS = [
 ]
 
 # The InternVL 2.5 / 3 system message (read from the checkpoint's template by consumers; never assumed).
-DEFAULT_SYSTEM_MESSAGE = (
-    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
-)
+DEFAULT_SYSTEM_MESSAGE = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 
 # MPT-style template of InternVL 2.5 / 3 (``internvl2_5``): a newline after every <|im_end|>. An image
 # part renders as the context token, which the caller expands to <img> + <IMG_CONTEXT> x N + </img>,
