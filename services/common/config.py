@@ -1,0 +1,168 @@
+"""Configuration: one validated model per concern, composed at the top.
+
+Library code receives these objects; only the entry point (the CLI) reads files, flags and the
+environment. Every field is documented and bounded, unknown keys are refused (a typo is an error, not a
+silently ignored setting), and a bad value produces a message naming the field and what to change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from services.common.errors import InvalidArgument
+from services.common.refs import validate_namespace
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class RedisConfig(StrictModel):
+    """The Redis that holds embeddings and shared rate-limit counters. ``url`` empty = no Redis."""
+
+    url: str = Field(
+        default="",
+        description="redis://host:port/db; empty runs without Redis (embeddings travel as Ray objects).",
+    )
+    password_env: str = Field(
+        default="REDIS_PASSWORD",
+        description="Name of the environment variable holding the password (never the password itself).",
+    )
+    key_prefix: str = Field(default="ivm", min_length=1, max_length=32, description="Prefix of every key.")
+    socket_timeout_s: float = Field(default=0.5, gt=0, le=30, description="Per-operation timeout.")
+    max_connections: int = Field(default=64, ge=1, le=4096)
+
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, v: str) -> str:
+        if v and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+
+class TracingConfig(StrictModel):
+    """OpenTelemetry. The exporter endpoint comes from the standard OTEL_* environment variables."""
+
+    enabled: bool = Field(default=True, description="Create spans; export only if an endpoint is set.")
+    service_name: str = Field(default="internvl-mesh", min_length=1, max_length=128)
+    sampling_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+
+
+class GrpcConfig(StrictModel):
+    max_message_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=4 * 1024 * 1024,
+        le=1024 * 1024 * 1024,
+        description="Bound on any gRPC message, both directions, on every server and client.",
+    )
+
+
+class ModelConfig(StrictModel):
+    """One served model: an encoder + decoder pair under a public name."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:/\-]+$")
+    path: str = Field(min_length=1, description="Checkpoint directory (native InternVL format) or hub id.")
+    dtype: str = Field(
+        default="auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."
+    )
+    device: str = Field(default="auto", description="auto, cpu or cuda.")
+    max_tiles_per_image: int = Field(default=12, ge=1, le=40, description="Default and cap of max_num.")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in {"auto", "float32", "bfloat16", "float16"}:
+            raise ValueError("must be auto, float32, bfloat16 or float16")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in {"auto", "cpu", "cuda"}:
+            raise ValueError("must be auto, cpu or cuda")
+        return v
+
+
+class CacheConfig(StrictModel):
+    """The embedding cache as seen by the whole mesh."""
+
+    ttl_s: float = Field(default=24 * 3600, gt=0, le=30 * 24 * 3600, description="Lifetime of an entry.")
+    max_entry_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1024, description="Larger entries are not cached."
+    )
+    local_lru_bytes: int = Field(
+        default=512 * 1024 * 1024, ge=0, description="In-process first level; 0 = off."
+    )
+    default_namespace: str = Field(default="default")
+
+    @field_validator("default_namespace")
+    @classmethod
+    def _ns(cls, v: str) -> str:
+        try:
+            return validate_namespace(v)
+        except InvalidArgument as exc:
+            raise ValueError(str(exc)) from exc
+
+
+class CommonConfig(StrictModel):
+    """What every service shares."""
+
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+    grpc: GrpcConfig = Field(default_factory=GrpcConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+
+
+class ConfigError(InvalidArgument):
+    """A configuration file or flag is invalid; the message lists every bad field."""
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"configuration file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text("utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"configuration file {p} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"configuration file {p} must hold a mapping at the top level")
+    return data
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Apply a ``--set a.b.c=value`` override into a nested mapping."""
+    keys = dotted.split(".")
+    cur = data
+    for k in keys[:-1]:
+        nxt = cur.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {dotted}: {k} is not a mapping")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def build(model_cls: type[BaseModel], data: dict[str, Any], source: str):
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
