@@ -18,7 +18,7 @@ from preprocess_reference import (  # noqa: E402
 from services.common.types import TilingParams  # noqa: E402
 from services.preprocess.config import DecodeLimits  # noqa: E402
 from services.preprocess.decoding import decode_image  # noqa: E402
-from services.preprocess.normalize import normalize_tiles  # noqa: E402
+from services.preprocess.normalize import _normalize_by_table, normalize_tiles  # noqa: E402
 from services.preprocess.tiling import tile_image  # noqa: E402
 
 
@@ -79,6 +79,20 @@ def test_rejects_wrong_inputs() -> None:
         normalize_tiles(torch.zeros((4, 4, 3), dtype=torch.uint8))
     with pytest.raises(ValueError):
         normalize_tiles(torch.zeros((1, 3, 4, 4), dtype=torch.uint8))
+
+
+def test_table_path_equals_reference() -> None:
+    """The lookup used on accelerators, exercised on the CPU."""
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    tiles = np.ascontiguousarray(np.stack([values.T, values, values[::-1]], axis=-1)[None])
+    got = _normalize_by_table(torch.from_numpy(tiles))
+    assert got.is_contiguous()
+    np.testing.assert_array_equal(got.numpy(), _numpy_reference(tiles))
+    rng = np.random.default_rng(5)
+    tiles = rng.integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(
+        _normalize_by_table(torch.from_numpy(tiles)).numpy(), _numpy_reference(tiles)
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
