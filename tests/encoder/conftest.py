@@ -1,4 +1,5 @@
-"""Shared fixtures of the encoder suite: the tiny checkpoint, and Redis db 7 cleaned after the run.
+"""Fixtures of the encoder suite: Redis db 7, cleaned after the run (the tiny checkpoint is the suite-wide
+``tiny_checkpoint`` fixture).
 
 Every key the suite writes lives in db 7 under a namespace unique to this run (``RUN_NS``) or under the
 conformance suite's ``conformance:`` prefix; both are deleted when the session ends.
@@ -11,8 +12,6 @@ import uuid
 import pytest
 import redis
 
-from services.common.tiny_checkpoint import make_tiny_checkpoint
-
 REDIS_URL = "redis://127.0.0.1:6379/7"
 RUN_NS = f"enctest-{uuid.uuid4().hex[:8]}"
 
@@ -20,11 +19,6 @@ RUN_NS = f"enctest-{uuid.uuid4().hex[:8]}"
 def namespace(name: str = "") -> str:
     """A cache namespace owned by this run (cleaned up at the end)."""
     return f"{RUN_NS}-{name or uuid.uuid4().hex[:6]}"
-
-
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", preset="tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
