@@ -28,3 +28,57 @@ def redis_url():
     yield REDIS_URL
     client.flushdb()
     client.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_serve():
+    """One Ray instance and one Serve for the whole session (start-up costs ~10 s here).
+
+    Yields a dict with the Serve HTTP and gRPC proxy ports. Applications are deployed per module and
+    deleted by the module that deployed them.
+    """
+    import tempfile
+
+    for key, value in {
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_enable_worker_prestart": "0",
+        "RAY_prestart_worker_first_driver": "0",
+        "RAY_SERVE_LOG_TO_STDERR": "0",
+    }.items():
+        os.environ.setdefault(key, value)
+    import ray
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+
+    temp_dir = tempfile.mkdtemp(prefix="ivm-ray-", dir="/tmp")
+    ray.init(
+        num_cpus=8,
+        num_gpus=0,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        logging_level="warning",
+        log_to_driver=False,
+        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
+    )
+    http_port, grpc_port = _free_port(), _free_port()
+    serve.start(
+        http_options=HTTPOptions(host="127.0.0.1", port=http_port),
+        grpc_options=gRPCOptions(
+            port=grpc_port,
+            grpc_servicer_functions=[
+                "internvl.preprocess.v1.preprocess_pb2_grpc.add_PreprocessServiceServicer_to_server",
+            ],
+        ),
+    )
+    yield {"http_port": http_port, "grpc_port": grpc_port}
+    serve.shutdown()
+    ray.shutdown()
