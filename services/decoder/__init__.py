@@ -1,0 +1,68 @@
+"""The decoder service core: InternVL's language model behind a continuous-batching engine.
+
+Domain API (what the servicer calls; nothing here knows gRPC or Ray)::
+
+    from services.decoder import DecoderConfig, DecoderCore, GenerateInput, ImageEmbedding, SamplingParams
+
+    core = DecoderCore(DecoderConfig(model="/path/to/checkpoint"))      # or DecoderCore.from_checkpoint(path)
+    async for event in core.generate(GenerateInput(
+        request_id="r1",
+        messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}],
+        images=[ImageEmbedding(embeddings=tensor_of_shape_tiles_x_256_by_hidden, tiles=1, content_hash="...")],
+        sampling=SamplingParams(temperature=0.0, stop=["\\n\\n"], logprobs=2),
+        max_tokens=128, cache_namespace="tenant-a", priority=0, deadline=time.monotonic() + 30,
+    )):
+        event.text, event.token_ids, event.logprobs       # a delta (never broken UTF-8)
+        event.finish_reason, event.usage                  # set on the last event only
+
+    core.abort("r1")                                      # or close the async iterator
+    core.count_tokens(messages, image_tiles=[1]) -> (total_tokens, image_tokens)
+    core.shutdown()
+
+``finish_reason`` is one of ``stop``, ``length``, ``cancelled``, ``deadline``, ``error``; ``usage`` has
+``prompt_tokens``, ``image_tokens`` and ``completion_tokens``. Bad input (a prompt past the context,
+placeholders that do not match the images, out-of-range ``max_tokens`` or sampling values) raises
+``services.common.errors.InvalidArgument`` when the iterator is first advanced.
+
+Layout: ``config`` (pydantic configs), ``types`` (the API types above), ``prompting`` (chat template,
+safe tokenization, image placeholders), ``engine/`` (pure-Python scheduler and block manager; the model
+runner, sampler, detokenizer, tensor-parallel workers, the sync ``LLMEngine`` and ``DecoderCore``),
+``models/`` (one decoder LM for the Qwen2 / Llama / Phi-3 families, Megatron-sharded layers),
+``attention/`` (paged torch and flash-attn backends behind a registry).
+
+Imports are lazy so that the pure modules load without torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "DecoderConfig",
+    "DecoderCore",
+    "GenerateInput",
+    "GenerationEvent",
+    "ImageEmbedding",
+    "SamplingParams",
+    "TokenLogprob",
+    "Usage",
+]
+
+_LAZY = {
+    "DecoderConfig": "services.decoder.config",
+    "DecoderCore": "services.decoder.engine.async_engine",
+    "GenerateInput": "services.decoder.types",
+    "GenerationEvent": "services.decoder.types",
+    "ImageEmbedding": "services.decoder.types",
+    "TokenLogprob": "services.decoder.types",
+    "Usage": "services.decoder.types",
+    "SamplingParams": "services.decoder.engine.sampling_params",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(name)

@@ -1,0 +1,1 @@
+"""Paged attention backends behind a small registry (see ``registry.py``)."""

@@ -1,0 +1,84 @@
+"""Decoder configuration: one validated model per concern, composed in ``DecoderConfig``.
+
+Built once at the entry point (CLI, Serve builder, test) and passed down; library code reads no
+environment. KV sizing is here: the cache gets ``memory_fraction`` of the device's memory minus the
+weights (or an explicit ``num_blocks``), and start-up fails with an error naming the knob to turn when
+one sequence of ``max_model_len`` tokens cannot fit.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class CacheConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    block_size: int = Field(
+        16, ge=1, le=4096, description="Tokens per KV block; the backend may constrain it."
+    )
+    memory_fraction: float = Field(
+        0.9, gt=0.0, le=1.0, description="Share of device memory (weights + KV cache) the decoder may use."
+    )
+    num_blocks: int | None = Field(
+        None, ge=1, description="Exact number of KV blocks; overrides memory_fraction (tests, CPU)."
+    )
+    cpu_memory_bytes: int | None = Field(
+        None, ge=1, description="Memory to budget on CPU (default: the machine's physical memory)."
+    )
+    enable_prefix_caching: bool = True
+
+
+class SchedulerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_num_seqs: int = Field(64, ge=1, le=4096, description="Requests running in one step at most.")
+    max_num_batched_tokens: int = Field(2048, ge=1, le=1 << 20, description="Token budget of one step.")
+    max_model_len: int | None = Field(
+        None, ge=2, description="Prompt + output tokens per request (default: the checkpoint's limit)."
+    )
+    enable_chunked_prefill: bool = True
+    max_images_per_request: int = Field(64, ge=0, le=4096)
+
+
+class ParallelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU.")
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = Field(None, ge=1, le=65535, description="Default: a free port.")
+    start_timeout_s: float = Field(300.0, gt=0)
+
+
+class DecoderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., description="Checkpoint directory (transformers-native InternVL layout).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on CPU."
+    )
+    device: Literal["cpu", "cuda"] = "cpu"
+    attention_backend: Literal["auto", "torch_paged", "flash_attn"] = Field(
+        "auto", description="auto: flash_attn on CUDA when installed and the block size suits it."
+    )
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    seed: int = Field(0, ge=0, description="Seeds sampling of requests that bring no seed of their own.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DecoderConfig:
+        if self.scheduler.max_model_len is not None and not self.scheduler.enable_chunked_prefill:
+            if self.scheduler.max_num_batched_tokens < self.scheduler.max_model_len:
+                raise ValueError(
+                    "without chunked prefill, scheduler.max_num_batched_tokens must be >= max_model_len"
+                )
+        return self
+
+    def torch_dtype_name(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.device == "cuda" else "float32"

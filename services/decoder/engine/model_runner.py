@@ -1,0 +1,203 @@
+"""The model runner: owns the weights, the paged KV cache and the sampler of one rank.
+
+Rank 0 (the driver) turns a ``SchedulerOutput`` into a ``StepInput`` of flat tensors, sends it to the
+other ranks (``tp_worker``), runs its own shard of the forward, computes logits and samples. Other
+ranks only run the forward: each layer's all_reduce combines the shards.
+
+KV sizing: ``CacheConfig.num_blocks`` when given; otherwise the share ``memory_fraction`` of the
+device's memory, less the weights and an activation reserve, capped at what ``max_num_seqs``
+sequences of ``max_model_len`` tokens could ever use. Too little for one full-length sequence is a
+start-up error that names the knobs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from services.common.checkpoint import Checkpoint
+from services.common.errors import FailedPrecondition
+from services.decoder.attention.registry import AttentionMetadata, get_backend
+from services.decoder.config import DecoderConfig
+from services.decoder.engine.sampler import Sampler, SamplerOutput
+from services.decoder.engine.scheduler import ScheduledChunk
+from services.decoder.models.decoder_lm import DecoderLM
+from services.decoder.models.layers import TPContext
+from services.decoder.models.registry import ModelSpec, get_family
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class StepInput:
+    """One step's flat batch, on CPU; small enough to broadcast to every rank each step."""
+
+    input_ids: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64
+    slot_mapping: torch.Tensor  # (T,) int64
+    query_start_loc: list[int]  # B + 1
+    context_lens: list[int]  # B
+    block_tables: list[list[int]]  # B
+    logits_indices: torch.Tensor  # (S,) flat index of each sampling request's last token
+    image_rows: torch.Tensor | None  # (R, hidden)
+    image_index: torch.Tensor | None  # (R,) flat token index each row replaces
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def max_model_len_of(config: DecoderConfig, text_config: dict[str, Any]) -> int:
+    limit = int(text_config.get("max_position_embeddings", 4096))
+    wanted = config.scheduler.max_model_len or limit
+    if wanted > limit:
+        raise FailedPrecondition(f"scheduler.max_model_len={wanted} exceeds the model's {limit} positions")
+    return wanted
+
+
+class ModelRunner:
+    def __init__(self, config: DecoderConfig, tp: TPContext):
+        self.config = config
+        self.tp = tp
+        self.device = torch.device(config.device if config.device == "cpu" else f"cuda:{tp.rank}")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dtype = DTYPES[config.torch_dtype_name()]
+        self.block_size = config.cache.block_size
+        checkpoint = Checkpoint.open(config.model)
+        text_config = checkpoint.text_config
+        self.family = get_family(text_config)
+        self.spec: ModelSpec = self.family.spec(text_config)
+        self.max_model_len = max_model_len_of(config, text_config)
+        if self.spec.sliding_window and self.max_model_len > self.spec.sliding_window:
+            raise FailedPrecondition(
+                f"the model uses a {self.spec.sliding_window}-token sliding window, which the paged "
+                f"backends do not implement: set scheduler.max_model_len <= {self.spec.sliding_window}"
+            )
+        self.backend = get_backend(config.attention_backend, config.device, self.block_size)
+        with torch.device("meta"):
+            model = DecoderLM(self.spec, tp, self.backend, with_lm_head=tp.rank == 0)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        model.rotary.inv_freq = self.spec.inv_freq.to(self.device)
+        weights = checkpoint.load_component("language_model", dtype=self.dtype)
+        head = checkpoint.load_component("lm_head", dtype=self.dtype) if tp.rank == 0 else {}
+        model.load_weights(self.family, weights, head)
+        del weights, head
+        self.model = model.eval()
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.kv_caches: list[torch.Tensor] = []
+        self.num_blocks = 0
+        self.sampler = Sampler(self.device, seed=config.seed) if tp.rank == 0 else None
+
+    # -- KV cache ----------------------------------------------------------------------------------
+    @property
+    def kv_heads_local(self) -> int:
+        return self.spec.num_kv_heads // self.tp.size
+
+    def bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.spec.num_layers * self.block_size * self.kv_heads_local * self.spec.head_dim * elem
+
+    def determine_num_blocks(self) -> int:
+        cache, sched = self.config.cache, self.config.scheduler
+        min_blocks = _cdiv(self.max_model_len, self.block_size)
+        max_useful = sched.max_num_seqs * min_blocks
+        if cache.num_blocks is not None:
+            num_blocks = cache.num_blocks
+            source = f"cache.num_blocks={cache.num_blocks}"
+        else:
+            elem = torch.empty((), dtype=self.dtype).element_size()
+            s = self.spec
+            per_token = elem * (6 * s.hidden_size + 3 * s.intermediate_size // self.tp.size)
+            reserve = sched.max_num_batched_tokens * per_token + sched.max_num_seqs * s.vocab_size * 8
+            if self.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(self.device)
+                budget = total * cache.memory_fraction - (total - free) - reserve
+            else:
+                total = cache.cpu_memory_bytes or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                budget = total * cache.memory_fraction - self.weight_bytes - reserve
+            num_blocks = min(max(int(budget // self.bytes_per_block()), 0), max_useful)
+            source = (
+                f"cache.memory_fraction={cache.memory_fraction} ({int(budget) >> 20} MiB for the KV cache)"
+            )
+        if num_blocks < min_blocks:
+            raise FailedPrecondition(
+                f"the KV cache holds {num_blocks} blocks of {self.block_size} tokens ({source}) but one sequence "
+                f"of max_model_len={self.max_model_len} tokens needs {min_blocks}: raise cache.memory_fraction or "
+                "cache.num_blocks, lower scheduler.max_model_len, or add tensor-parallel ranks",
+                reason="kv_cache_too_small",
+            )
+        return num_blocks
+
+    def init_cache(self, num_blocks: int) -> None:
+        shape = (2, num_blocks, self.block_size, self.kv_heads_local, self.spec.head_dim)
+        self.kv_caches = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.spec.num_layers)
+        ]
+        self.num_blocks = num_blocks
+
+    # -- a step ------------------------------------------------------------------------------------
+    def prepare(self, chunks: list[ScheduledChunk]) -> StepInput:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        qsl, ctx, tables, logits_idx = [0], [], [], []
+        rows, row_index = [], []
+        for ch in chunks:
+            req, s, n = ch.request, ch.start, ch.num_tokens
+            base = len(ids)
+            table = req.block_ids
+            ids += req.all_token_ids[s : s + n]
+            positions += range(s, s + n)
+            slots += [table[p // bs] * bs + p % bs for p in range(s, s + n)]
+            qsl.append(base + n)
+            ctx.append(s + n)
+            tables.append(table)
+            if ch.sample:
+                logits_idx.append(base + n - 1)
+            for k, span in enumerate(req.images):
+                lo, hi = max(s, span.offset), min(s + n, span.offset + span.length)
+                if lo < hi:
+                    rows.append(req.mm_embeddings[k][lo - span.offset : hi - span.offset])
+                    row_index += range(base + lo - s, base + hi - s)
+        return StepInput(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long),
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            query_start_loc=qsl,
+            context_lens=ctx,
+            block_tables=tables,
+            logits_indices=torch.tensor(logits_idx, dtype=torch.long),
+            image_rows=torch.cat(rows).to(self.dtype) if rows else None,  # (R, hidden)
+            image_index=torch.tensor(row_index, dtype=torch.long) if rows else None,
+        )
+
+    def execute(self, step: StepInput) -> torch.Tensor | None:
+        """Run the forward on this rank; rank 0 returns the logits (S, vocab) of the sampling rows."""
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=step.slot_mapping.to(dev, non_blocking=True),
+            query_start_loc=step.query_start_loc,
+            context_lens=step.context_lens,
+            block_tables=step.block_tables,
+            block_size=self.block_size,
+        )
+        self.backend.prepare(meta, dev)
+        hidden = self.model(
+            step.input_ids.to(dev, non_blocking=True),
+            step.positions.to(dev, non_blocking=True),
+            self.kv_caches,
+            meta,
+            image_rows=None if step.image_rows is None else step.image_rows.to(dev, non_blocking=True),
+            image_index=None if step.image_index is None else step.image_index.to(dev, non_blocking=True),
+        )  # (T, hidden)
+        if self.tp.rank != 0 or step.logits_indices.numel() == 0:
+            return None
+        return self.model.compute_logits(hidden[step.logits_indices.to(dev)])  # (S, vocab)
+
+    def sample(self, logits: torch.Tensor, chunks: list[ScheduledChunk]) -> SamplerOutput:
+        return self.sampler(logits, [c.request for c in chunks if c.sample])

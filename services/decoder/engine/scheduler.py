@@ -1,0 +1,238 @@
+"""The continuous-batching scheduler: one token-budget loop (pure Python, no torch).
+
+Every step each request's computed tokens catch up with its known tokens, within a budget of
+``max_num_batched_tokens``. A request that is new, preempted or halfway through a long prompt simply
+has many tokens to catch up (prefill, chunked when the budget is short); a running request has one
+(decode). So chunked prefill, decode and recompute-after-preemption are the same code path.
+
+Order is priority (higher first), then arrival. When blocks run out for a running request, the
+lowest-priority running request is preempted by recompute: its blocks are freed and it goes back to
+the waiting queue with its output tokens, to be prefilled again (from the prefix cache, often). A
+waiting request may also preempt running requests of strictly lower priority.
+
+Contract with the engine: ``schedule() -> SchedulerOutput``; the runner executes it; then
+``update_from_output(scheduler_output, sampled_token_ids)`` advances the requests and reports which
+finished. Deadlines use an injectable clock so tests need no sleeps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from services.decoder.engine.block_manager import BlockManager
+from services.decoder.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerLimits:
+    """The subset of the scheduler configuration the loop reads (kept free of pydantic)."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+    enable_chunked_prefill: bool = True
+
+
+@dataclass
+class ScheduledChunk:
+    """``num_tokens`` tokens of ``request`` starting at position ``start`` run this step."""
+
+    request: Request
+    start: int
+    num_tokens: int
+    sample: bool  # this chunk reaches the last known token: its logits give the next token
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    finished: list[Request] = field(default_factory=list)  # ended before running (deadline)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass
+class RequestUpdate:
+    """What one step did to one request (only requests that sampled or finished appear)."""
+
+    request: Request
+    new_token_ids: list[int]
+    finished: bool
+
+
+class Scheduler:
+    def __init__(
+        self,
+        limits: SchedulerLimits,
+        block_manager: BlockManager,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.limits = limits
+        self.block_manager = block_manager
+        self.clock = clock
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # -- queue management ------------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request {req.request_id!r} is already scheduled")
+        needed = self.block_manager.blocks_needed(req.num_prompt_tokens + req.max_tokens)
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(
+                f"request {req.request_id!r} needs {needed} KV blocks, the cache has {self.block_manager.num_blocks}"
+            )
+        req.status = RequestStatus.WAITING
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """End a request now (abort, stop string, deadline, error) and free its blocks."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self.block_manager.free(req)
+        req.status = status
+        return req
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # -- the step ----------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        self._expire_deadlines(out)
+        budget = self.limits.max_num_batched_tokens
+        scheduled: dict[str, ScheduledChunk] = {}
+
+        self.running.sort(key=Request.sort_key)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while not self.block_manager.allocate_slots(req, num_new):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            else:
+                scheduled[req.request_id] = self._chunk(req, num_new)
+                budget -= num_new
+                i += 1
+                continue
+            break  # req itself was preempted: nothing after it in the list remains either
+
+        if not out.preempted:
+            budget = self._schedule_waiting(budget, scheduled, out)
+        out.chunks = list(scheduled.values())
+        return out
+
+    def _schedule_waiting(
+        self, budget: int, scheduled: dict[str, ScheduledChunk], out: SchedulerOutput
+    ) -> int:
+        self.waiting.sort(key=Request.sort_key)
+        while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+            req = self.waiting[0]
+            computed_blocks, num_cached = self.block_manager.get_computed_blocks(req)
+            num_new = req.num_tokens - num_cached
+            if not self.limits.enable_chunked_prefill and num_new > budget:
+                break
+            num_new = min(num_new, budget)
+            while not self.block_manager.allocate_slots(req, num_new, computed_blocks):
+                victim = self._lower_priority_victim(req)
+                if victim is None:
+                    return budget
+                chunk = scheduled.pop(victim.request_id, None)
+                if chunk is not None:
+                    budget += chunk.num_tokens
+                self._preempt(victim, out)
+                computed_blocks, num_cached = self.block_manager.get_computed_blocks(req)
+                num_new = min(req.num_tokens - num_cached, budget)
+            self.waiting.pop(0)
+            req.num_computed_tokens = num_cached
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled[req.request_id] = self._chunk(req, num_new)
+            budget -= num_new
+        return budget
+
+    def _chunk(self, req: Request, num_new: int) -> ScheduledChunk:
+        start = req.num_computed_tokens
+        return ScheduledChunk(req, start, num_new, sample=start + num_new == req.num_tokens)
+
+    def _lower_priority_victim(self, req: Request) -> Request | None:
+        candidates = [r for r in self.running if r.priority < req.priority]
+        return max(candidates, key=Request.sort_key) if candidates else None
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        """Preempt by recompute: drop the KV, keep the tokens, queue again at the front of its class."""
+        self.running.remove(req)
+        self.block_manager.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.append(req)
+        out.preempted.append(req)
+
+    def _expire_deadlines(self, out: SchedulerOutput) -> None:
+        now = self.clock()
+        for req in [r for r in self.requests.values() if r.deadline is not None and r.deadline <= now]:
+            self.finish_request(req.request_id, RequestStatus.FINISHED_DEADLINE)
+            out.finished.append(req)
+
+    # -- after the step ----------------------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[RequestUpdate]:
+        """Advance the scheduled requests; ``sampled_token_ids`` follow the sampling chunks' order."""
+        updates: list[RequestUpdate] = []
+        sampled = iter(sampled_token_ids)
+        for chunk in out.chunks:
+            req = chunk.request
+            token = next(sampled) if chunk.sample else None
+            if req.is_finished or req.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += chunk.num_tokens
+            self.block_manager.cache_computed_blocks(req)
+            if token is None:
+                continue
+            req.append_output_token(token)
+            status = self._stop_status(req, token)
+            if status is not None:
+                self.finish_request(req.request_id, status)
+            updates.append(RequestUpdate(req, [token], status is not None))
+        return updates
+
+    def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
+        params = req.sampling_params
+        if token in params.stop_token_ids or (not params.ignore_eos and token in req.eos_token_ids):
+            return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.limits.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

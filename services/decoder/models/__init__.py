@@ -1,0 +1,1 @@
+"""The language-model half of InternVL checkpoints, with tensor-parallel layers."""

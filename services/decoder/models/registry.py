@@ -1,0 +1,174 @@
+"""Language-model families: how each reads its config and names its weights.
+
+Every supported family is a pre-norm decoder with RMSNorm, RoPE, GQA attention and a SwiGLU MLP; they
+differ in biases, in fused checkpoint tensors (Phi-3 stores ``qkv_proj`` and ``gate_up_proj``) and in
+rope variants. A family turns checkpoint tensors into the canonical per-layer set
+(q, k, v, o, gate, up, down + norms) that ``DecoderLM`` loads; adding a family is adding a class here.
+InternLM2 checkpoints arrive converted to the Llama layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from services.common.errors import FailedPrecondition
+
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass
+class ModelSpec:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    tie_word_embeddings: bool
+    inv_freq: torch.Tensor
+    attention_scaling: float
+    rotary_dim: int
+    sliding_window: int | None = None
+
+
+def _rope(text_config: dict[str, Any], head_dim: int) -> tuple[torch.Tensor, float, int]:
+    params = dict(text_config.get("rope_parameters") or {})
+    legacy = text_config.get("rope_scaling") or {}
+    params = {**legacy, **params}
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    theta = float(params.get("rope_theta", text_config.get("rope_theta", 10000.0)))
+    partial = float(params.get("partial_rotary_factor", text_config.get("partial_rotary_factor", 1.0)))
+    rotary_dim = int(head_dim * partial)
+    if rope_type == "default":
+        inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
+        return inv_freq, 1.0, rotary_dim
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise FailedPrecondition(
+            f"rope type {rope_type!r} changes with sequence length and is not supported; "
+            f"supported: {', '.join(STATIC_ROPE_TYPES)}"
+        )
+    from transformers import CONFIG_MAPPING
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_config = CONFIG_MAPPING[text_config["model_type"]](**text_config)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+    return inv_freq, float(scaling), rotary_dim
+
+
+class Family:
+    """Defaults shared by Qwen2 and Llama; subclasses override what differs."""
+
+    name = "llama"
+
+    def spec(self, c: dict[str, Any]) -> ModelSpec:
+        heads = int(c["num_attention_heads"])
+        head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
+        inv_freq, scaling, rotary_dim = _rope(c, head_dim)
+        return ModelSpec(
+            family=self.name,
+            vocab_size=int(c["vocab_size"]),
+            hidden_size=int(c["hidden_size"]),
+            num_layers=int(c["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(c.get("num_key_value_heads") or heads),
+            head_dim=head_dim,
+            intermediate_size=int(c["intermediate_size"]),
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
+            qkv_bias=self.qkv_bias(c),
+            o_bias=bool(c.get("attention_bias", False)),
+            mlp_bias=bool(c.get("mlp_bias", False)),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            inv_freq=inv_freq,
+            attention_scaling=scaling,
+            rotary_dim=rotary_dim,
+            sliding_window=self.sliding_window(c),
+        )
+
+    def qkv_bias(self, c: dict[str, Any]) -> bool:
+        return bool(c.get("attention_bias", False))
+
+    def sliding_window(self, c: dict[str, Any]) -> int | None:
+        return None
+
+    def layer_weights(self, w: dict[str, torch.Tensor], i: int, spec: ModelSpec) -> dict[str, torch.Tensor]:
+        """Canonical tensors of layer ``i``: q/k/v/o/gate/up/down (weight, bias?) and the two norms."""
+        p = f"layers.{i}."
+        out = {}
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            for kind in ("weight", "bias"):
+                key = f"{p}self_attn.{name}.{kind}"
+                if key in w:
+                    out[f"{name}.{kind}"] = w[key]
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            for kind in ("weight", "bias"):
+                key = f"{p}mlp.{name}.{kind}"
+                if key in w:
+                    out[f"{name}.{kind}"] = w[key]
+        out["input_layernorm.weight"] = w[f"{p}input_layernorm.weight"]
+        out["post_attention_layernorm.weight"] = w[f"{p}post_attention_layernorm.weight"]
+        return out
+
+
+class Qwen2Family(Family):
+    name = "qwen2"
+
+    def qkv_bias(self, c: dict[str, Any]) -> bool:
+        return True  # Qwen2 always has q/k/v biases and none on o_proj
+
+    def sliding_window(self, c: dict[str, Any]) -> int | None:
+        return c.get("sliding_window") if c.get("use_sliding_window") else None
+
+
+class Phi3Family(Family):
+    name = "phi3"
+
+    def sliding_window(self, c: dict[str, Any]) -> int | None:
+        return c.get("sliding_window")
+
+    def layer_weights(self, w: dict[str, torch.Tensor], i: int, spec: ModelSpec) -> dict[str, torch.Tensor]:
+        p = f"layers.{i}."
+        q_size = spec.num_heads * spec.head_dim
+        kv_size = spec.num_kv_heads * spec.head_dim
+        qkv = w[f"{p}self_attn.qkv_proj.weight"]  # (q + 2 kv, hidden)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=0)
+        gate, up = w[f"{p}mlp.gate_up_proj.weight"].chunk(2, dim=0)  # (2 I, hidden) -> 2 x (I, hidden)
+        return {
+            "q_proj.weight": q,
+            "k_proj.weight": k,
+            "v_proj.weight": v,
+            "o_proj.weight": w[f"{p}self_attn.o_proj.weight"],
+            "gate_proj.weight": gate,
+            "up_proj.weight": up,
+            "down_proj.weight": w[f"{p}mlp.down_proj.weight"],
+            "input_layernorm.weight": w[f"{p}input_layernorm.weight"],
+            "post_attention_layernorm.weight": w[f"{p}post_attention_layernorm.weight"],
+        }
+
+
+FAMILIES: dict[str, Callable[[], Family]] = {
+    "qwen2": Qwen2Family,
+    "llama": Family,
+    "phi3": Phi3Family,
+}
+
+
+def get_family(text_config: dict[str, Any]) -> Family:
+    model_type = text_config.get("model_type")
+    if model_type not in FAMILIES:
+        raise FailedPrecondition(
+            f"language model type {model_type!r} is not supported; supported: {sorted(FAMILIES)} "
+            "(InternLM2 checkpoints must be converted to the Llama layout first)"
+        )
+    return FAMILIES[model_type]()
