@@ -249,6 +249,9 @@ def _write_weights(original, family, config, expected, out_dir: Path, target_dty
                         seen_dtype = seen_dtype or out.dtype
                         if target_dtype is not None:
                             out = out.to(target_dtype)
+                    if original.weight_format == "bin":
+                        # torch.load keeps storage sharing (tied weights), which safetensors refuses.
+                        out = out.clone()
                     tensors[out_name] = out.contiguous()
                 bar.update(1)
             if tensors:
