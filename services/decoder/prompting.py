@@ -7,8 +7,8 @@ Two builders sit behind a small registry:
   (``<IMG_CONTEXT>``), which is then expanded to ``<img>`` + ``<IMG_CONTEXT>`` x (256 * tiles) + ``</img>``,
   exactly as transformers' ``InternVLProcessor`` does.
 - ``template``: converted original-format checkpoints name an InternVL conversation template in
-  ``config.json`` (``"template"``); ``services.convert.templates.get_template(name)`` renders it (an
-  object with ``render(messages) -> str`` that writes each image part as the context token).
+  ``config.json`` (``"template"``); ``services.convert.templates`` renders it with each image part
+  written as the context token, then expansion is the same.
 
 User text never becomes control tokens. When no text part contains the string of an added/special
 token, the rendered prompt is tokenized in one piece (token-identical to the reference). Otherwise the
@@ -156,21 +156,26 @@ class NativeChatTemplate(PromptBuilder):
 
 
 class NamedTemplate(PromptBuilder):
-    """An InternVL conversation template named in ``config.json`` (converted checkpoints)."""
+    """An InternVL conversation template named in ``config.json`` (converted checkpoints).
+
+    Rendered by ``services.convert.templates`` exactly as the reference ``chat()`` builds prompts, with
+    each image part written as the context token (so expansion is the same as for native templates).
+    """
 
     def __init__(self, tokenizer, template_name: str, tokens_per_tile: int = DEFAULT_TOKENS_PER_TILE):
         super().__init__(tokenizer, tokens_per_tile)
         try:
-            from services.convert.templates import get_template
+            from services.convert import templates
         except ImportError as exc:
             raise FailedPrecondition(
                 f"the checkpoint names conversation template {template_name!r}, but no template registry "
                 "is installed (services.convert.templates)"
             ) from exc
-        self.template = get_template(template_name)
+        self._render = templates.render_messages
+        self.template = templates.get_template(template_name)
 
     def render(self, messages: list[dict[str, Any]]) -> str:
-        return self.template.render(messages)
+        return self._render(self.template, messages, image_placeholder=self.context_token)
 
 
 PROMPT_BUILDERS: dict[str, Callable[..., PromptBuilder]] = {
