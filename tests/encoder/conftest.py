@@ -34,3 +34,90 @@ def sync_redis():
         for i in range(0, len(keys), 500):
             client.delete(*keys[i : i + 500])
     client.close()
+
+
+@pytest.fixture(scope="session")
+def vision_encoder(tiny_checkpoint):
+    """The tiny checkpoint's encoder, loaded once and shared by every core in the suite."""
+    from services.common.checkpoint import Checkpoint
+    from services.encoder.vision_model import VisionEncoder
+
+    return VisionEncoder.load(Checkpoint.open(tiny_checkpoint))
+
+
+def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
+    """A random-noise PNG (noise makes every tile different)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class OwnRedis:
+    """A redis-server owned by one test, on its own port; stopped by its PID."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> OwnRedis:
+        import subprocess
+        import time
+
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        for _ in range(200):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        else:
+            raise RuntimeError(f"redis-server on port {self.port} did not start")
+        client.close()
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()  # this server's own PID, nothing else
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture
+def own_redis():
+    server = OwnRedis().start()
+    yield server
+    server.kill()
