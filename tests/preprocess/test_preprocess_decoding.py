@@ -116,7 +116,9 @@ def test_header_check_decodes_no_pixels() -> None:
     assert img.size == (4000, 3000)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Damaged headers make Pillow warn (bogus EXIF, canvases in its bomb-warning band); only the outcome matters.
+@pytest.mark.filterwarnings("ignore")
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_damaged_images_give_invalid_argument_or_tiles(data: st.DataObject) -> None:
     """Truncations and byte flips of valid files never let a raw Pillow exception out."""
