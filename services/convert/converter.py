@@ -26,7 +26,7 @@ from typing import Any
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.convert.llm import LLM_PREFIX, LlmFamily, family_for
 from services.convert.original import OriginalCheckpoint, open_original, read_system_message
-from services.convert.templates import chat_template_jinja, get_template
+from services.convert.templates import CONTEXT_PLACEHOLDER, chat_template_jinja, get_template
 from services.convert.tokenizer import IMAGE_TOKENS, convert_tokenizer
 from services.convert.vision import (
     PROJECTOR_PREFIX,
@@ -106,8 +106,13 @@ def convert_checkpoint(
         log.warning("%s; using the built-in system message of template %r", source, template.name)
         system_message, source = template.system_message, f"built-in ({source})"
 
+    # Image parts render as the context token, the convention of transformers' -hf checkpoints, so
+    # one prompt path in the decoder serves native and converted checkpoints alike; the decoder expands
+    # each to <img> + <IMG_CONTEXT> x (256 * tiles) + </img>, exactly what chat() makes of <image>.
     tokenizer = convert_tokenizer(
-        src, family.tokenizer_kind, chat_template_jinja(template.name, system_message)
+        src,
+        family.tokenizer_kind,
+        chat_template_jinja(template.name, system_message, image_placeholder=CONTEXT_PLACEHOLDER),
     )
     config = build_native_config(original, family, tokenizer)
     expected = expected_shapes(config)

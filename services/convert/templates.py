@@ -24,6 +24,8 @@ from dataclasses import dataclass, replace
 from services.common.errors import InvalidArgument
 
 IMAGE_PLACEHOLDER = "<image>"
+# What converted checkpoints render for an image part (transformers' -hf convention).
+CONTEXT_PLACEHOLDER = "<IMG_CONTEXT>"
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ no code with ``services.convert``.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -410,6 +411,19 @@ def reference_chat_prompt(
 
 
 def expand_images(query: str, tiles_per_image: list[int], tokens_per_tile: int) -> str:
-    for n in tiles_per_image:
-        query = query.replace("<image>", "<img>" + "<IMG_CONTEXT>" * tokens_per_tile * n + "</img>", 1)
-    return query
+    """chat()'s expansion of each ``<image>``; a converted template's ``<IMG_CONTEXT>`` placeholder
+    (the -hf convention the mesh's decoder expands) is expanded the same way."""
+    pieces = re.split(r"(<image>|<IMG_CONTEXT>)", query)
+    out, k = [], 0
+    for piece in pieces:
+        if piece in ("<image>", "<IMG_CONTEXT>") and k < len(tiles_per_image):
+            out.append("<img>" + "<IMG_CONTEXT>" * tokens_per_tile * tiles_per_image[k] + "</img>")
+            k += 1
+        else:
+            out.append(piece)
+    return "".join(out)
+
+
+def as_rendered(reference_prompt: str) -> str:
+    """The reference ``chat()`` prompt with ``<image>`` written as converted templates write it."""
+    return reference_prompt.replace("<image>", "<IMG_CONTEXT>")

@@ -9,7 +9,7 @@ import torch
 
 from services.convert.converter import convert_checkpoint
 from tests.convert.builders import VIT_300M, build_original_checkpoint
-from tests.convert.reference import expand_images, reference_chat_prompt
+from tests.convert.reference import as_rendered, expand_images, reference_chat_prompt
 
 VARIANTS = {
     "qwen2-internvl2_5": dict(llm="qwen2", template="internvl2_5"),
@@ -53,7 +53,9 @@ def test_prompt_ids_and_greedy_tokens_match_chat(converted):
     question = "Describe the image in detail."
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert prompt == reference_chat_prompt(original.template, original.system_message, question, num_images=1)
+    assert prompt == as_rendered(
+        reference_chat_prompt(original.template, original.system_message, question, num_images=1)
+    )
 
     expanded = expand_images(prompt, [1], original.tokens_per_tile)
     ids = tokenizer(expanded).input_ids
