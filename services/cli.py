@@ -1,0 +1,71 @@
+"""The ``internvl-mesh`` command line: the one place that reads flags, files and the environment.
+
+Each command builds a validated config object and calls into library code; heavy imports (torch,
+transformers, Ray) happen inside the commands that need them, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from services.common.errors import MeshError
+
+app = typer.Typer(
+    name="internvl-mesh",
+    help="InternVL Mesh: serve InternVL vision-language models as a mesh of gRPC services.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(exc: MeshError) -> None:
+    typer.echo(f"error: {exc.message}", err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command("make-tiny-checkpoint")
+def make_tiny_checkpoint_command(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write the checkpoint into.")],
+    preset: Annotated[str, typer.Option(help="tiny (tests) or small (benchmarks).")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    llm: Annotated[str, typer.Option(help="Language-model family: qwen2 or llama.")] = "qwen2",
+) -> None:
+    """Write a random-weight InternVL checkpoint in transformers' native format."""
+    from services.common.tiny_checkpoint import make_tiny_checkpoint
+
+    try:
+        path = make_tiny_checkpoint(out_dir, preset=preset, seed=seed, llm=llm)
+    except MeshError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {preset} checkpoint ({llm}, seed {seed}, random weights) to {path}")
+
+
+def _register_optional_commands() -> None:
+    """Commands whose implementations live with their services."""
+    from services.preprocess.cli import tiles_command
+
+    app.command("tiles", help="Show how an image is tiled: grid, tiles and image tokens.")(tiles_command)
+
+    from services.convert.cli import convert_command
+
+    app.command("convert", help="Convert an original-format InternVL checkpoint to the native layout.")(
+        convert_command
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    _register_optional_commands()
+    try:
+        app(args=argv)
+    except MeshError as exc:  # a domain error that escaped a command: one clean line, no traceback
+        typer.echo(f"error: {exc.message}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
