@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import numpy as np
+
 from services.common.errors import EmbeddingUnresolvable, InvalidArgument
 from services.common.refs import KIND_CACHE, KIND_INLINE, KIND_OBJECT, EmbeddingRef
 from services.common.store import EmbeddingStore
@@ -33,7 +35,7 @@ class EmbeddingResolver:
                 raise EmbeddingUnresolvable(f"embedding {ref.key} is no longer in the cache")
             tensor = entry.concat()
         elif ref.kind == KIND_OBJECT:
-            tensor = await self._from_object(ref.object_ref)
+            tensor = await self._from_object(ref.object_ref, ref.dtype)
         else:  # pragma: no cover - EmbeddingRef validates its kind
             raise InvalidArgument(f"unknown embedding reference kind {ref.kind!r}")
         if tensor is None or tuple(tensor.shape) != ref.shape or tensor.dtype != ref.dtype:
@@ -46,7 +48,7 @@ class EmbeddingResolver:
     async def resolve_all(self, refs: list[EmbeddingRef]) -> list[WireTensor]:
         return list(await asyncio.gather(*(self.resolve(r) for r in refs)))
 
-    async def _from_object(self, object_ref: Any) -> WireTensor:
+    async def _from_object(self, object_ref: Any, dtype: str) -> WireTensor:
         if object_ref is None:
             raise InvalidArgument("an object embedding reference carries its ObjectRef")
         from ray.exceptions import ObjectLostError, OwnerDiedError, RayError
@@ -59,4 +61,6 @@ class EmbeddingResolver:
             raise EmbeddingUnresolvable(f"cannot read the embedding object: {exc}") from exc
         if isinstance(value, WireTensor):
             return value
-        raise InvalidArgument(f"embedding object holds {type(value).__name__}, expected a WireTensor")
+        if isinstance(value, np.ndarray):  # bf16 travels as its uint16 bit patterns
+            return WireTensor.from_numpy(value, dtype=dtype)
+        raise InvalidArgument(f"embedding object holds {type(value).__name__}, expected an array")

@@ -144,7 +144,10 @@ class EncoderConfig(BaseModel):
     )
     lru: LruConfig = Field(default_factory=LruConfig)
     max_tiles_per_image: int = Field(
-        default=40, ge=1, le=1024, description="Most tiles accepted for one image (InternVL 1.5 allows 40)."
+        default=41,
+        ge=1,
+        le=1024,
+        description="Most tiles accepted for one image: 40 grid tiles (InternVL 1.5) plus the thumbnail.",
     )
 
     @model_validator(mode="after")
