@@ -45,6 +45,51 @@ def make_tiny_checkpoint_command(
     typer.echo(f"wrote {preset} checkpoint ({llm}, seed {seed}, random weights) to {path}")
 
 
+DEFAULT_MODEL_DIR = Path(".work/tiny")
+
+
+@app.command("serve-grpc")
+def serve_grpc_command(
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="Checkpoint directory (native InternVL format). Default: a tiny random-weight model."
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="gRPC port (0 picks a free one).")] = 50051,
+    device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    redis_url: Annotated[
+        str, typer.Option(help="redis://host:port/db for the shared embedding cache; empty: none.")
+    ] = "",
+) -> None:
+    """Serve the preprocess and encoder gRPC services in one process (no Ray)."""
+    import asyncio
+
+    from services.standalone import StandaloneConfig, serve_standalone
+
+    if model is None:
+        model = DEFAULT_MODEL_DIR
+        if not (model / "config.json").is_file():
+            from services.common.tiny_checkpoint import make_tiny_checkpoint
+
+            make_tiny_checkpoint(model)
+        typer.echo(
+            f"no --model given: serving the tiny RANDOM-WEIGHT checkpoint in {model} (answers are noise)"
+        )
+    try:
+        asyncio.run(
+            serve_standalone(
+                StandaloneConfig(
+                    model=model, host=host, port=port, device=device, dtype=dtype, redis_url=redis_url
+                )
+            )
+        )
+    except MeshError as exc:
+        _fail(exc)
+
+
 def _register_optional_commands() -> None:
     """Commands whose implementations live with their services."""
     from services.preprocess.cli import tiles_command

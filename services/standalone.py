@@ -1,0 +1,95 @@
+"""The mesh's services in one process, over real gRPC, without Ray: development and standalone use.
+
+``internvl-mesh serve-grpc`` builds this from flags. Preprocess and the vision encoder share one
+gRPC server (one port); the encoder tiles misses through the in-process preprocessor. Health reports
+SERVING only after the weights are loaded and a warm-up image has gone through the encoder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.grpc_server import MAX_MESSAGE_BYTES, start_server
+from services.common.types import TilingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StandaloneConfig:
+    model: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    device: str = "cpu"
+    dtype: str = "auto"
+    redis_url: str = ""
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    grace_s: float = 10.0
+    preprocess: dict = field(default_factory=dict)
+
+
+def _warmup_image() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (896, 448), (127, 64, 200)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def serve_standalone(config: StandaloneConfig, ready: asyncio.Event | None = None) -> None:
+    from services.common.checkpoint import Checkpoint
+    from services.encoder.config import EncoderConfig, RedisStoreConfig
+    from services.encoder.core import EncoderCore, ImageInput, PreprocessorTileSource
+    from services.encoder.server import EncoderServicer
+    from services.preprocess.config import PreprocessConfig
+    from services.preprocess.pipeline import Preprocessor
+    from services.preprocess.server import PreprocessServicer
+
+    ckpt = Checkpoint.open(config.model)
+    max_num = ckpt.max_dynamic_patch()
+    preprocessor = Preprocessor(PreprocessConfig.model_validate(config.preprocess))
+    encoder = EncoderCore.from_config(
+        EncoderConfig(
+            checkpoint=str(ckpt.path),
+            device=config.device,
+            dtype=config.dtype,
+            redis=RedisStoreConfig(url=config.redis_url) if config.redis_url else None,
+            fallback="inline",
+        ),
+        tile_source=PreprocessorTileSource(preprocessor),
+    )
+    server = await start_server(
+        [
+            PreprocessServicer(preprocessor, max_num).registration(),
+            EncoderServicer(encoder, max_num).registration(),
+        ],
+        host=config.host,
+        port=config.port,
+        max_message_bytes=config.max_message_bytes,
+        serving=False,
+    )
+    # Warm up before reporting SERVING: the first forward allocates and picks kernels.
+    await encoder.embed_images([ImageInput(_warmup_image(), TilingParams(max_num=2))], namespace="warmup")
+    server.set_serving(True)
+    print(
+        f"internvl-mesh: serving {ckpt.path} on {config.host}:{server.port} (gRPC: preprocess, encoder; "
+        "health and reflection on)",
+        flush=True,
+    )
+    if ready is not None:
+        ready.set()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("internvl-mesh: shutting down (finishing requests in flight)", flush=True)
+    await server.stop(config.grace_s)
+    await encoder.close()
+    preprocessor.close()
