@@ -106,7 +106,9 @@ def reference(hf_model, tokenizer):
 def make_config(ckpt, **kw) -> DecoderConfig:
     cache = {"num_blocks": 256, "block_size": 16, **kw.pop("cache", {})}
     sched = {"max_model_len": MAX_MODEL_LEN, "max_num_batched_tokens": 512, **kw.pop("scheduler", {})}
-    return DecoderConfig(model=str(ckpt), cache=CacheConfig(**cache), scheduler=SchedulerConfig(**sched), **kw)
+    return DecoderConfig(
+        model=str(ckpt), cache=CacheConfig(**cache), scheduler=SchedulerConfig(**sched), **kw
+    )
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +119,9 @@ def engine(tiny_ckpt):
     eng.shutdown()
 
 
-def make_input(request_id: str, case: Case, reference: Reference, sampling: SamplingParams | None = None, **kw):
+def make_input(
+    request_id: str, case: Case, reference: Reference, sampling: SamplingParams | None = None, **kw
+):
     return GenerateInput(
         request_id=request_id,
         messages=case.messages,
@@ -129,7 +133,9 @@ def make_input(request_id: str, case: Case, reference: Reference, sampling: Samp
     )
 
 
-def run(engine: LLMEngine, inputs: list[GenerateInput], arrivals: list[int] | None = None, max_steps: int = 5000):
+def run(
+    engine: LLMEngine, inputs: list[GenerateInput], arrivals: list[int] | None = None, max_steps: int = 5000
+):
     """Drive the engine; request k is added before step ``arrivals[k]``. Returns id -> events."""
     arrivals = arrivals or [0] * len(inputs)
     events: dict[str, list[GenerationEvent]] = {i.request_id: [] for i in inputs}

@@ -27,7 +27,11 @@ def test_one_request_alone(engine, reference):
 
 def test_staggered_requests_with_chunked_prefill(tiny_ckpt, reference):
     # a small token budget splits image prompts into chunks that share steps with other decodes
-    eng = LLMEngine(make_config(tiny_ckpt, scheduler={"max_num_batched_tokens": 96}, cache={"enable_prefix_caching": False}))
+    eng = LLMEngine(
+        make_config(
+            tiny_ckpt, scheduler={"max_num_batched_tokens": 96}, cache={"enable_prefix_caching": False}
+        )
+    )
     try:
         inputs = [make_input(f"s{i}", case, reference) for i, case in enumerate(CASES)]
         events = run(eng, inputs, arrivals=[0, 1, 2, 4, 7, 9, 12, 20])
@@ -71,7 +75,10 @@ def test_forced_preemption_keeps_tokens(tiny_ckpt, reference):
         )
     )
     try:
-        cases = [Case(user(None, "描述这张图片。"), [1], 40), Case(user(None, "What color is the car?"), [5], 40)]
+        cases = [
+            Case(user(None, "描述这张图片。"), [1], 40),
+            Case(user(None, "What color is the car?"), [5], 40),
+        ]
         events = run(eng, [make_input(f"x{i}", c, reference) for i, c in enumerate(cases)])
         assert eng.scheduler.num_preemptions >= 1
         assert eng.block_manager.num_free_blocks == 40

@@ -15,7 +15,9 @@ from services.decoder.engine.scheduler import Scheduler, SchedulerLimits
 BS = 4
 
 
-def req(rid, n_prompt=10, max_tokens=8, priority=0, arrival=0.0, ns="", images=(), tokens=None, deadline=None):
+def req(
+    rid, n_prompt=10, max_tokens=8, priority=0, arrival=0.0, ns="", images=(), tokens=None, deadline=None
+):
     ids = tokens or [(7 * i + sum(map(ord, rid))) % 50 + 10 for i in range(n_prompt)]
     return Request(
         rid,
@@ -162,7 +164,9 @@ def test_deadline_expires_waiting_and_running():
     assert [r.request_id for r in out.finished] == ["b"]
     now[0] = 6.0
     out, _ = step(s)
-    assert [r.request_id for r in out.finished] == ["a"] and out.finished[0].status.finish_reason == "deadline"
+    assert [r.request_id for r in out.finished] == ["a"] and out.finished[
+        0
+    ].status.finish_reason == "deadline"
     assert s.block_manager.num_free_blocks == 64
 
 
