@@ -8,6 +8,11 @@ reference. A process pool has to pickle every image's tiles back to the caller (
 image), which cost more than it saved when measured (``benchmarks/preprocess_bench.py`` compares
 both; the figures are in ``benchmarks/results/preprocess.json``).
 
+Each image is three pool tasks: decode, then the grid resize and the thumbnail resize side by side
+(both read the decoded image; neither needs the other). When the pool has idle threads a single large
+image finishes sooner; under load the tasks just queue like any others. No pool thread ever waits on
+another task (the follow-up tasks are chained with callbacks), so the pool cannot deadlock itself.
+
 Caps are checked in two steps so a bad request costs as little as possible: the image count first,
 then every image's header is parsed (``open_image``: size and format, no pixels) and the total tile
 count is computed from the sizes alone, all before any pixel is decoded.
@@ -16,10 +21,12 @@ count is computed from the sizes alone, all before any pixel is decoded.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from PIL import Image
 
@@ -27,7 +34,9 @@ from services.common.errors import InvalidArgument
 from services.common.types import TilingParams, sha256_hex
 from services.preprocess.config import PreprocessConfig
 from services.preprocess.decoding import load_rgb, open_image
-from services.preprocess.tiling import TiledImage, count_tiles, tile_image
+from services.preprocess.tiling import TiledImage, count_tiles, fill_grid, fill_thumbnail, plan_tiles
+
+T = TypeVar("T")
 
 REASON_TOO_MANY_IMAGES = "too_many_images"
 REASON_TOO_MANY_TILES = "too_many_tiles"
@@ -67,20 +76,48 @@ class Preprocessor:
     def tile_images(self, items: Sequence[tuple[bytes, TilingParams]]) -> list[TiledImage]:
         """Tile every image of one request, in order. Raises ``InvalidArgument`` for any bad image."""
         jobs = self._plan(items)
-        futures = [self._pool.submit(_run_job, job) for job in jobs]
-        return _collect(futures)
+        return _collect([self._submit(job) for job in jobs])
 
     async def atile_images(self, items: Sequence[tuple[bytes, TilingParams]]) -> list[TiledImage]:
         """``tile_images`` for an asyncio caller: the header checks and the pixel work run on the pool."""
         loop = asyncio.get_running_loop()
         jobs = await loop.run_in_executor(self._pool, self._plan, items)
-        tasks = [loop.run_in_executor(self._pool, _run_job, job) for job in jobs]
+        futures = [self._submit(job) for job in jobs]
         try:
-            return list(await asyncio.gather(*tasks))
+            return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
         except BaseException:
-            for task in tasks:
-                task.cancel()
+            for future in futures:
+                future.cancel()
             raise
+
+    def _submit(self, job: _Job) -> Future[TiledImage]:
+        """Decode on the pool, then run the grid and thumbnail resizes as two further pool tasks.
+
+        The follow-ups are chained with done-callbacks (run on the pool thread that finished the
+        step), so the returned future completes without any pool thread blocking on another.
+        """
+        result: Future[TiledImage] = Future()
+
+        def on_decoded(decoded: Future[Image.Image]) -> None:
+            if not _forward_failure(decoded, result):
+                return
+            rgb = decoded.result()
+            plan = plan_tiles(rgb.width, rgb.height, job.params)
+            tiles = plan.allocate()
+            steps = [fill_grid, fill_thumbnail] if plan.thumbnail else [fill_grid]
+            pending = _Countdown(len(steps))
+
+            def on_filled(step: Future[None]) -> None:
+                if _forward_failure(step, result) and pending.done_one():
+                    _settle(result, TiledImage(tiles, plan.grid, rgb.width, rgb.height, sha256_hex(job.data)))
+
+            for step in steps:
+                task = self._pool.submit(_guarded, job.index, step, rgb, plan, tiles)
+                task.add_done_callback(_settling(result, on_filled))
+
+        task = self._pool.submit(_guarded, job.index, load_rgb, job.image)
+        task.add_done_callback(_settling(result, on_decoded))
+        return result
 
     def _plan(self, items: Sequence[tuple[bytes, TilingParams]]) -> list[_Job]:
         """Check the request's caps and every image's header; no pixel is decoded here."""
@@ -107,10 +144,61 @@ class Preprocessor:
         return jobs
 
 
-def _run_job(job: _Job) -> TiledImage:
-    with _about_image(job.index):
-        rgb = load_rgb(job.image)
-        return tile_image(rgb, job.params, sha256=sha256_hex(job.data))
+def _guarded(index: int, fn: Callable[..., T], *args: object) -> T:
+    with _about_image(index):
+        return fn(*args)
+
+
+class _Countdown:
+    """Counts finished steps across pool threads; says which call finished the last one."""
+
+    def __init__(self, steps: int) -> None:
+        self._left = steps
+        self._lock = threading.Lock()
+
+    def done_one(self) -> bool:
+        with self._lock:
+            self._left -= 1
+            return self._left == 0
+
+
+def _settling(
+    result: Future[TiledImage], callback: Callable[[Future[T]], None]
+) -> Callable[[Future[T]], None]:
+    """Wrap a done-callback so anything it raises fails ``result`` (the executor would only log it)."""
+
+    def run(step: Future[T]) -> None:
+        try:
+            callback(step)
+        except BaseException as exc:  # includes RuntimeError from submit() after shutdown
+            _settle(result, exc=exc)
+
+    return run
+
+
+def _forward_failure(step: Future[object], result: Future[TiledImage]) -> bool:
+    """True when ``step`` succeeded and ``result`` still waits; otherwise settles ``result``."""
+    if step.cancelled():
+        result.cancel()
+        return False
+    exc = step.exception()
+    if exc is not None:
+        _settle(result, exc=exc)
+        return False
+    return not result.done()
+
+
+def _settle(
+    result: Future[TiledImage], value: TiledImage | None = None, *, exc: BaseException | None = None
+) -> None:
+    """Complete ``result`` unless it is already complete (cancelled by the caller, or failed first)."""
+    try:
+        if exc is not None:
+            result.set_exception(exc)
+        else:
+            result.set_result(value)
+    except InvalidStateError:
+        pass
 
 
 def _collect(futures: list[Future[TiledImage]]) -> list[TiledImage]:

@@ -62,10 +62,39 @@ def find_grid(width: int, height: int, params: TilingParams) -> tuple[int, int]:
     return best
 
 
+@dataclass(frozen=True)
+class TilePlan:
+    """What tiling an image of a given size will do, known from the size alone (no pixels)."""
+
+    grid: tuple[int, int]  # (cols, rows)
+    tile_size: int
+    thumbnail: bool
+
+    @property
+    def blocks(self) -> int:
+        """Grid tiles, thumbnail excluded."""
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_tiles(self) -> int:
+        return self.blocks + int(self.thumbnail)
+
+    def allocate(self) -> np.ndarray:
+        """The uint8 (N, S, S, 3) array that ``fill_grid`` and ``fill_thumbnail`` write into."""
+        return np.empty((self.num_tiles, self.tile_size, self.tile_size, 3), dtype=np.uint8)
+
+
+def plan_tiles(width: int, height: int, params: TilingParams) -> TilePlan:
+    """The grid and thumbnail choice for a ``width`` x ``height`` image."""
+    grid = find_grid(width, height, params)
+    return TilePlan(
+        grid=grid, tile_size=params.tile_size, thumbnail=params.use_thumbnail and grid[0] * grid[1] > 1
+    )
+
+
 def count_tiles(width: int, height: int, params: TilingParams) -> int:
     """How many tiles (thumbnail included) ``tile_image`` will produce, from the size alone."""
-    cols, rows = find_grid(width, height, params)
-    return cols * rows + (1 if params.use_thumbnail and cols * rows > 1 else 0)
+    return plan_tiles(width, height, params).num_tiles
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,30 +125,48 @@ class TiledImage:
         return self.num_tiles * tokens_per_tile
 
 
+def fill_grid(img: Image.Image, plan: TilePlan, tiles: np.ndarray) -> None:
+    """Resize the whole image once to the grid and write the grid tiles, row-major, into ``tiles``.
+
+    Tile k is row ``k // cols``, column ``k % cols`` of the resized image: the same pixels as the
+    reference's ``resized.crop(box)``, copied by slicing one array.
+    """
+    _require_rgb(img)
+    cols, rows = plan.grid
+    size = plan.tile_size
+    # Image.resize defaults to BICUBIC for RGB; spelled out so a Pillow default change cannot move us.
+    resized = np.asarray(img.resize((cols * size, rows * size), Image.Resampling.BICUBIC))
+    # (rows*S, cols*S, 3) -> (rows, S, cols, S, 3) -> (rows, cols, S, S, 3), written into (N, S, S, 3)
+    tiles[: plan.blocks].reshape(rows, cols, size, size, 3)[...] = resized.reshape(
+        rows, size, cols, size, 3
+    ).transpose(0, 2, 1, 3, 4)
+
+
+def fill_thumbnail(img: Image.Image, plan: TilePlan, tiles: np.ndarray) -> None:
+    """Write the whole image resized to S x S as the last tile (only for plans with a thumbnail)."""
+    _require_rgb(img)
+    if plan.thumbnail:
+        size = plan.tile_size
+        tiles[plan.blocks] = np.asarray(img.resize((size, size), Image.Resampling.BICUBIC))
+
+
 def tile_image(img: Image.Image, params: TilingParams, *, sha256: str | None = None) -> TiledImage:
     """Cut an RGB image into InternVL tiles, pixel-identical with the reference.
 
     The image must already be what ``Image.open(...).convert('RGB')`` gives (``decoding.py``);
-    resizing any other mode would not match the reference.
+    resizing any other mode would not match the reference. ``fill_grid`` and ``fill_thumbnail`` are
+    independent (two resizes of the same image), so a caller with idle cores may run them in parallel.
     """
-    if img.mode != "RGB":
-        raise ValueError(f"tile_image needs an RGB image, got mode {img.mode!r}")
+    _require_rgb(img)
     params.validate()
-    size = params.tile_size
     width, height = img.size
-    cols, rows = find_grid(width, height, params)
-    blocks = cols * rows
-    thumbnail = params.use_thumbnail and blocks > 1
+    plan = plan_tiles(width, height, params)
+    tiles = plan.allocate()
+    fill_grid(img, plan, tiles)
+    fill_thumbnail(img, plan, tiles)
+    return TiledImage(tiles=tiles, grid=plan.grid, width=width, height=height, sha256=sha256)
 
-    # Image.resize defaults to BICUBIC for RGB; spelled out so a Pillow default change cannot move us.
-    resized = np.asarray(img.resize((cols * size, rows * size), Image.Resampling.BICUBIC))
-    # One writable array for the whole image; grid tiles are copied out of the resized pixels by
-    # slicing (tile k = row k // cols, column k % cols: the same pixels as ``resized.crop(box)``).
-    tiles = np.empty((blocks + int(thumbnail), size, size, 3), dtype=np.uint8)
-    # (rows*S, cols*S, 3) -> (rows, S, cols, S, 3) -> (rows, cols, S, S, 3), written into (N, S, S, 3)
-    tiles[:blocks].reshape(rows, cols, size, size, 3)[...] = resized.reshape(
-        rows, size, cols, size, 3
-    ).transpose(0, 2, 1, 3, 4)
-    if thumbnail:
-        tiles[blocks] = np.asarray(img.resize((size, size), Image.Resampling.BICUBIC))
-    return TiledImage(tiles=tiles, grid=(cols, rows), width=width, height=height, sha256=sha256)
+
+def _require_rgb(img: Image.Image) -> None:
+    if img.mode != "RGB":
+        raise ValueError(f"tiling needs an RGB image, got mode {img.mode!r}")

@@ -140,3 +140,19 @@ def test_config_bounds() -> None:
         PreprocessConfig(max_tiles_per_request=0)
     with pytest.raises(ValidationError):
         PreprocessConfig(unknown_field=1)
+
+
+@pytest.mark.timeout(60)
+def test_single_worker_pool_completes() -> None:
+    """Follow-up steps are chained, not awaited on the pool: one thread is enough."""
+    items = _items()
+    with Preprocessor(PreprocessConfig(workers=1)) as one:
+        _check(one.tile_images(items), items)
+        _check(asyncio.run(one.atile_images(items)), items)
+
+
+def test_closed_preprocessor_refuses_work() -> None:
+    pre = Preprocessor(PreprocessConfig(workers=1))
+    pre.close()
+    with pytest.raises(RuntimeError):
+        pre.tile_images([(SQUARE, TilingParams())])
