@@ -71,6 +71,7 @@ class Checkpoint:
     config: dict[str, Any]
     weight_map: dict[str, str]  # tensor key -> shard file name
     keys_read: set[str] = field(default_factory=set)
+    _identity: str | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -128,14 +129,30 @@ class Checkpoint:
         return int(self.config.get("max_dynamic_patch", pre.get("max_patches", default)))
 
     def identity(self) -> str:
-        """A string naming these weights, for cache keys: directory name plus a digest of the index."""
+        """A string naming these weights, for cache keys, computed from content (not paths or mtimes).
+
+        Replicas holding separate copies of one checkpoint must agree (so they share cache entries),
+        and two checkpoints with the same shapes but other weights must differ. The digest covers
+        config.json, every shard's safetensors header (names, dtypes, shapes, offsets) and 64 KiB
+        samples of its data every 32 MiB plus its last 64 KiB: cheap at start-up even for a 50 GB model.
+        """
         import hashlib
 
-        h = hashlib.sha256(json.dumps(self.weight_map, sort_keys=True).encode())
+        if self._identity is not None:
+            return self._identity
+        h = hashlib.sha256((self.path / CONFIG_FILE).read_bytes())
         for shard in sorted(set(self.weight_map.values())):
-            st = (self.path / shard).stat()
-            h.update(f"{shard}:{st.st_size}:{int(st.st_mtime)}".encode())
-        return f"{self.path.name}@{h.hexdigest()[:16]}"
+            h.update(shard.encode())
+            with open(self.path / shard, "rb") as f:
+                size = f.seek(0, 2)
+                f.seek(0)
+                header_len = int.from_bytes(f.read(8), "little")
+                h.update(f.read(min(header_len, 100 * 1024 * 1024)))
+                for offset in [*range(8 + header_len, size, 32 << 20), max(size - (64 << 10), 0)]:
+                    f.seek(offset)
+                    h.update(f.read(64 << 10))
+        self._identity = f"{self.path.name}@{h.hexdigest()[:16]}"
+        return self._identity
 
     # -- tensors ------------------------------------------------------------------------------
     def component_keys(self, component: str) -> dict[str, str]:

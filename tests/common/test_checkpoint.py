@@ -74,3 +74,16 @@ def test_no_weights(tiny_checkpoint, tmp_path):
     shutil.copy(tiny_checkpoint / "config.json", tmp_path / "config.json")
     with pytest.raises(NotFound, match="no safetensors"):
         Checkpoint.open(tmp_path)
+
+
+def test_identity_follows_content_not_location(tiny_checkpoint, tmp_path):
+    import os
+
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_checkpoint, copy)
+    os.utime(copy / "model.safetensors", (1, 1))
+    assert Checkpoint.open(copy).identity() == Checkpoint.open(tiny_checkpoint).identity()
+    from services.common.tiny_checkpoint import make_tiny_checkpoint
+
+    other = make_tiny_checkpoint(tmp_path / "other" / "tiny", seed=1)  # same shapes, other weights
+    assert Checkpoint.open(other).identity() != Checkpoint.open(tiny_checkpoint).identity()

@@ -1,0 +1,250 @@
+"""The whole mesh as one validated config, and the one Ray Serve config rendered from it.
+
+``internvl-mesh serve`` deploys what ``render_serve_config`` returns; ``internvl-mesh config render``
+prints it for ``serve deploy`` and KubeRay's ``serveConfigV2`` (the Helm chart renders the same
+structure from its values, and a test compares the two). Secrets never appear in it: the Redis
+password and API keys are named by environment variable / file path, filled in by the platform.
+
+Applications (one Serve application per service, plus the gateway as the ingress):
+
+- ``preprocess``: the CPU pool (``num_cpus``), route ``/_internal/preprocess``;
+- ``encoder-<model>``: the vision pool (``num_gpus`` + the ``vision_pool`` custom resource on GPU);
+- ``decoder-<model>``: the language pool; with tensor parallelism a placement group of one bundle
+  per rank (``STRICT_PACK``);
+- ``gateway``: the public HTTP API on ``/`` (Serve's HTTP proxy) and the public gRPC API on its own
+  port (each gateway replica runs a grpc.aio server; SO_REUSEPORT lets replicas on one node share it).
+
+Internal applications have an ``/_internal/...`` route only so that Serve's gRPC proxy (which routes
+by the ``application`` metadata) can reach their servicers; they define no HTTP handler.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from services.common.config import CommonConfig, ModelConfig, StrictModel
+
+INTERNAL_PREFIX = "/_internal"
+
+
+class AutoscalingConfig(StrictModel):
+    min_replicas: int = Field(default=1, ge=0, le=1000)
+    max_replicas: int = Field(default=4, ge=1, le=1000)
+    target_ongoing_requests: float = Field(default=8, gt=0, le=10_000)
+    upscale_delay_s: float = Field(default=10.0, ge=0, le=3600)
+    downscale_delay_s: float = Field(default=120.0, ge=0, le=86_400)
+
+    @model_validator(mode="after")
+    def _order(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class DeploymentConfig(StrictModel):
+    """Resources and scaling of one Serve deployment."""
+
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    num_cpus: float = Field(default=1.0, ge=0, le=1024)
+    num_gpus: float = Field(default=0.0, ge=0, le=64)
+    memory_gb: float = Field(default=0.0, ge=0, le=4096, description="Ray memory reservation; 0 = none.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources.")
+    max_ongoing_requests: int = Field(default=32, ge=1, le=100_000)
+    graceful_shutdown_timeout_s: float = Field(default=30.0, ge=0, le=3600)
+
+    def serve_options(self) -> dict[str, Any]:
+        actor: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            actor["num_gpus"] = self.num_gpus
+        if self.memory_gb:
+            actor["memory"] = int(self.memory_gb * 1024**3)
+        if self.resources:
+            actor["resources"] = dict(self.resources)
+        return {
+            "ray_actor_options": actor,
+            "autoscaling_config": self.autoscaling.model_dump(),
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+        }
+
+
+def _cpu_pool() -> DeploymentConfig:
+    return DeploymentConfig(
+        autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=8, target_ongoing_requests=4)
+    )
+
+
+class ServedModel(ModelConfig):
+    """A model with its two pools."""
+
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    encoder: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    decoder: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    encoder_settings: dict[str, Any] = Field(
+        default_factory=dict, description="services.encoder EncoderConfig fields."
+    )
+    decoder_settings: dict[str, Any] = Field(
+        default_factory=dict, description="services.decoder DecoderConfig fields."
+    )
+
+    @property
+    def encoder_app(self) -> str:
+        return f"encoder-{_slug(self.name)}"
+
+    @property
+    def decoder_app(self) -> str:
+        return f"decoder-{_slug(self.name)}"
+
+
+class GatewaySettings(StrictModel):
+    host: str = Field(default="0.0.0.0", description="Bind address of the HTTP and gRPC servers.")
+    http_port: int = Field(default=8000, ge=1, le=65535)
+    grpc_port: int = Field(default=9000, ge=0, le=65535, description="Public gRPC port; 0 disables it.")
+    serve_grpc_port: int = Field(default=9100, ge=0, le=65535, description="Serve's own gRPC proxy; 0 off.")
+    tenants_file: str = Field(
+        default="", description="YAML of tenants and API-key digests; empty = single tenant."
+    )
+    default_timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    max_timeout_s: float = Field(default=600.0, gt=0, le=86_400)
+    allow_remote_images: bool = Field(default=False, description="Fetch http(s) image URLs (off: SSRF).")
+    limits_fail_closed: bool = Field(default=False, description="Refuse requests when Redis limits are down.")
+
+
+class MeshConfig(CommonConfig):
+    """Everything ``internvl-mesh serve`` needs."""
+
+    models: list[ServedModel] = Field(min_length=1, max_length=32)
+    preprocess: dict[str, Any] = Field(
+        default_factory=dict, description="services.preprocess PreprocessConfig."
+    )
+    preprocess_deployment: DeploymentConfig = Field(default_factory=_cpu_pool)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    gateway_deployment: DeploymentConfig = Field(default_factory=_cpu_pool)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ServedModel]) -> list[ServedModel]:
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        slugs = [_slug(n) for n in names]
+        if len(set(slugs)) != len(slugs):
+            raise ValueError(f"model names collide once made into application names: {slugs}")
+        return models
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c == "-" else "-" for c in name.lower()).strip("-")[:48] or "model"
+
+
+def decoder_options(m: ServedModel) -> dict[str, Any]:
+    """The decoder's options; with tensor parallelism, one placement-group bundle per rank.
+
+    The replica actor takes the first bundle (rank 0); the other ranks' workers are scheduled into
+    the remaining bundles, all on one node (``STRICT_PACK``: NCCL over NVLink, not the network).
+    """
+    options = m.decoder.serve_options()
+    tp = m.tensor_parallel_size
+    if tp > 1:
+        per_rank_gpu = 1.0 if m.device != "cpu" else 0.0
+        bundle = {"CPU": max(m.decoder.num_cpus, 1.0)}
+        if per_rank_gpu:
+            bundle["GPU"] = per_rank_gpu
+        options["placement_group_bundles"] = [dict(bundle) for _ in range(tp)]
+        options["placement_group_strategy"] = "STRICT_PACK"
+        actor = options["ray_actor_options"]
+        actor["num_cpus"] = bundle["CPU"]
+        if per_rank_gpu:
+            actor["num_gpus"] = per_rank_gpu
+        else:
+            actor.pop("num_gpus", None)
+    return options
+
+
+def render_serve_config(cfg: MeshConfig) -> dict[str, Any]:
+    """The Serve config (the schema of ``serve deploy`` and KubeRay's ``serveConfigV2``)."""
+    common = {
+        "redis": cfg.redis.model_dump(),
+        "cache": cfg.cache.model_dump(),
+        "grpc": cfg.grpc.model_dump(),
+        "tracing": cfg.tracing.model_dump(),
+    }
+    apps: list[dict[str, Any]] = [
+        {
+            "name": "preprocess",
+            "route_prefix": f"{INTERNAL_PREFIX}/preprocess",
+            "import_path": "services.preprocess.deployment:build_app",
+            "args": {
+                "config": cfg.preprocess,
+                "deployment_options": cfg.preprocess_deployment.serve_options(),
+            },
+        }
+    ]
+    for m in cfg.models:
+        model = m.model_dump(include={"name", "path", "dtype", "device", "max_tiles_per_image"})
+        apps.append(
+            {
+                "name": m.encoder_app,
+                "route_prefix": f"{INTERNAL_PREFIX}/{m.encoder_app}",
+                "import_path": "services.encoder.deployment:build_app",
+                "args": {
+                    "model": model,
+                    "settings": m.encoder_settings,
+                    "common": common,
+                    "preprocess_app": "preprocess",
+                    "deployment_options": m.encoder.serve_options(),
+                },
+            }
+        )
+        apps.append(
+            {
+                "name": m.decoder_app,
+                "route_prefix": f"{INTERNAL_PREFIX}/{m.decoder_app}",
+                "import_path": "services.decoder.deployment:build_app",
+                "args": {
+                    "model": model,
+                    "settings": m.decoder_settings,
+                    "tensor_parallel_size": m.tensor_parallel_size,
+                    "common": common,
+                    "deployment_options": decoder_options(m),
+                },
+            }
+        )
+    apps.append(
+        {
+            "name": "gateway",
+            "route_prefix": "/",
+            "import_path": "gateway.deployment:build_app",
+            "args": {
+                "gateway": cfg.gateway.model_dump(),
+                "models": [
+                    {
+                        "name": m.name,
+                        "encoder_app": m.encoder_app,
+                        "decoder_app": m.decoder_app,
+                        "max_tiles_per_image": m.max_tiles_per_image,
+                    }
+                    for m in cfg.models
+                ],
+                "common": common,
+                "deployment_options": cfg.gateway_deployment.serve_options(),
+            },
+        }
+    )
+    out: dict[str, Any] = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.gateway.host, "port": cfg.gateway.http_port},
+        "applications": apps,
+    }
+    if cfg.gateway.serve_grpc_port:
+        out["grpc_options"] = {
+            "port": cfg.gateway.serve_grpc_port,
+            "grpc_servicer_functions": [
+                "internvl.preprocess.v1.preprocess_pb2_grpc.add_PreprocessServiceServicer_to_server",
+                "internvl.encoder.v1.encoder_pb2_grpc.add_EncoderServiceServicer_to_server",
+                "internvl.decoder.v1.decoder_pb2_grpc.add_DecoderServiceServicer_to_server",
+            ],
+        }
+    return out
