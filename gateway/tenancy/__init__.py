@@ -1,0 +1,66 @@
+"""Tenancy of the gateway: who is calling (API keys → tenants) and how much they may use (limits).
+
+The gateway's request path uses it in this order::
+
+    keys = KeyStore(path_or_None)                      # entry point; env defaults to os.environ.get
+    await keys.start()                                 # reloads the file every 2 s (no-op single-tenant)
+    limiter = FallbackLimiter(RedisLimiter.from_url(url), LocalLimiter(scale=1 / replicas))
+
+    tenant = keys.authenticate(api_key)                # Unauthenticated → 401 / UNAUTHENTICATED
+    tenant.check_model(model)                          # PermissionDenied → 403 / PERMISSION_DENIED
+    tenant.check_request_size(images=n, max_tokens=m)  # InvalidArgument → 400 / INVALID_ARGUMENT
+    admission = await limiter.admit(tenant, prompt_tokens + max_tokens)
+                                                       # ResourceExhausted(retry_after) → 429 / RESOURCE_EXHAUSTED
+                                                       # Unavailable (fail-closed, Redis down) → 503 / UNAVAILABLE
+    try:
+        ...  # tenant.priority goes to the encoder and the decoder; tenant.cache_namespace to the cache
+        await admission.complete(prompt_tokens + generated_tokens)   # refunds the unused reservation
+    finally:
+        await admission.release()                      # no-op after complete(); frees the slot otherwise
+
+Modules:
+
+- ``config``: the tenants file's models (``TenantsFile``, ``Tenant``, ``TenantLimits``, ``ApiKeyEntry``);
+- ``keys``: ``KeyStore`` (authentication, live reload, single-tenant mode), ``create_key``, ``key_digest``;
+- ``limiter``: ``Admission``, ``RedisLimiter``, ``LocalLimiter``, ``FallbackLimiter``.
+
+Secrets: the file stores digests only; the HMAC secret's *name* is in the file and its value comes from
+the ``env`` callable given to ``KeyStore`` (``os.environ.get`` unless the caller passes another), which
+is the only place this package touches the environment.
+"""
+
+from gateway.tenancy.config import ApiKeyEntry, Tenant, TenantLimits, TenantsFile, parse_key_id
+from gateway.tenancy.keys import DEFAULT_TENANT, KeyStore, create_key, default_tenant, key_digest
+from gateway.tenancy.limiter import (
+    REASON_CONCURRENCY,
+    REASON_DAILY,
+    REASON_RATE,
+    REASON_TOKENS,
+    Admission,
+    FallbackLimiter,
+    Limiter,
+    LocalLimiter,
+    RedisLimiter,
+)
+
+__all__ = [
+    "DEFAULT_TENANT",
+    "REASON_CONCURRENCY",
+    "REASON_DAILY",
+    "REASON_RATE",
+    "REASON_TOKENS",
+    "Admission",
+    "ApiKeyEntry",
+    "FallbackLimiter",
+    "KeyStore",
+    "Limiter",
+    "LocalLimiter",
+    "RedisLimiter",
+    "Tenant",
+    "TenantLimits",
+    "TenantsFile",
+    "create_key",
+    "default_tenant",
+    "key_digest",
+    "parse_key_id",
+]

@@ -1,0 +1,236 @@
+"""The tenants file: tenants, their limits, and the digests of their API keys.
+
+The file is YAML, validated strictly (unknown keys are errors: a misspelt limit must not silently
+become "unlimited")::
+
+    hmac_secret_env: IVM_KEY_HMAC_SECRET   # optional; without it digests are plain SHA-256
+    tenants:
+      - name: acme
+        allowed_models: ["internvl2-8b"]   # or ["*"]
+        priority: 2
+        limits: {requests_per_s: 20, tokens_per_min: 400000, max_concurrent: 32}
+    keys:
+      - {key_id: k1a2b3, tenant: acme, digest: "<64 hex>", created_at: 2025-01-01T00:00:00Z}
+
+Only digests are stored, never keys: a leaked file (or a leaked Kubernetes secret) does not hand out
+working keys. With ``hmac_secret_env`` set the digest is an HMAC-SHA256 under a secret that lives
+elsewhere (an environment variable the entry point reads), so a leaked file is not even a dictionary
+for offline guessing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import UTC, datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from services.common.errors import InvalidArgument, PermissionDenied
+
+TENANT_NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
+# No '-' in a key id: keys are ``ivm-<key_id>-<secret>`` and the id is what lies between the dashes.
+KEY_ID_PATTERN = r"^[A-Za-z0-9_]{1,64}$"
+DIGEST_PATTERN = r"^[0-9a-f]{64}$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+ALL_MODELS = "*"
+
+# Upper bounds of every limit. They double as the single-tenant defaults (see ``TenantLimits.generous``).
+MAX_REQUESTS_PER_S = 100_000.0
+MAX_BURST = 1_000_000
+MAX_TOKENS_PER_MIN = 10_000_000_000
+MAX_CONCURRENT = 100_000
+MAX_DAILY_TOKENS = 10_000_000_000_000
+MAX_TILES = 10_000
+MAX_IMAGES = 1_000
+MAX_TOKENS_PER_REQUEST = 1_000_000
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TenantLimits(_Strict):
+    """What one tenant may use. Rates are shared by every gateway replica (counters live in Redis)."""
+
+    requests_per_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=MAX_REQUESTS_PER_S,
+        description="Sustained admissions per second (a token bucket refilled at this rate).",
+    )
+    burst: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_BURST,
+        description="Requests admitted back to back after a quiet period; default: 2 x requests_per_s.",
+    )
+    tokens_per_min: int = Field(
+        default=200_000,
+        ge=1,
+        le=MAX_TOKENS_PER_MIN,
+        description="Prompt + completion tokens per minute; prompt + max_tokens is reserved at admission.",
+    )
+    max_concurrent: int = Field(
+        default=16, ge=1, le=MAX_CONCURRENT, description="Requests in flight at once, over all replicas."
+    )
+    daily_token_quota: int = Field(
+        default=10_000_000,
+        ge=1,
+        le=MAX_DAILY_TOKENS,
+        description="Prompt + completion tokens per UTC day; reserved at admission like tokens_per_min.",
+    )
+    max_tiles_per_request: int = Field(
+        default=48, ge=1, le=MAX_TILES, description="Image tiles (448x448 crops) in one request."
+    )
+    max_images_per_request: int = Field(default=8, ge=1, le=MAX_IMAGES, description="Images in one request.")
+    max_tokens_per_request: int = Field(
+        default=4096, ge=1, le=MAX_TOKENS_PER_REQUEST, description="Cap of a request's max_tokens."
+    )
+
+    @property
+    def bucket_size(self) -> int:
+        """Capacity of the requests/s bucket: ``burst``, or twice the rate (at least 1)."""
+        if self.burst is not None:
+            return self.burst
+        return max(1, min(MAX_BURST, math.ceil(2 * self.requests_per_s)))
+
+    @classmethod
+    def generous(cls) -> TenantLimits:
+        """Limits no single deployment reaches (the single-tenant default): every field at its bound."""
+        return cls(
+            requests_per_s=MAX_REQUESTS_PER_S,
+            burst=MAX_BURST,
+            tokens_per_min=MAX_TOKENS_PER_MIN,
+            max_concurrent=MAX_CONCURRENT,
+            daily_token_quota=MAX_DAILY_TOKENS,
+            max_tiles_per_request=MAX_TILES,
+            max_images_per_request=MAX_IMAGES,
+            max_tokens_per_request=MAX_TOKENS_PER_REQUEST,
+        )
+
+
+class Tenant(_Strict):
+    """A customer of the gateway: who may use which models, how much, and how urgently."""
+
+    name: str = Field(pattern=TENANT_NAME_PATTERN, description="Unique; appears in logs and metrics.")
+    allowed_models: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=lambda: [ALL_MODELS],
+        min_length=1,
+        max_length=1000,
+        description='Public model names this tenant may call; ["*"] = every served model.',
+    )
+    limits: TenantLimits = Field(default_factory=TenantLimits)
+    priority: int = Field(
+        default=0,
+        ge=-10,
+        le=10,
+        description="Passed to the decoder's scheduler and the encoder's batching; higher runs first.",
+    )
+    cache_namespace: str | None = Field(
+        default=None,
+        pattern=TENANT_NAME_PATTERN,
+        description=(
+            "Embedding-cache namespace; default: the tenant's name, so tenants never share hits (a hit "
+            "is a timing side channel). Give two tenants the same value to opt into a shared cache."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _default_namespace(self) -> Tenant:
+        if self.cache_namespace is None:
+            object.__setattr__(self, "cache_namespace", self.name)
+        return self
+
+    def allows_model(self, model: str) -> bool:
+        return ALL_MODELS in self.allowed_models or model in self.allowed_models
+
+    def check_model(self, model: str) -> None:
+        """PermissionDenied if this tenant may not call ``model`` (its key is fine, its plan is not)."""
+        if not self.allows_model(model):
+            raise PermissionDenied(
+                f"tenant {self.name!r} may not use model {model!r}", reason="model_not_allowed"
+            )
+
+    def check_request_size(self, *, images: int = 0, tiles: int = 0, max_tokens: int = 0) -> None:
+        """InvalidArgument if one request exceeds a per-request cap: retrying it unchanged cannot succeed."""
+        lim = self.limits
+        for what, value, cap, field in (
+            ("images", images, lim.max_images_per_request, "max_images_per_request"),
+            ("image tiles", tiles, lim.max_tiles_per_request, "max_tiles_per_request"),
+            ("max_tokens", max_tokens, lim.max_tokens_per_request, "max_tokens_per_request"),
+        ):
+            if value > cap:
+                raise InvalidArgument(
+                    f"request has {value} {what}; tenant {self.name!r} allows at most {cap} ({field})",
+                    reason=f"{field}_exceeded",
+                )
+
+
+class ApiKeyEntry(_Strict):
+    """One stored key: its digest and who it belongs to, never the key itself."""
+
+    key_id: str = Field(
+        pattern=KEY_ID_PATTERN, description="Public part of the key (ivm-<key_id>-<secret>); safe to log."
+    )
+    tenant: str = Field(pattern=TENANT_NAME_PATTERN, description="Name of the tenant the key acts for.")
+    digest: str = Field(
+        pattern=DIGEST_PATTERN, description="Hex HMAC-SHA256 (or SHA-256) of the whole key string."
+    )
+    created_at: datetime = Field(description="When the key was made (UTC); informational.")
+    expires_at: datetime | None = Field(
+        default=None, description="The key stops working at this instant (UTC); none = never."
+    )
+    revoked: bool = Field(default=False, description="True stops the key on the next reload.")
+
+    @field_validator("created_at", "expires_at")
+    @classmethod
+    def _utc(cls, v: datetime | None) -> datetime | None:
+        # A timestamp without a zone is read as UTC, so comparisons never mix naive and aware values.
+        if v is not None and v.tzinfo is None:
+            return v.replace(tzinfo=UTC)
+        return v
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+
+class TenantsFile(_Strict):
+    """The whole file. Cross-references are checked: every key names an existing tenant."""
+
+    hmac_secret_env: str | None = Field(
+        default=None,
+        pattern=ENV_NAME_PATTERN,
+        description="Name of the environment variable holding the HMAC secret (never the secret itself).",
+    )
+    tenants: list[Tenant] = Field(default_factory=list, max_length=100_000)
+    keys: list[ApiKeyEntry] = Field(default_factory=list, max_length=1_000_000)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TenantsFile:
+        names = [t.name for t in self.tenants]
+        _refuse_duplicates(names, "tenant name")
+        _refuse_duplicates([k.key_id for k in self.keys], "key_id")
+        _refuse_duplicates([k.digest for k in self.keys], "key digest")
+        known = set(names)
+        for k in self.keys:
+            if k.tenant not in known:
+                raise ValueError(f"key {k.key_id!r} names tenant {k.tenant!r}, which is not in tenants")
+        return self
+
+
+def _refuse_duplicates(values: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for v in values:
+        if v in seen:
+            raise ValueError(f"duplicate {what} {v!r}: each must be unique")
+        seen.add(v)
+
+
+def parse_key_id(api_key: str) -> str | None:
+    """The key id of an ``ivm-<key_id>-<secret>`` key, or None for any other shape (safe to log)."""
+    parts = api_key.split("-", 2)
+    if len(parts) != 3 or parts[0] != "ivm" or not parts[2]:
+        return None
+    return parts[1] if re.match(KEY_ID_PATTERN, parts[1]) else None
