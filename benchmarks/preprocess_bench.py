@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -49,7 +50,7 @@ from services.common.types import TilingParams, sha256_hex  # noqa: E402
 from services.preprocess.config import DecodeLimits, PreprocessConfig  # noqa: E402
 from services.preprocess.decoding import decode_image  # noqa: E402
 from services.preprocess.pipeline import Preprocessor  # noqa: E402
-from services.preprocess.tiling import tile_image  # noqa: E402
+from services.preprocess.tiling import plan_tiles, tile_image  # noqa: E402
 
 
 def _load_reference():
@@ -141,6 +142,32 @@ def _pipeline_throughput(stream: list[bytes]) -> tuple[float, float]:
         start, cpu = time.perf_counter(), time.process_time()
         asyncio.run(run(pre))
         return len(stream) / (time.perf_counter() - start), len(stream) / (time.process_time() - cpu)
+
+
+def _floor(images: dict[str, bytes], iterations: int) -> dict[str, dict[str, float]]:
+    """The work both pipelines must do to be bit-exact: decode and the two Pillow bicubic resizes.
+
+    Their sum bounds any bit-exact pipeline's single-thread latency from below, and so bounds the
+    speedup over the reference from above (``ceiling``).
+    """
+    out = {}
+    for name, data in images.items():
+        rgb = decode_image(data, LIMITS)
+        plan = plan_tiles(rgb.width, rgb.height, PARAMS)
+        cols, rows = plan.grid
+        size = plan.tile_size
+        steps: dict[str, Callable[[bytes], object]] = {
+            "decode": lambda d: decode_image(d, LIMITS),
+            "grid_resize": lambda _d, im=rgb, wh=(cols * size, rows * size): im.resize(
+                wh, Image.Resampling.BICUBIC
+            ),
+            "thumbnail_resize": lambda _d, im=rgb, wh=(size, size): im.resize(wh, Image.Resampling.BICUBIC),
+        }
+        timed = _latency(steps, data, iterations)
+        row = {k: v for k, v in timed.items() if not k.endswith("_cpu_ms")}
+        row["floor_ms"] = sum(row.values())
+        out[name] = row
+    return out
 
 
 def _profile(images: dict[str, bytes]) -> dict[str, list[str]]:
@@ -247,6 +274,7 @@ def main() -> int:
             "workers": WORKERS,
             "iterations": args.iterations,
             "stream": len(stream),
+            "rounds": args.rounds,
         },
         "single_thread_latency_ms": latency,
         "single_thread_speedup_total": total_ref / total_ours,
@@ -268,6 +296,23 @@ def main() -> int:
     ] + [f"latency {n}" for n, r in latency.items() if r["speedup"] < TARGET]
     results["targets_missed"] = missed
     if missed:
+        floor = _floor(images, args.iterations)
+        for name, row in floor.items():
+            row["ceiling_speedup"] = latency[name]["reference_ms"] / row["floor_ms"]
+            row["ours_overhead_ms"] = latency[name]["ours_ms"] - row["floor_ms"]
+        results["bit_exact_floor_ms"] = floor
+        total_floor = sum(row["floor_ms"] for row in floor.values())
+        worst = min(floor, key=lambda n: floor[n]["ceiling_speedup"])
+        results["bit_exact_ceiling_speedup_total"] = total_ref / total_floor
+        results["where_the_time_goes"] = (
+            "Bit-exact tiles need the reference's own Pillow decode and its two BICUBIC resizes (whole image "
+            "to the grid, whole image to the thumbnail); those are the floor above and the bulk of ours "
+            f"({total_floor:.0f} of {total_ours:.0f} ms over the three images). What we save is the "
+            "reference's per-tile crops and float normalisation, so the single-thread speedup cannot "
+            f"exceed {total_ref / total_floor:.2f}x on these images ({floor[worst]['ceiling_speedup']:.2f}x on "
+            f"{worst}, where decoding and resizing dominate). Throughput with 2 workers follows the same "
+            "CPU-cost ratio."
+        )
         results["profile_ours_tottime"] = _profile(images)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -296,6 +341,13 @@ def main() -> int:
     )
     if missed:
         print(f"\ntargets missed: {missed}; profile in {args.out}")
+        print("bit-exact floor (decode + grid resize + thumbnail resize), single thread:")
+        for name, row in results["bit_exact_floor_ms"].items():
+            print(
+                f"  {name:<16}decode {row['decode_ms']:6.1f}  grid {row['grid_resize_ms']:6.1f}  "
+                f"thumb {row['thumbnail_resize_ms']:6.1f}  = {row['floor_ms']:6.1f} ms"
+                f"  -> best possible speedup {row['ceiling_speedup']:.2f}x"
+            )
     print(f"\nwrote {args.out}")
     return 0
 
