@@ -90,6 +90,91 @@ def serve_grpc_command(
         _fail(exc)
 
 
+config_app = typer.Typer(help="The mesh configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+def _mesh_config(
+    model: Path | None,
+    config: Path | None,
+    http_port: int | None,
+    grpc_port: int | None,
+    overrides: list[str],
+    redis_url: str | None = None,
+):
+    from services.common.config import build, load_yaml, parse_override, set_dotted
+    from services.topology import MeshConfig
+
+    data = load_yaml(config) if config is not None else {}
+    if model is not None:
+        data["models"] = [{"name": model.resolve().name, "path": str(model.resolve())}]
+    elif not data.get("models"):
+        tiny = _default_model()
+        data["models"] = [{"name": "internvl-mesh-tiny", "path": str(tiny.resolve())}]
+    gateway = data.setdefault("gateway", {})
+    if http_port is not None:
+        gateway["http_port"] = http_port
+    if grpc_port is not None:
+        gateway["grpc_port"] = grpc_port
+    if redis_url is not None:
+        data.setdefault("redis", {})["url"] = redis_url
+    for item in overrides:
+        set_dotted(data, *parse_override(item))
+    return build(MeshConfig, data, str(config) if config else "flags")
+
+
+def _default_model() -> Path:
+    model = DEFAULT_MODEL_DIR
+    if not (model / "config.json").is_file():
+        from services.common.tiny_checkpoint import make_tiny_checkpoint
+
+        make_tiny_checkpoint(model)
+    typer.echo(f"no model given: serving the tiny RANDOM-WEIGHT checkpoint in {model} (answers are noise)")
+    return model
+
+
+@app.command("serve")
+def serve_command(
+    model: Annotated[Path | None, typer.Option(help="Checkpoint directory (native InternVL format).")] = None,
+    config: Annotated[Path | None, typer.Option(help="Mesh configuration YAML.")] = None,
+    http_port: Annotated[int | None, typer.Option(help="HTTP port of the OpenAI-compatible API.")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="Port of the public gRPC API (0: off).")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="redis://host:port/db; default: none.")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Override a config value: a.b.c=value.")] = [],  # noqa: B006
+) -> None:
+    """Start a local Ray, deploy every service and the gateway, and serve until SIGTERM/Ctrl-C."""
+    import logging
+
+    from services import serve as mesh
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = _mesh_config(model, config, http_port, grpc_port, set_, redis_url)
+    except MeshError as exc:
+        _fail(exc)
+    if not cfg.gateway.tenants_file:
+        typer.echo("no tenants file: single-tenant mode, no API keys are checked")
+    mesh.run(cfg)
+
+
+@config_app.command("render")
+def config_render_command(
+    model: Annotated[Path | None, typer.Option(help="Checkpoint directory.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Mesh configuration YAML.")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Override a config value: a.b.c=value.")] = [],  # noqa: B006
+) -> None:
+    """Print the Ray Serve config (for `serve deploy` and KubeRay's serveConfigV2). No secrets inside."""
+    import yaml
+
+    from services.topology import render_serve_config
+
+    try:
+        cfg = _mesh_config(model or Path("/models/model"), config, None, None, set_)
+    except MeshError as exc:
+        _fail(exc)
+    typer.echo(yaml.safe_dump(render_serve_config(cfg), sort_keys=False))
+
+
 def _register_optional_commands() -> None:
     """Commands whose implementations live with their services."""
     from services.preprocess.cli import tiles_command

@@ -99,7 +99,10 @@ class ServedModel(ModelConfig):
 
 
 class GatewaySettings(StrictModel):
-    host: str = Field(default="0.0.0.0", description="Bind address of the HTTP and gRPC servers.")
+    host: str = Field(
+        default="127.0.0.1",
+        description="Bind address of the HTTP and gRPC servers; 0.0.0.0 to serve other machines (the chart sets it).",
+    )
     http_port: int = Field(default=8000, ge=1, le=65535)
     grpc_port: int = Field(default=9000, ge=0, le=65535, description="Public gRPC port; 0 disables it.")
     serve_grpc_port: int = Field(default=9100, ge=0, le=65535, description="Serve's own gRPC proxy; 0 off.")
@@ -139,38 +142,43 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c == "-" else "-" for c in name.lower()).strip("-")[:48] or "model"
 
 
-def decoder_options(m: ServedModel) -> dict[str, Any]:
-    """The decoder's options; with tensor parallelism, one placement-group bundle per rank.
+def _model_args(m: ServedModel) -> dict[str, Any]:
+    return m.model_dump(include={"name", "path", "dtype", "device", "max_tiles_per_image"})
 
-    The replica actor takes the first bundle (rank 0); the other ranks' workers are scheduled into
-    the remaining bundles, all on one node (``STRICT_PACK``: NCCL over NVLink, not the network).
+
+def decoder_options(m: ServedModel) -> dict[str, Any]:
+    """The decoder's options; with tensor parallelism, a placement group holding every rank's GPU.
+
+    The engine spawns one process per rank from the replica, and those processes can only use GPUs the
+    replica's actor can see, so the replica reserves all of them in one ``STRICT_PACK`` bundle (one node:
+    NCCL over NVLink, not the network) rather than one bundle per rank.
     """
     options = m.decoder.serve_options()
     tp = m.tensor_parallel_size
     if tp > 1:
-        per_rank_gpu = 1.0 if m.device != "cpu" else 0.0
-        bundle = {"CPU": max(m.decoder.num_cpus, 1.0)}
-        if per_rank_gpu:
-            bundle["GPU"] = per_rank_gpu
-        options["placement_group_bundles"] = [dict(bundle) for _ in range(tp)]
-        options["placement_group_strategy"] = "STRICT_PACK"
         actor = options["ray_actor_options"]
-        actor["num_cpus"] = bundle["CPU"]
-        if per_rank_gpu:
-            actor["num_gpus"] = per_rank_gpu
-        else:
-            actor.pop("num_gpus", None)
+        cpus = max(m.decoder.num_cpus, 1.0) * tp
+        bundle: dict[str, float] = {"CPU": cpus}
+        actor["num_cpus"] = cpus
+        if m.device != "cpu":
+            bundle["GPU"] = float(tp)
+            actor["num_gpus"] = float(tp)
+        options["placement_group_bundles"] = [bundle]
+        options["placement_group_strategy"] = "STRICT_PACK"
     return options
 
 
 def render_serve_config(cfg: MeshConfig) -> dict[str, Any]:
     """The Serve config (the schema of ``serve deploy`` and KubeRay's ``serveConfigV2``)."""
-    common = {
-        "redis": cfg.redis.model_dump(),
-        "cache": cfg.cache.model_dump(),
-        "grpc": cfg.grpc.model_dump(),
-        "tracing": cfg.tracing.model_dump(),
-    }
+
+    def common() -> dict[str, Any]:
+        return {
+            "redis": cfg.redis.model_dump(),
+            "cache": cfg.cache.model_dump(),
+            "grpc": cfg.grpc.model_dump(),
+            "tracing": cfg.tracing.model_dump(),
+        }
+
     apps: list[dict[str, Any]] = [
         {
             "name": "preprocess",
@@ -183,16 +191,15 @@ def render_serve_config(cfg: MeshConfig) -> dict[str, Any]:
         }
     ]
     for m in cfg.models:
-        model = m.model_dump(include={"name", "path", "dtype", "device", "max_tiles_per_image"})
         apps.append(
             {
                 "name": m.encoder_app,
                 "route_prefix": f"{INTERNAL_PREFIX}/{m.encoder_app}",
                 "import_path": "services.encoder.deployment:build_app",
                 "args": {
-                    "model": model,
+                    "model": _model_args(m),
                     "settings": m.encoder_settings,
-                    "common": common,
+                    "common": common(),
                     "preprocess_app": "preprocess",
                     "deployment_options": m.encoder.serve_options(),
                 },
@@ -204,10 +211,10 @@ def render_serve_config(cfg: MeshConfig) -> dict[str, Any]:
                 "route_prefix": f"{INTERNAL_PREFIX}/{m.decoder_app}",
                 "import_path": "services.decoder.deployment:build_app",
                 "args": {
-                    "model": model,
+                    "model": _model_args(m),
                     "settings": m.decoder_settings,
                     "tensor_parallel_size": m.tensor_parallel_size,
-                    "common": common,
+                    "common": common(),
                     "deployment_options": decoder_options(m),
                 },
             }
@@ -228,7 +235,7 @@ def render_serve_config(cfg: MeshConfig) -> dict[str, Any]:
                     }
                     for m in cfg.models
                 ],
-                "common": common,
+                "common": common(),
                 "deployment_options": cfg.gateway_deployment.serve_options(),
             },
         }

@@ -1,0 +1,278 @@
+"""The gateway's request path: authenticate, admit, validate, embed every image, generate, meter.
+
+Both public front ends (OpenAI-compatible HTTP and the gRPC ``GatewayService``) turn a request into a
+``ChatRequest`` and iterate ``Gateway.chat``; nothing here knows HTTP or protobuf. Downstream services
+are reached through small client interfaces (``EncoderClient``, ``DecoderClient``) with a Ray-handle
+implementation in the deployment and in-process ones for standalone use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gateway.types import ChatChunk, ChatRequest, ImagePart, TextPart, TokenLogprob, Usage
+from services.common.errors import (
+    DeadlineExceeded,
+    EmbeddingUnresolvable,
+    InvalidArgument,
+    NotFound,
+)
+from services.common.pb import RequestContext
+from services.common.refs import EmbeddingRef
+from services.common.types import TilingParams
+from services.preprocess.config import DecodeLimits
+from services.preprocess.decoding import open_image
+from services.preprocess.tiling import count_tiles
+
+log = logging.getLogger(__name__)
+
+TOKENS_PER_TILE = 256
+# Upper bound of template tokens around each message (role markers, separators).
+TEMPLATE_TOKENS_PER_MESSAGE = 16
+
+
+class EncoderClient(Protocol):
+    async def embed(
+        self, images: Sequence[tuple[bytes, TilingParams]], ctx: RequestContext
+    ) -> list[EmbeddingRef]: ...
+
+
+class DecoderClient(Protocol):
+    def generate(
+        self, payload: dict[str, Any], refs: list[EmbeddingRef], ctx: RequestContext
+    ) -> AsyncIterator[dict[str, Any]]: ...
+
+
+@dataclass
+class ModelRoute:
+    name: str
+    encoder: EncoderClient
+    decoder: DecoderClient
+    max_tiles_per_image: int = 12
+    max_model_len: int = 8192
+
+
+@dataclass
+class GatewayLimits:
+    default_timeout_s: float = 120.0
+    max_timeout_s: float = 600.0
+    default_max_tokens: int = 512
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_messages: int = 256
+    max_text_bytes: int = 1024 * 1024
+
+
+class Gateway:
+    def __init__(
+        self, routes: Sequence[ModelRoute], keys: Any, limiter: Any, limits: GatewayLimits | None = None
+    ):
+        self.routes = {r.name: r for r in routes}
+        self.keys = keys
+        self.limiter = limiter
+        self.limits = limits or GatewayLimits()
+        self._decode_limits = DecodeLimits(max_image_bytes=self.limits.max_image_bytes)
+
+    # -- public -------------------------------------------------------------------------------
+    async def authenticate(self, api_key: str | None):
+        return await _maybe_await(self.keys.authenticate(api_key))
+
+    async def list_models(self, api_key: str | None) -> list[ModelRoute]:
+        tenant = await self.authenticate(api_key)
+        return [r for name, r in self.routes.items() if _allowed(tenant, name)]
+
+    async def chat(self, req: ChatRequest, api_key: str | None) -> AsyncIterator[ChatChunk]:
+        """Stream the answer. Raises ``MeshError`` subclasses before the first chunk for bad requests."""
+        tenant = await self.authenticate(api_key)
+        route = self._route(req.model, tenant)
+        req.request_id = req.request_id or f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self._check_messages(req)
+        max_tokens = self._max_tokens(req, tenant, route)
+        tilings, image_tokens = self._plan_images(req, tenant, route)
+        timeout = min(req.timeout_s or self.limits.default_timeout_s, self.limits.max_timeout_s)
+        ctx = RequestContext(
+            request_id=req.request_id,
+            tenant=tenant.name,
+            cache_namespace=tenant.cache_namespace,
+            priority=tenant.priority,
+            deadline=time.time() + timeout,
+        )
+        estimate = _text_token_bound(req) + image_tokens + max_tokens
+        admission = await _maybe_await(self.limiter.admit(tenant, estimate))
+        usage = Usage()
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in self._run(req, route, ctx, tilings, max_tokens, usage):
+                    yield chunk
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"request {req.request_id} exceeded its {timeout:.1f} s deadline"
+            ) from None
+        finally:
+            await _maybe_await(admission.complete(usage.prompt_tokens + usage.completion_tokens))
+
+    # -- steps --------------------------------------------------------------------------------
+    async def _run(self, req, route, ctx, tilings, max_tokens, usage) -> AsyncIterator[ChatChunk]:
+        images = req.images
+        payload = {
+            "messages": _messages_payload(req),
+            "sampling": req.sampling(),
+            "max_tokens": max_tokens,
+        }
+        for attempt in (1, 2):
+            refs = (
+                await route.encoder.embed([(img.data, t) for img, t in zip(images, tilings)], ctx)
+                if images
+                else []
+            )
+            started = False
+            try:
+                async for event in route.decoder.generate(payload, refs, ctx):
+                    started = True
+                    chunk = _chunk(req.request_id, event)
+                    if chunk.usage is not None:
+                        chunk.usage.cached_images = sum(1 for r in refs if r.cache_hit)
+                        usage.prompt_tokens = chunk.usage.prompt_tokens
+                        usage.image_tokens = chunk.usage.image_tokens
+                        usage.completion_tokens = chunk.usage.completion_tokens
+                    yield chunk
+                return
+            except EmbeddingUnresolvable:
+                # The embedding vanished between encode and decode (evicted, or its Ray owner died):
+                # encode again, once, if nothing has been streamed yet.
+                if started or attempt == 2:
+                    raise
+                log.warning("request %s: embeddings unresolvable, encoding again", req.request_id)
+
+    def _route(self, model: str, tenant) -> ModelRoute:
+        route = self.routes.get(model)
+        if route is None or not _allowed(tenant, model):
+            raise NotFound(
+                f"model {model!r} does not exist or you do not have access to it", reason="model_not_found"
+            )
+        return route
+
+    def _check_messages(self, req: ChatRequest) -> None:
+        if not req.messages:
+            raise InvalidArgument("messages must not be empty")
+        if len(req.messages) > self.limits.max_messages:
+            raise InvalidArgument(f"at most {self.limits.max_messages} messages per request")
+        text_bytes = sum(
+            len(p.text.encode("utf-8", "surrogatepass"))
+            for m in req.messages
+            for p in m.parts
+            if isinstance(p, TextPart)
+        )
+        if text_bytes > self.limits.max_text_bytes:
+            raise InvalidArgument(
+                f"message text exceeds {self.limits.max_text_bytes} bytes", reason="prompt_too_long"
+            )
+        if req.messages[-1].role == "assistant":
+            raise InvalidArgument("the last message must not be from the assistant")
+
+    def _max_tokens(self, req: ChatRequest, tenant, route: ModelRoute) -> int:
+        cap = min(getattr(tenant.limits, "max_tokens_per_request", route.max_model_len), route.max_model_len)
+        if req.max_tokens is None:
+            return min(self.limits.default_max_tokens, cap)
+        if not 1 <= req.max_tokens <= cap:
+            raise InvalidArgument(
+                f"max_tokens must be in 1..{cap}, got {req.max_tokens}", reason="max_tokens_out_of_range"
+            )
+        return req.max_tokens
+
+    def _plan_images(self, req: ChatRequest, tenant, route: ModelRoute) -> tuple[list[TilingParams], int]:
+        """Tiling per image (capped by model and tenant) and the image tokens, from headers only."""
+        images: list[ImagePart] = req.images
+        max_images = getattr(tenant.limits, "max_images_per_request", 16)
+        if len(images) > max_images:
+            raise InvalidArgument(
+                f"{len(images)} images, over the limit of {max_images}", reason="too_many_images"
+            )
+        tilings, tiles = [], 0
+        for k, img in enumerate(images):
+            max_num = route.max_tiles_per_image if img.max_num is None else img.max_num
+            if not 1 <= max_num <= 40:
+                raise InvalidArgument(
+                    f"image {k}: max_num must be in 1..40, got {max_num}", reason="invalid_max_num"
+                )
+            params = TilingParams(max_num=min(max_num, route.max_tiles_per_image)).validate()
+            try:
+                header = open_image(img.data, self._decode_limits)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"image {k}: {exc.message}", reason=exc.reason) from None
+            tiles += count_tiles(header.width, header.height, params)
+            tilings.append(params)
+        cap = getattr(tenant.limits, "max_tiles_per_request", 128)
+        if tiles > cap:
+            raise InvalidArgument(
+                f"the images would take {tiles} tiles, over this key's limit of {cap}; lower max_num or send fewer images",
+                reason="too_many_tiles",
+            )
+        return tilings, tiles * TOKENS_PER_TILE
+
+
+def _allowed(tenant, model: str) -> bool:
+    allowed = getattr(tenant, "allowed_models", ["*"])
+    return "*" in allowed or model in allowed
+
+
+def _text_token_bound(req: ChatRequest) -> int:
+    """An upper bound of prompt text tokens without the tokenizer: a byte-level BPE emits at most one
+    token per UTF-8 byte; reserved tokens are refunded at completion."""
+    text = sum(
+        len(p.text.encode("utf-8", "surrogatepass"))
+        for m in req.messages
+        for p in m.parts
+        if isinstance(p, TextPart)
+    )
+    return text + TEMPLATE_TOKENS_PER_MESSAGE * (len(req.messages) + 2)
+
+
+def _messages_payload(req: ChatRequest) -> list[dict[str, Any]]:
+    out = []
+    for m in req.messages:
+        parts = [
+            {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"}
+            for p in m.parts
+        ]
+        if all(p["type"] == "text" for p in parts):
+            out.append({"role": m.role, "content": "".join(p["text"] for p in parts)})
+        else:
+            out.append({"role": m.role, "content": parts})
+    return out
+
+
+def _chunk(request_id: str, event: dict[str, Any]) -> ChatChunk:
+    if event.get("error"):
+        from services.common.errors import MeshError
+
+        raise MeshError(str(event["error"]))
+    usage = event.get("usage")
+    return ChatChunk(
+        request_id=request_id,
+        text=event.get("text", ""),
+        logprobs=[
+            TokenLogprob(
+                lp["token"], lp["logprob"], lp.get("bytes", []), [tuple(t) for t in lp.get("top", [])]
+            )
+            for lp in event.get("logprobs") or []
+        ],
+        finish_reason=event.get("finish_reason"),
+        usage=Usage(
+            prompt_tokens=usage["prompt_tokens"],
+            image_tokens=usage.get("image_tokens", 0),
+            completion_tokens=usage["completion_tokens"],
+        )
+        if usage
+        else None,
+    )
+
+
+async def _maybe_await(value):
+    return await value if inspect.isawaitable(value) else value

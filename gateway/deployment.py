@@ -1,0 +1,103 @@
+"""The gateway as the ingress Ray Serve deployment.
+
+HTTP comes through Serve's HTTP proxy into the FastAPI app built per replica
+(``__serve_build_asgi_app__``). The public gRPC API is this replica's own grpc.aio server on
+``grpc_port`` with standard health and reflection (gRPC sets SO_REUSEPORT, so several replicas on one
+node share the port). Encoders and decoders are reached through DeploymentHandles of their
+applications.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from gateway.clients import HandleDecoderClient, HandleEncoderClient
+from gateway.core import Gateway, GatewayLimits, ModelRoute
+from services.common.serve_args import common_config, redis_url_with_password
+from services.topology import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+
+def build_tenancy(settings: GatewaySettings, redis_url: str, registry=None):
+    """Key store and limiter from settings (the entry point of a gateway replica reads env here)."""
+    from gateway.tenancy.keys import KeyStore
+    from gateway.tenancy.limiter import FallbackLimiter, LocalLimiter, RedisLimiter
+
+    keys = KeyStore(settings.tenants_file or None)
+    local = LocalLimiter()
+    limiter = (
+        FallbackLimiter(
+            RedisLimiter(redis_url), local, fail_closed=settings.limits_fail_closed, registry=registry
+        )
+        if redis_url
+        else local
+    )
+    return keys, limiter
+
+
+class GatewayDeployment:
+    async def __init__(
+        self, gateway: dict[str, Any], models: list[dict[str, Any]], common: dict[str, Any] | None = None
+    ):
+        from ray import serve
+
+        from gateway.grpc_api import GatewayServicer
+        from services.common.grpc_server import start_server
+
+        self.settings = GatewaySettings.model_validate(gateway)
+        cfg = common_config(common)
+        self.keys, self.limiter = build_tenancy(self.settings, redis_url_with_password(cfg))
+        if self.keys.single_tenant:
+            log.warning("no tenants file configured: serving single-tenant, without API keys")
+        await self.keys.start()
+        routes = []
+        for m in models:
+            decoder = HandleDecoderClient(serve.get_app_handle(m["decoder_app"]))
+            info = await decoder.info()
+            routes.append(
+                ModelRoute(
+                    name=m["name"],
+                    encoder=HandleEncoderClient(serve.get_app_handle(m["encoder_app"])),
+                    decoder=decoder,
+                    max_tiles_per_image=int(m.get("max_tiles_per_image", 12)),
+                    max_model_len=int(info["max_model_len"]),
+                )
+            )
+        self.gateway = Gateway(
+            routes,
+            self.keys,
+            self.limiter,
+            GatewayLimits(
+                default_timeout_s=self.settings.default_timeout_s, max_timeout_s=self.settings.max_timeout_s
+            ),
+        )
+        self.grpc = None
+        if self.settings.grpc_port:
+            self.grpc = await start_server(
+                [GatewayServicer(self.gateway).registration()],
+                host=self.settings.host,
+                port=self.settings.grpc_port,
+                max_message_bytes=cfg.grpc.max_message_bytes,
+            )
+
+    def __serve_build_asgi_app__(self):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        from gateway.http_api import create_http_app
+
+        return create_http_app(self.gateway, metrics_text=lambda: (generate_latest(), CONTENT_TYPE_LATEST))
+
+    async def check_health(self) -> None:
+        return None
+
+
+def build_app(args: dict[str, Any]):
+    """Serve application builder: ``import_path: gateway.deployment:build_app``."""
+    from ray import serve
+
+    args = dict(args)
+    options = dict(args.pop("deployment_options", {}) or {})
+    deployment = serve.deployment(name="Gateway", **options)(serve.ingress()(GatewayDeployment))
+    return deployment.bind(args["gateway"], args["models"], args.get("common"))

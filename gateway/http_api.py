@@ -1,0 +1,230 @@
+"""The OpenAI-compatible HTTP API: ``POST /v1/chat/completions``, ``GET /v1/models``, health, metrics.
+
+Errors use OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``) with the status of the
+domain error. A streamed response starts only after the request has been admitted and its first chunk
+exists, so authentication, limits and bad input are HTTP statuses, never a broken stream. A client
+that disconnects cancels the generation downstream (the generator chain is closed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
+
+from gateway.core import Gateway
+from gateway.openai_schema import ChatCompletionRequest, error_body
+from gateway.types import ChatChunk, Usage
+from services.common.errors import MeshError, ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 96 * 1024 * 1024
+
+
+def _error_response(exc: MeshError) -> JSONResponse:
+    headers = {}
+    if isinstance(exc, ResourceExhausted) and exc.retry_after is not None:
+        headers["retry-after"] = str(max(1, round(exc.retry_after)))
+    status = exc.http_status if exc.http_status != 499 else 400
+    return JSONResponse(error_body(exc.message, status, exc.reason), status_code=status, headers=headers)
+
+
+def _api_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip() or None
+    return request.headers.get("x-api-key") or None
+
+
+def create_http_app(
+    gateway: Gateway, *, ready: Callable[[], bool] = lambda: True, metrics_text=None
+) -> FastAPI:
+    app = FastAPI(title="InternVL Mesh", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(MeshError)
+    async def _mesh_error(_: Request, exc: MeshError):
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+        return JSONResponse(error_body(_describe(first), 400, "invalid_request"), status_code=400)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def readiness():
+        if not ready():
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def metrics():
+        if metrics_text is None:
+            return PlainTextResponse("", status_code=404)
+        body, content_type = metrics_text()
+        return PlainTextResponse(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        routes = await gateway.list_models(_api_key(request))
+        now = int(time.time())
+        return {
+            "object": "list",
+            "data": [
+                {"id": r.name, "object": "model", "created": now, "owned_by": "internvl-mesh"} for r in routes
+            ],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            return JSONResponse(
+                error_body(f"request body over {MAX_BODY_BYTES} bytes", 413, "body_too_large"), 413
+            )
+        try:
+            raw = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return JSONResponse(
+                error_body(f"request body is not valid JSON: {exc}", 400, "invalid_json"), 400
+            )
+        if not isinstance(raw, dict):
+            return JSONResponse(error_body("request body must be a JSON object", 400, "invalid_json"), 400)
+        try:
+            parsed = ChatCompletionRequest.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            return JSONResponse(error_body(_describe(first), 400, "invalid_request", _param(first)), 400)
+        route = gateway.routes.get(parsed.model)
+        req = parsed.to_domain(gateway.limits.max_image_bytes, route.max_tiles_per_image if route else 12)
+        stream = gateway.chat(req, _api_key(request))
+        first = await anext(stream, None)  # errors before the first chunk are HTTP statuses
+        created = int(time.time())
+        if parsed.stream:
+            include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+            return StreamingResponse(
+                _sse(first, stream, parsed.model, created, include_usage, parsed.logprobs),
+                media_type="text/event-stream",
+                headers={"cache-control": "no-cache", "x-request-id": req.request_id},
+            )
+        return JSONResponse(
+            await _collect(first, stream, parsed.model, created, parsed.logprobs),
+            headers={"x-request-id": req.request_id},
+        )
+
+    return app
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+    return f"{loc}: {err.get('msg')}" if loc else str(err.get("msg"))
+
+
+def _param(err: dict[str, Any]) -> str | None:
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    return ".".join(loc) or None
+
+
+def _usage(u: Usage | None) -> dict[str, Any] | None:
+    if u is None:
+        return None
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0, "image_tokens": u.image_tokens},
+    }
+
+
+def _logprobs(chunk: ChatChunk) -> list[dict[str, Any]]:
+    return [
+        {
+            "token": lp.token,
+            "logprob": lp.logprob,
+            "bytes": lp.bytes,
+            "top_logprobs": [{"token": t, "logprob": p, "bytes": b} for t, p, b in lp.top],
+        }
+        for lp in chunk.logprobs
+    ]
+
+
+async def _collect(first, stream: AsyncIterator[ChatChunk], model: str, created: int, logprobs: bool | None):
+    text, lps, last = [], [], first
+    chunk = first
+    try:
+        while chunk is not None:
+            text.append(chunk.text)
+            lps.extend(_logprobs(chunk))
+            last = chunk
+            chunk = await anext(stream, None)
+    finally:
+        await stream.aclose()
+    request_id = first.request_id if first else ""
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(text)},
+                "finish_reason": _finish(last.finish_reason if last else "stop"),
+                "logprobs": {"content": lps} if logprobs else None,
+            }
+        ],
+        "usage": _usage(last.usage if last else None),
+    }
+
+
+def _finish(reason: str | None) -> str:
+    return {"stop": "stop", "length": "length"}.get(reason or "stop", reason or "stop")
+
+
+async def _sse(first, stream, model: str, created: int, include_usage: bool, logprobs: bool | None):
+    request_id = first.request_id if first else ""
+
+    def event(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+        payload = {
+            "id": request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": choices,
+        }
+        if include_usage:
+            payload["usage"] = usage
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+    chunk, usage = first, None
+    try:
+        while chunk is not None:
+            if chunk.text or chunk.logprobs:
+                choice = {"index": 0, "delta": {"content": chunk.text}, "finish_reason": None}
+                if logprobs:
+                    choice["logprobs"] = {"content": _logprobs(chunk)}
+                yield event([choice])
+            if chunk.finish_reason is not None:
+                usage = chunk.usage
+                yield event([{"index": 0, "delta": {}, "finish_reason": _finish(chunk.finish_reason)}])
+            chunk = await anext(stream, None)
+    except MeshError as exc:  # after the stream started: an error event, then the end
+        yield f"data: {json.dumps(error_body(exc.message, exc.http_status, exc.reason))}\n\n"
+    finally:
+        # A disconnected client closes this generator: close the chain so the decoder stops too.
+        await stream.aclose()
+    if include_usage:
+        yield event([], _usage(usage))
+    yield "data: [DONE]\n\n"

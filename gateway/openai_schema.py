@@ -1,0 +1,159 @@
+"""The OpenAI chat-completions request schema we accept, and its translation to ``ChatRequest``.
+
+Bounded everywhere; fields we do not implement are refused by name (400) rather than ignored, so a
+client never believes it got tools or JSON mode when it did not. Extensions beyond OpenAI: ``top_k``,
+``repetition_penalty``, per-image ``max_num`` (also settable per request) and ``timeout``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gateway.images import decode_data_uri, max_num_for_detail
+from gateway.types import ChatRequest, ImagePart, Message, TextPart
+from services.common.errors import InvalidArgument
+
+UNSUPPORTED = {
+    "tools": "tool calling",
+    "tool_choice": "tool calling",
+    "functions": "function calling",
+    "function_call": "function calling",
+    "response_format": "response_format (JSON mode)",
+    "audio": "audio output",
+    "modalities": "non-text output",
+    "prediction": "predicted outputs",
+    "logit_bias": "logit_bias",
+}
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(max_length=64 * 1024 * 1024)
+    detail: Literal["auto", "low", "high"] | None = None
+    max_num: int | None = Field(default=None, ge=1, le=40)
+
+
+class TextContent(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str = Field(max_length=1024 * 1024)
+
+
+class ImageContent(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextContent | ImageContent] | None = None
+    name: str | None = Field(default=None, max_length=64)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Lenient):
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1, le=1 << 20)
+    n: int | None = Field(default=None, ge=1, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=(1 << 63) - 1)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(default=None, max_length=256)
+    max_num: int | None = Field(default=None, ge=1, le=40, description="Extension: tile cap for every image.")
+    timeout: float | None = Field(default=None, gt=0, le=86_400, description="Extension: seconds.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if v is None:
+            return []
+        items = [v] if isinstance(v, str) else v
+        if len(items) > 4 or any(not s or len(s) > 256 for s in items):
+            raise ValueError("stop takes up to 4 non-empty strings of at most 256 characters")
+        return items
+
+    def unsupported_fields(self) -> list[str]:
+        extra = set((self.model_extra or {}).keys())
+        return sorted(
+            f"{k} ({UNSUPPORTED[k]})" for k in extra & UNSUPPORTED.keys() if self.model_extra[k] is not None
+        )
+
+    def to_domain(self, max_image_bytes: int, model_max_tiles: int) -> ChatRequest:
+        unsupported = self.unsupported_fields()
+        if unsupported:
+            raise InvalidArgument(f"not supported: {', '.join(unsupported)}", reason="unsupported_parameter")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidArgument("top_logprobs requires logprobs: true", reason="invalid_parameter")
+        messages = []
+        for k, m in enumerate(self.messages):
+            role = "system" if m.role == "developer" else m.role
+            parts: list[TextPart | ImagePart] = []
+            if isinstance(m.content, str):
+                parts.append(TextPart(m.content))
+            elif m.content is not None:
+                for part in m.content:
+                    if isinstance(part, TextContent):
+                        parts.append(TextPart(part.text))
+                    else:
+                        if role != "user":
+                            raise InvalidArgument(f"messages[{k}]: images are accepted in user messages only")
+                        data = decode_data_uri(part.image_url.url, max_image_bytes)
+                        max_num = (
+                            part.image_url.max_num
+                            or self.max_num
+                            or max_num_for_detail(part.image_url.detail, model_max_tiles)
+                        )
+                        parts.append(ImagePart(data, max_num))
+            messages.append(Message(role, parts))
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        return ChatRequest(
+            model=self.model,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            stop=list(self.stop or []),
+            seed=self.seed,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            logprobs=bool(self.logprobs),
+            top_logprobs=self.top_logprobs or 0,
+            timeout_s=self.timeout,
+        )
+
+
+def error_body(message: str, status: int, code: str, param: str | None = None) -> dict[str, Any]:
+    kind = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        429: "rate_limit_error",
+        504: "timeout_error",
+    }.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -1,0 +1,92 @@
+"""The gateway's domain objects: what both public APIs (HTTP and gRPC) turn a request into."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class ImagePart:
+    data: bytes
+    max_num: int | None = None  # None: the model's default (never above the tenant's cap)
+
+
+@dataclass
+class TextPart:
+    text: str
+
+
+@dataclass
+class Message:
+    role: str
+    parts: list[TextPart | ImagePart]
+
+
+@dataclass
+class ChatRequest:
+    model: str
+    messages: list[Message]
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    timeout_s: float | None = None
+    request_id: str = ""
+
+    @property
+    def images(self) -> list[ImagePart]:
+        return [p for m in self.messages for p in m.parts if isinstance(p, ImagePart)]
+
+    def sampling(self) -> dict[str, Any]:
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "repetition_penalty": self.repetition_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "presence_penalty": self.presence_penalty,
+            "seed": self.seed,
+            "stop": list(self.stop),
+            "logprobs": self.top_logprobs if self.logprobs else None,
+        }
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[tuple[str, float, list[int]]] = field(default_factory=list)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+    completion_tokens: int = 0
+    cached_images: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class ChatChunk:
+    """A streamed piece of the answer; the last one has ``finish_reason`` and ``usage``."""
+
+    request_id: str
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage | None = None

@@ -1,0 +1,88 @@
+"""The decoder as a Ray Serve deployment (the language pool).
+
+Handles call ``generate`` as a streaming method (``handle.options(stream=True)``); closing the
+handle's stream cancels the request in the engine, freeing its KV blocks. Serve's gRPC proxy calls
+``Generate`` / ``CountTokens``, the same servicer as a standalone server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.common.pb import RequestContext
+from services.common.refs import EmbeddingRef
+from services.common.resolver import EmbeddingResolver
+from services.common.serve_args import common_config, redis_url_with_password, resolve_device
+from services.decoder.server import DecoderFrontend, DecoderServicer
+
+
+class DecoderDeployment:
+    def __init__(
+        self,
+        model: dict[str, Any],
+        settings: dict[str, Any] | None = None,
+        tensor_parallel_size: int = 1,
+        common: dict[str, Any] | None = None,
+    ):
+        from services.decoder.config import DecoderConfig
+        from services.decoder.engine.async_engine import DecoderCore
+
+        cfg = common_config(common)
+        settings = dict(settings or {})
+        parallel = {"tensor_parallel_size": tensor_parallel_size, **settings.pop("parallel", {})}
+        config = DecoderConfig.model_validate(
+            {
+                "model": model["path"],
+                "dtype": model.get("dtype", "auto"),
+                "device": resolve_device(model.get("device", "auto")).split(":")[0],
+                "parallel": parallel,
+                **settings,
+            }
+        )
+        self.core = DecoderCore(config)
+        store = None
+        url = redis_url_with_password(cfg)
+        if url:
+            from services.encoder.config import RedisStoreConfig
+            from services.encoder.redis_store import RedisEmbeddingStore
+
+            store = RedisEmbeddingStore(RedisStoreConfig(url=url, ttl_s=cfg.cache.ttl_s))
+        self.frontend = DecoderFrontend(self.core, EmbeddingResolver(store))
+        self.servicer = DecoderServicer(self.frontend)
+
+    async def generate(self, payload: dict[str, Any], refs: list[EmbeddingRef], ctx: RequestContext):
+        async for event in self.frontend.generate(payload, refs, ctx):
+            yield event
+
+    def count_tokens(self, messages: list[dict[str, Any]], image_tiles: list[int]) -> tuple[int, int]:
+        return self.frontend.count_tokens(messages, image_tiles)
+
+    def info(self) -> dict[str, Any]:
+        return {"max_model_len": self.core.max_model_len, **self.core.stats()}
+
+    async def Generate(self, request, grpc_context=None):  # noqa: N802 - gRPC method name
+        async for item in self.servicer.Generate(request, grpc_context):
+            yield item
+
+    async def CountTokens(self, request, grpc_context=None):  # noqa: N802 - gRPC method name
+        return await self.servicer.CountTokens(request, grpc_context)
+
+    def check_health(self) -> None:
+        return None
+
+    def __del__(self):
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.shutdown()
+
+
+def build_app(args: dict[str, Any]):
+    """Serve application builder: ``import_path: services.decoder.deployment:build_app``."""
+    from ray import serve
+
+    args = dict(args)
+    options = dict(args.pop("deployment_options", {}) or {})
+    deployment = serve.deployment(name="Decoder", **options)(DecoderDeployment)
+    return deployment.bind(
+        args["model"], args.get("settings"), args.get("tensor_parallel_size", 1), args.get("common")
+    )

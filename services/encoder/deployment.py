@@ -1,0 +1,92 @@
+"""The vision encoder as a Ray Serve deployment (the vision pool).
+
+A plain class; ``build_app`` decorates and binds it, and a Serve config names it by ``import_path``.
+Handles call ``embed`` (image bytes in, ``EmbeddingRef``s out; on a Redis outage the references are
+Ray ``ObjectRef``s that the gateway hands to the decoder unread). Serve's gRPC proxy calls
+``EmbedImages``, the same servicer as the standalone server.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from services.common.pb import RequestContext
+from services.common.serve_args import common_config, redis_url_with_password, resolve_device
+from services.common.types import TilingParams
+from services.encoder.config import EncoderConfig, RedisStoreConfig
+from services.encoder.core import EncoderCore, ImageInput
+from services.encoder.server import EncoderServicer
+
+log = logging.getLogger(__name__)
+
+
+class HandleTileSource:
+    """Tiles misses through the preprocess application's DeploymentHandle."""
+
+    def __init__(self, app_name: str):
+        from ray import serve
+
+        self.handle = serve.get_app_handle(app_name)
+
+    async def tile(self, items: Sequence[tuple[bytes, TilingParams]]):
+        return await self.handle.tile.remote(list(items))
+
+
+class EncoderDeployment:
+    def __init__(
+        self,
+        model: dict[str, Any],
+        settings: dict[str, Any] | None = None,
+        common: dict[str, Any] | None = None,
+        preprocess_app: str | None = "preprocess",
+    ):
+        cfg = common_config(common)
+        url = redis_url_with_password(cfg)
+        config = EncoderConfig.model_validate(
+            {
+                "checkpoint": model["path"],
+                "device": resolve_device(model.get("device", "auto")),
+                "dtype": model.get("dtype", "auto"),
+                "fallback": "auto",
+                "max_tiles_per_image": int(model.get("max_tiles_per_image", 12)) + 1,
+                **({"redis": RedisStoreConfig(url=url, ttl_s=cfg.cache.ttl_s)} if url else {}),
+                **(settings or {}),
+            }
+        )
+        tile_source = HandleTileSource(preprocess_app) if preprocess_app else None
+        self.core = EncoderCore.from_config(config, tile_source=tile_source)
+        self.servicer = EncoderServicer(self.core, int(model.get("max_tiles_per_image", 12)))
+        self.model_name = model.get("name", "")
+
+    async def embed(self, images: Sequence[tuple[bytes, TilingParams]], ctx: RequestContext):
+        import time
+
+        remaining = ctx.remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        inputs = [ImageInput(data, tiling) for data, tiling in images]
+        return await self.core.embed_images(
+            inputs, namespace=ctx.cache_namespace, priority=ctx.priority, deadline=deadline
+        )
+
+    def stats(self) -> dict[str, int]:
+        return self.core.stats.as_dict()
+
+    async def EmbedImages(self, request, grpc_context=None):  # noqa: N802 - gRPC method name
+        return await self.servicer.EmbedImages(request, grpc_context)
+
+    async def check_health(self) -> None:
+        return None
+
+
+def build_app(args: dict[str, Any]):
+    """Serve application builder: ``import_path: services.encoder.deployment:build_app``."""
+    from ray import serve
+
+    args = dict(args)
+    options = dict(args.pop("deployment_options", {}) or {})
+    deployment = serve.deployment(name="Encoder", **options)(EncoderDeployment)
+    return deployment.bind(
+        args["model"], args.get("settings"), args.get("common"), args.get("preprocess_app")
+    )

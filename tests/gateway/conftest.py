@@ -1,0 +1,54 @@
+"""The gateway in process: real encoder core (in-process preprocess, no Redis), real decoder core,
+single-tenant key store and local limiter, served over loopback HTTP by uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.gateway.harness import UvicornThread
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def inprocess_gateway(tiny_checkpoint):
+    from gateway.clients import LocalDecoderClient, LocalEncoderClient
+    from gateway.core import Gateway, ModelRoute
+    from gateway.http_api import create_http_app
+    from gateway.tenancy.keys import KeyStore
+    from gateway.tenancy.limiter import LocalLimiter
+    from services.common.resolver import EmbeddingResolver
+    from services.decoder.config import DecoderConfig
+    from services.decoder.engine.async_engine import DecoderCore
+    from services.decoder.server import DecoderFrontend
+    from services.encoder.config import EncoderConfig
+    from services.encoder.core import EncoderCore, PreprocessorTileSource
+    from services.preprocess.pipeline import Preprocessor
+
+    preprocessor = Preprocessor()
+    encoder = EncoderCore.from_config(
+        EncoderConfig(checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32", fallback="inline"),
+        tile_source=PreprocessorTileSource(preprocessor),
+    )
+    decoder = DecoderCore(DecoderConfig(model=str(tiny_checkpoint), dtype="float32"))
+    frontend = DecoderFrontend(decoder, EmbeddingResolver(None))
+    route = ModelRoute(
+        MODEL, LocalEncoderClient(encoder), LocalDecoderClient(frontend), 12, decoder.max_model_len
+    )
+    gateway = Gateway([route], KeyStore(None), LocalLimiter())
+    with UvicornThread(create_http_app(gateway)) as server:
+        yield {"server": server, "gateway": gateway, "decoder": decoder, "encoder": encoder}
+    decoder.shutdown()
+    asyncio.run(encoder.close())
+    preprocessor.close()
+
+
+@pytest.fixture(scope="module")
+def reference_model(tiny_checkpoint):
+    from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+    model = InternVLForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    return model, tokenizer

@@ -1,0 +1,88 @@
+"""Test harness: the gateway in process (real encoder and decoder cores, real HTTP over loopback),
+and the reference pipeline the mesh must reproduce."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import threading
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tests.preprocess.reference import reference_load_image
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(width: int, height: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, size=(max(height // 16, 1), max(width // 16, 1), 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((width, height), Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class UvicornThread:
+    """Serves an ASGI app on 127.0.0.1 in a background thread with its own event loop."""
+
+    def __init__(self, app, port: int | None = None):
+        import uvicorn
+
+        self.port = port or free_port()
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+def reference_answer(
+    model, tokenizer, messages, images: list[bytes], max_num: int, max_new_tokens: int
+) -> str:
+    """OpenGVLab's tiling in PIL/numpy + the checkpoint's chat template via AutoTokenizer +
+    ``InternVLForConditionalGeneration.generate(pixel_values=...)``, greedy, one request."""
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    pixel_values, counts = [], []
+    for data in images:
+        pixels = torch.from_numpy(reference_load_image(data, max_num=max_num))  # (tiles, 3, 448, 448) float32
+        counts.append(pixels.shape[0])
+        pixel_values.append(pixels)
+    pieces = prompt.split("<IMG_CONTEXT>")
+    assert len(pieces) == len(images) + 1
+    expanded = pieces[0]
+    for n, rest in zip(counts, pieces[1:]):
+        expanded += "<img>" + "<IMG_CONTEXT>" * (256 * n) + "</img>" + rest
+    ids = tokenizer(expanded, add_special_tokens=False, return_tensors="pt").input_ids
+    kwargs = {"pixel_values": torch.cat(pixel_values)} if images else {}
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def run(coro):
+    return asyncio.get_event_loop().run_until_complete(coro)
