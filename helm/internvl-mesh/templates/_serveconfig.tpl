@@ -1,0 +1,81 @@
+{{/*
+The Ray Serve config (KubeRay serveConfigV2): the structure of services/topology.py
+render_serve_config, built from .Values.mesh. tests/helm compares the two for every values file.
+*/}}
+
+{{/* DeploymentConfig.serve_options: (dict "d" $deploymentValues) -> YAML. */}}
+{{- define "internvl-mesh.serveOptions" -}}
+{{- $d := .d }}
+{{- $actor := dict "num_cpus" $d.numCpus }}
+{{- if ne (float64 $d.numGpus) 0.0 }}
+{{- $_ := set $actor "num_gpus" $d.numGpus }}
+{{- end }}
+{{- if ne (float64 $d.memoryGb) 0.0 }}
+{{- $_ := set $actor "memory" (mulf $d.memoryGb 1073741824 | floor | int64) }}
+{{- end }}
+{{- if $d.resources }}
+{{- $_ := set $actor "resources" $d.resources }}
+{{- end }}
+{{- $a := $d.autoscaling }}
+{{- $autoscaling := dict "min_replicas" $a.minReplicas "max_replicas" $a.maxReplicas "target_ongoing_requests" $a.targetOngoingRequests "upscale_delay_s" $a.upscaleDelayS "downscale_delay_s" $a.downscaleDelayS }}
+{{- toYaml (dict "ray_actor_options" $actor "autoscaling_config" $autoscaling "max_ongoing_requests" $d.maxOngoingRequests "graceful_shutdown_timeout_s" $d.gracefulShutdownTimeoutS) }}
+{{- end }}
+
+{{/* topology.decoder_options: one placement-group bundle per tensor-parallel rank. (dict "m" $model) */}}
+{{- define "internvl-mesh.decoderOptions" -}}
+{{- $m := .m }}
+{{- $opts := include "internvl-mesh.serveOptions" (dict "d" $m.decoder) | fromYaml }}
+{{- $tp := int $m.tensorParallelSize }}
+{{- if gt $tp 1 }}
+{{- $cpu := maxf $m.decoder.numCpus 1.0 }}
+{{- $bundle := dict "CPU" $cpu }}
+{{- $gpu := ne $m.device "cpu" }}
+{{- if $gpu }}
+{{- $_ := set $bundle "GPU" 1.0 }}
+{{- end }}
+{{- $bundles := list }}
+{{- range until $tp }}
+{{- $bundles = append $bundles (deepCopy $bundle) }}
+{{- end }}
+{{- $_ := set $opts "placement_group_bundles" $bundles }}
+{{- $_ := set $opts "placement_group_strategy" "STRICT_PACK" }}
+{{- $actor := $opts.ray_actor_options }}
+{{- $_ := set $actor "num_cpus" $cpu }}
+{{- if $gpu }}
+{{- $_ := set $actor "num_gpus" 1.0 }}
+{{- else }}
+{{- $_ := unset $actor "num_gpus" }}
+{{- end }}
+{{- end }}
+{{- toYaml $opts }}
+{{- end }}
+
+{{- define "internvl-mesh.serveConfig" -}}
+{{- $mesh := .Values.mesh }}
+{{- $gw := $mesh.gateway }}
+{{- $models := (include "internvl-mesh.models" . | fromYaml).items }}
+{{- $redis := dict "url" (include "internvl-mesh.redisUrl" .) "password_env" "REDIS_PASSWORD" "key_prefix" $mesh.redis.keyPrefix "socket_timeout_s" $mesh.redis.socketTimeoutS "max_connections" $mesh.redis.maxConnections }}
+{{- $cache := dict "ttl_s" $mesh.cache.ttlS "max_entry_bytes" $mesh.cache.maxEntryBytes "local_lru_bytes" $mesh.cache.localLruBytes "default_namespace" $mesh.cache.defaultNamespace }}
+{{- $tracing := dict "enabled" $mesh.tracing.enabled "service_name" $mesh.tracing.serviceName "sampling_ratio" $mesh.tracing.samplingRatio }}
+{{- $common := dict "redis" $redis "cache" $cache "grpc" (dict "max_message_bytes" $mesh.grpc.maxMessageBytes) "tracing" $tracing }}
+{{- $apps := list }}
+{{- $apps = append $apps (dict "name" "preprocess" "route_prefix" "/_internal/preprocess" "import_path" "services.preprocess.deployment:build_app" "args" (dict "config" $mesh.preprocess "deployment_options" (include "internvl-mesh.serveOptions" (dict "d" $mesh.preprocessDeployment) | fromYaml))) }}
+{{- $gwModels := list }}
+{{- range $m := $models }}
+{{- $slug := include "internvl-mesh.slug" $m.name }}
+{{- $encApp := printf "encoder-%s" $slug }}
+{{- $decApp := printf "decoder-%s" $slug }}
+{{- $model := dict "name" $m.name "path" $m.path "dtype" $m.dtype "device" $m.device "max_tiles_per_image" $m.maxTilesPerImage }}
+{{- $apps = append $apps (dict "name" $encApp "route_prefix" (printf "/_internal/%s" $encApp) "import_path" "services.encoder.deployment:build_app" "args" (dict "model" $model "settings" $m.encoderSettings "common" $common "preprocess_app" "preprocess" "deployment_options" (include "internvl-mesh.serveOptions" (dict "d" $m.encoder) | fromYaml))) }}
+{{- $apps = append $apps (dict "name" $decApp "route_prefix" (printf "/_internal/%s" $decApp) "import_path" "services.decoder.deployment:build_app" "args" (dict "model" $model "settings" $m.decoderSettings "tensor_parallel_size" $m.tensorParallelSize "common" $common "deployment_options" (include "internvl-mesh.decoderOptions" (dict "m" $m) | fromYaml))) }}
+{{- $gwModels = append $gwModels (dict "name" $m.name "encoder_app" $encApp "decoder_app" $decApp "max_tiles_per_image" $m.maxTilesPerImage) }}
+{{- end }}
+{{- $gateway := dict "host" "0.0.0.0" "http_port" $gw.httpPort "grpc_port" $gw.grpcPort "serve_grpc_port" $gw.serveGrpcPort "tenants_file" (include "internvl-mesh.tenantsFile" .) "default_timeout_s" $gw.defaultTimeoutS "max_timeout_s" $gw.maxTimeoutS "allow_remote_images" $gw.allowRemoteImages "limits_fail_closed" $gw.limitsFailClosed }}
+{{- $apps = append $apps (dict "name" "gateway" "route_prefix" "/" "import_path" "gateway.deployment:build_app" "args" (dict "gateway" $gateway "models" $gwModels "common" $common "deployment_options" (include "internvl-mesh.serveOptions" (dict "d" $mesh.gatewayDeployment) | fromYaml))) }}
+{{- $out := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" $gw.httpPort) "applications" $apps }}
+{{- if $gw.serveGrpcPort }}
+{{- $fns := list "internvl.preprocess.v1.preprocess_pb2_grpc.add_PreprocessServiceServicer_to_server" "internvl.encoder.v1.encoder_pb2_grpc.add_EncoderServiceServicer_to_server" "internvl.decoder.v1.decoder_pb2_grpc.add_DecoderServiceServicer_to_server" }}
+{{- $_ := set $out "grpc_options" (dict "port" $gw.serveGrpcPort "grpc_servicer_functions" $fns) }}
+{{- end }}
+{{- toYaml $out }}
+{{- end }}
