@@ -76,6 +76,8 @@ def ray_serve():
             port=grpc_port,
             grpc_servicer_functions=[
                 "internvl.preprocess.v1.preprocess_pb2_grpc.add_PreprocessServiceServicer_to_server",
+                "internvl.encoder.v1.encoder_pb2_grpc.add_EncoderServiceServicer_to_server",
+                "internvl.decoder.v1.decoder_pb2_grpc.add_DecoderServiceServicer_to_server",
             ],
         ),
     )

@@ -1,0 +1,131 @@
+"""The whole mesh on Ray Serve, deployed from the same rendered Serve config that `serve`, `serve
+deploy` and KubeRay use: the official openai client over Serve's HTTP proxy, and the public gRPC API
+(health and reflection without Ray metadata) on the gateway's own port. Answers equal the reference."""
+
+import base64
+
+import grpc
+import openai
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from internvl.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from tests.gateway.harness import free_port, png, reference_answer
+
+pytestmark = pytest.mark.ray
+
+MODEL = "tiny-mesh"
+ONE = {"autoscaling": {"min_replicas": 1, "max_replicas": 1}, "num_cpus": 0.5}
+
+
+@pytest.fixture(scope="module")
+def mesh(ray_serve, tiny_checkpoint):
+    from ray import serve
+
+    from services.common.config import build
+    from services.serve import deploy
+    from services.topology import MeshConfig, render_serve_config
+
+    grpc_port = free_port()
+    cfg = build(
+        MeshConfig,
+        {
+            "models": [
+                {
+                    "name": MODEL,
+                    "path": str(tiny_checkpoint),
+                    "dtype": "float32",
+                    "device": "cpu",
+                    "encoder": ONE,
+                    "decoder": ONE,
+                }
+            ],
+            "preprocess_deployment": ONE,
+            "gateway_deployment": ONE,
+            "gateway": {"http_port": ray_serve["http_port"], "grpc_port": grpc_port, "serve_grpc_port": 0},
+        },
+        "test",
+    )
+    config = render_serve_config(cfg)
+    deploy(config)
+    yield {"http": f"http://127.0.0.1:{ray_serve['http_port']}/v1", "grpc": f"127.0.0.1:{grpc_port}"}
+    for app in reversed(config["applications"]):
+        serve.delete(app["name"])
+
+
+def _uri(data):
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def test_openai_client_through_serve_matches_the_reference(mesh, tiny_checkpoint):
+    from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+    model = InternVLForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    img = png(1000, 500, seed=11)
+    client = openai.OpenAI(base_url=mesh["http"], api_key="unused", max_retries=0)
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": _uri(img)}},
+                {"type": "text", "text": "What is this?"},
+            ],
+        }
+    ]
+    want = reference_answer(
+        model,
+        tokenizer,
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}],
+        [img],
+        12,
+        10,
+    )
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    assert first.choices[0].message.content == want
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True
+        )
+        if c.choices
+    )
+    assert streamed == want  # the repeated image is a cache hit and changes nothing
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_public_grpc_with_health_and_reflection(mesh):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(mesh["grpc"]) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+        names = [
+            s.name
+            for r in refl.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
+            for s in r.list_services_response.service
+        ]
+        assert "internvl.gateway.v1.GatewayService" in names
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        request = gateway_pb2.ChatRequest(
+            model=MODEL,
+            messages=[
+                gateway_pb2.ChatMessage(
+                    role="user",
+                    content=[
+                        gateway_pb2.Part(image=gateway_pb2.Image(data=png(500, 500, seed=3))),
+                        gateway_pb2.Part(text="Describe it."),
+                    ],
+                )
+            ],
+            max_tokens=6,
+        )
+        chunks = list(stub.Chat(request, timeout=120))
+        assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 6
+        assert [m.id for m in stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=10).models] == [MODEL]
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Chat(gateway_pb2.ChatRequest(model="unknown", messages=request.messages), timeout=30))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
