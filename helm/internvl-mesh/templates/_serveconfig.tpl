@@ -21,31 +21,25 @@ render_serve_config, built from .Values.mesh. tests/helm compares the two for ev
 {{- toYaml (dict "ray_actor_options" $actor "autoscaling_config" $autoscaling "max_ongoing_requests" $d.maxOngoingRequests "graceful_shutdown_timeout_s" $d.gracefulShutdownTimeoutS) }}
 {{- end }}
 
-{{/* topology.decoder_options: one placement-group bundle per tensor-parallel rank. (dict "m" $model) */}}
+{{/*
+topology.decoder_options: with tensor parallelism the replica reserves every rank's GPU (and CPUs) in
+one STRICT_PACK bundle, since the rank processes it spawns only see the replica's GPUs. (dict "m" $model)
+*/}}
 {{- define "internvl-mesh.decoderOptions" -}}
 {{- $m := .m }}
 {{- $opts := include "internvl-mesh.serveOptions" (dict "d" $m.decoder) | fromYaml }}
 {{- $tp := int $m.tensorParallelSize }}
 {{- if gt $tp 1 }}
-{{- $cpu := maxf $m.decoder.numCpus 1.0 }}
-{{- $bundle := dict "CPU" $cpu }}
-{{- $gpu := ne $m.device "cpu" }}
-{{- if $gpu }}
-{{- $_ := set $bundle "GPU" 1.0 }}
-{{- end }}
-{{- $bundles := list }}
-{{- range until $tp }}
-{{- $bundles = append $bundles (deepCopy $bundle) }}
-{{- end }}
-{{- $_ := set $opts "placement_group_bundles" $bundles }}
-{{- $_ := set $opts "placement_group_strategy" "STRICT_PACK" }}
+{{- $cpus := mulf (maxf $m.decoder.numCpus 1.0) $tp }}
+{{- $bundle := dict "CPU" $cpus }}
 {{- $actor := $opts.ray_actor_options }}
-{{- $_ := set $actor "num_cpus" $cpu }}
-{{- if $gpu }}
-{{- $_ := set $actor "num_gpus" 1.0 }}
-{{- else }}
-{{- $_ := unset $actor "num_gpus" }}
+{{- $_ := set $actor "num_cpus" $cpus }}
+{{- if ne $m.device "cpu" }}
+{{- $_ := set $bundle "GPU" (float64 $tp) }}
+{{- $_ := set $actor "num_gpus" (float64 $tp) }}
 {{- end }}
+{{- $_ := set $opts "placement_group_bundles" (list $bundle) }}
+{{- $_ := set $opts "placement_group_strategy" "STRICT_PACK" }}
 {{- end }}
 {{- toYaml $opts }}
 {{- end }}
