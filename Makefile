@@ -9,7 +9,7 @@ env:
 	@scripts/bootstrap.sh
 
 serve: env
-	$(VENV)/bin/internvl-mesh serve-grpc $(ARGS)
+	$(VENV)/bin/internvl-mesh serve $(ARGS)
 
 test: env
 	$(VENV)/bin/pytest -q --durations=25 $(PYTEST_ARGS)

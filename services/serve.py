@@ -77,7 +77,8 @@ def run(cfg: MeshConfig, *, announce: Callable[[str], None] = print) -> None:
     from ray import serve
 
     start_ray(cfg)
-    deploy(render_serve_config(cfg))
+    serve_config = render_serve_config(cfg)
+    deploy(serve_config)
     g = cfg.gateway
     announce(f"internvl-mesh: ready. HTTP (OpenAI API) on http://{g.host}:{g.http_port}/v1")
     if g.grpc_port:
@@ -88,6 +89,11 @@ def run(cfg: MeshConfig, *, announce: Callable[[str], None] = print) -> None:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     announce("internvl-mesh: shutting down; letting running requests finish")
+    # The gateway first: deleting an application stops routing new requests to it and lets its
+    # replicas finish what they are running (up to graceful_shutdown_timeout_s) while the encoders
+    # and decoders they stream from are still up; then the rest, in reverse order of deployment.
+    for app in reversed(serve_config["applications"]):
+        serve.delete(app["name"], _blocking=True)
     serve.shutdown()
     ray.shutdown()
     announce("internvl-mesh: stopped")

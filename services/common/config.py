@@ -143,15 +143,26 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Apply a ``--set a.b.c=value`` override into a nested mapping."""
+    """Apply a ``--set a.b.c=value`` override into a nested mapping; a numeric part indexes a list
+    (``models.0.dtype=bfloat16``)."""
     keys = dotted.split(".")
-    cur = data
-    for k in keys[:-1]:
-        nxt = cur.setdefault(k, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"cannot set {dotted}: {k} is not a mapping")
-        cur = nxt
-    cur[keys[-1]] = value
+    cur: Any = data
+    for depth, k in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(cur, list):
+            if not k.isdigit() or int(k) >= len(cur):
+                raise ConfigError(f"cannot set {dotted}: {k!r} is not an index of a {len(cur)}-item list")
+            if last:
+                cur[int(k)] = value
+                return
+            cur = cur[int(k)]
+        elif isinstance(cur, dict):
+            if last:
+                cur[k] = value
+                return
+            cur = cur.setdefault(k, {})
+        else:
+            raise ConfigError(f"cannot set {dotted}: {'.'.join(keys[:depth])} is not a mapping or list")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -48,3 +48,13 @@ def test_yaml_and_overrides(tmp_path):
     (tmp_path / "bad.yaml").write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_yaml(tmp_path / "bad.yaml")
+
+
+def test_dotted_override_into_lists():
+    data = {"models": [{"name": "a"}]}
+    set_dotted(data, "models.0.dtype", "bfloat16")
+    assert data["models"][0]["dtype"] == "bfloat16"
+    with pytest.raises(ConfigError, match="index"):
+        set_dotted(data, "models.3.dtype", "x")
+    with pytest.raises(ConfigError, match="not a mapping"):
+        set_dotted({"a": 1}, "a.b", 2)
