@@ -217,8 +217,12 @@ def check_serve_keys(cfg: dict[str, Any]) -> list[str]:
         for key in opts:
             if key not in params:
                 errors.append(f"{where}.{key}: not a parameter of serve.deployment")
-        errors += _check_model_keys(opts.get("autoscaling_config") or {}, AutoscalingConfig, f"{where}.autoscaling_config")
-        errors += _check_model_keys(opts.get("ray_actor_options") or {}, RayActorOptionsSchema, f"{where}.ray_actor_options")
+        errors += _check_model_keys(
+            opts.get("autoscaling_config") or {}, AutoscalingConfig, f"{where}.autoscaling_config"
+        )
+        errors += _check_model_keys(
+            opts.get("ray_actor_options") or {}, RayActorOptionsSchema, f"{where}.ray_actor_options"
+        )
         strategy = opts.get("placement_group_strategy")
         if strategy is not None and strategy not in {"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"}:
             errors.append(f"{where}.placement_group_strategy: {strategy!r} is not a placement strategy")
@@ -263,9 +267,7 @@ _PASS_THROUGH = {"resources", "preprocess", "encoderSettings", "decoderSettings"
 def _snake_tree(node: Any) -> Any:
     if not isinstance(node, dict):
         return node
-    return {
-        _snake(k): (copy.deepcopy(v) if k in _PASS_THROUGH else _snake_tree(v)) for k, v in node.items()
-    }
+    return {_snake(k): (copy.deepcopy(v) if k in _PASS_THROUGH else _snake_tree(v)) for k, v in node.items()}
 
 
 def _deployment(d: dict[str, Any]) -> dict[str, Any]:
@@ -281,7 +283,9 @@ def mesh_config_data(values: dict[str, Any], release: str = RELEASE) -> dict[str
         release if "internvl-mesh" in release else f"{release}-internvl-mesh"
     )[:50].rstrip("-")
     redis = values["redis"]
-    url = f"redis://{fullname}-redis:6379/{redis['database']}" if redis["enabled"] else redis["external"]["url"]
+    url = (
+        f"redis://{fullname}-redis:6379/{redis['database']}" if redis["enabled"] else redis["external"]["url"]
+    )
     keys = values["apiKeys"]
     tenants = f"{keys['mountPath'].rstrip('/')}/{keys['secretKey']}" if keys["enabled"] else ""
     models = []

@@ -83,7 +83,9 @@ def test_secret_scan_catches_inline_secrets(rendered):
 def test_schema_catches_typos_in_the_rayservice(rendered):
     rs = yaml.safe_load(yaml.safe_dump(chartkit.rayservice(rendered("defaults"))))
     rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["minReplica"] = 1
-    rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = 3
+    rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0][
+        "imagePullPolicy"
+    ] = 3
     errors = chartkit.validate_rayservice(rs)
     assert any("minReplica" in e for e in errors) and any("imagePullPolicy" in e for e in errors), errors
 
@@ -128,7 +130,10 @@ def test_rayservice_shape(rendered):
     assert enc["template"]["spec"]["tolerations"] and enc["template"]["spec"]["nodeSelector"]
     cpu = groups["cpu"]["template"]["spec"]["containers"][0]
     assert cpu["readinessProbe"]["grpc"] == {"port": 9000}
-    for pod in [cluster["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in groups.values())]:
+    for pod in [
+        cluster["headGroupSpec"]["template"]["spec"],
+        *(g["template"]["spec"] for g in groups.values()),
+    ]:
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["containers"][0]["securityContext"]["allowPrivilegeEscalation"] is False
     images = {g: groups[g]["template"]["spec"]["containers"][0]["image"] for g in groups}
@@ -147,7 +152,10 @@ def test_public_services_and_network_policies(rendered):
     redis = nps["mesh-internvl-mesh-redis"]
     (rule,) = redis["ingress"]
     (peer,) = rule["from"]
-    assert "namespaceSelector" not in peer and "cpu-worker" in peer["podSelector"]["matchExpressions"][0]["values"]
+    assert (
+        "namespaceSelector" not in peer
+        and "cpu-worker" in peer["podSelector"]["matchExpressions"][0]["values"]
+    )
     public = nps["mesh-internvl-mesh-public"]
     assert {p["port"] for p in public["ingress"][0]["ports"]} == {8000, 9000}
     ray = nps["mesh-internvl-mesh-ray"]
