@@ -1,5 +1,5 @@
 """The gateway in process: real encoder core (in-process preprocess, no Redis), real decoder core,
-single-tenant key store and local limiter, served over loopback HTTP by uvicorn."""
+served over loopback HTTP by uvicorn; gateways of one module share the cores."""
 
 from __future__ import annotations
 
@@ -13,12 +13,8 @@ MODEL = "tiny"
 
 
 @pytest.fixture(scope="module")
-def inprocess_gateway(tiny_checkpoint):
-    from gateway.clients import LocalDecoderClient, LocalEncoderClient
-    from gateway.core import Gateway, ModelRoute
-    from gateway.http_api import create_http_app
-    from gateway.tenancy.keys import KeyStore
-    from gateway.tenancy.limiter import LocalLimiter
+def cores(tiny_checkpoint):
+    """Real encoder (in-process preprocess, LRU only) and decoder cores."""
     from services.common.resolver import EmbeddingResolver
     from services.decoder.config import DecoderConfig
     from services.decoder.engine.async_engine import DecoderCore
@@ -34,15 +30,35 @@ def inprocess_gateway(tiny_checkpoint):
     )
     decoder = DecoderCore(DecoderConfig(model=str(tiny_checkpoint), dtype="float32"))
     frontend = DecoderFrontend(decoder, EmbeddingResolver(None))
-    route = ModelRoute(
-        MODEL, LocalEncoderClient(encoder), LocalDecoderClient(frontend), 12, decoder.max_model_len
-    )
-    gateway = Gateway([route], KeyStore(None), LocalLimiter())
-    with UvicornThread(create_http_app(gateway)) as server:
-        yield {"server": server, "gateway": gateway, "decoder": decoder, "encoder": encoder}
+    yield {"encoder": encoder, "decoder": decoder, "frontend": frontend}
     decoder.shutdown()
     asyncio.run(encoder.close())
     preprocessor.close()
+
+
+def make_gateway(cores, keys, limiter, **limits):
+    from gateway.clients import LocalDecoderClient, LocalEncoderClient
+    from gateway.core import Gateway, GatewayLimits, ModelRoute
+
+    route = ModelRoute(
+        MODEL,
+        LocalEncoderClient(cores["encoder"]),
+        LocalDecoderClient(cores["frontend"]),
+        12,
+        cores["decoder"].max_model_len,
+    )
+    return Gateway([route], keys, limiter, GatewayLimits(**limits))
+
+
+@pytest.fixture(scope="module")
+def inprocess_gateway(cores):
+    from gateway.http_api import create_http_app
+    from gateway.tenancy.keys import KeyStore
+    from gateway.tenancy.limiter import LocalLimiter
+
+    gateway = make_gateway(cores, KeyStore(None), LocalLimiter())
+    with UvicornThread(create_http_app(gateway)) as server:
+        yield {"server": server, "gateway": gateway, **cores}
 
 
 @pytest.fixture(scope="module")
