@@ -59,7 +59,7 @@ def test_secret_scan_with_chart_created_secrets():
         for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
         for e in g["template"]["spec"]["containers"][0]["env"]
     }
-    for name in ("REDIS_PASSWORD", "HF_TOKEN", "OTEL_EXPORTER_OTLP_HEADERS"):
+    for name in ("REDIS_PASSWORD", "HF_TOKEN", "OTEL_EXPORTER_OTLP_HEADERS", "IVM_KEY_HMAC_SECRET"):
         assert "secretKeyRef" in env[name]["valueFrom"], name
 
 

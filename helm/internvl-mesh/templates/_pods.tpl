@@ -1,6 +1,6 @@
 {{/* Pieces of the Ray pod templates shared by the head and the worker groups. */}}
 
-{{/* Environment of a Ray container: (dict "ctx" $ "extra" $extraEnv "models" bool). */}}
+{{/* Environment of a Ray container: (dict "ctx" $ "extra" $extraEnv "models" bool "gateway" bool). */}}
 {{- define "internvl-mesh.rayEnv" -}}
 {{- $v := .ctx.Values }}
 - name: RAY_USAGE_STATS_ENABLED
@@ -38,6 +38,13 @@
       name: {{ $v.modelSource.hub.tokenSecret }}
       key: {{ $v.modelSource.hub.tokenSecretKey }}
 {{- end }}
+{{- end }}
+{{- if and .gateway $v.apiKeys.enabled $v.apiKeys.hmacSecret.existingSecret }}
+- name: {{ $v.apiKeys.hmacSecret.envName }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.apiKeys.hmacSecret.existingSecret }}
+      key: {{ $v.apiKeys.hmacSecret.key }}
 {{- end }}
 {{- with .extra }}
 {{ toYaml . }}
