@@ -2,7 +2,7 @@
 
 {{/* Environment of a Ray container: (dict "ctx" $ "extra" $extraEnv "models" bool "gateway" bool). */}}
 {{- define "internvl-mesh.rayEnv" -}}
-{{- $v := .ctx.Values }}
+{{- $v := .ctx.Values -}}
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
 {{- $redisSecret := include "internvl-mesh.redisSecretName" .ctx }}
@@ -53,7 +53,7 @@
 
 {{/* Pod-level fields: (dict "ctx" $ "group" $groupValues). */}}
 {{- define "internvl-mesh.podCommon" -}}
-{{- $v := .ctx.Values }}
+{{- $v := .ctx.Values -}}
 serviceAccountName: {{ include "internvl-mesh.serviceAccountName" .ctx }}
 automountServiceAccountToken: {{ $v.serviceAccount.automountToken }}
 terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
@@ -105,7 +105,7 @@ failureThreshold: 6
 
 {{/* The GPU worker groups' volumes: memory-backed /dev/shm, the model source, the download cache. */}}
 {{- define "internvl-mesh.gpuVolumes" -}}
-{{- $v := .ctx.Values }}
+{{- $v := .ctx.Values -}}
 - name: dshm
   emptyDir:
     medium: Memory
@@ -122,7 +122,7 @@ failureThreshold: 6
 {{- end }}
 
 {{- define "internvl-mesh.gpuVolumeMounts" -}}
-{{- $v := .ctx.Values }}
+{{- $v := .ctx.Values -}}
 - name: dshm
   mountPath: /dev/shm
 - name: hf-cache
