@@ -14,10 +14,11 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from gateway.types import ChatChunk, ChatRequest, ImagePart, TextPart, TokenLogprob, Usage
+from services.common import tracing
 from services.common.errors import (
     DeadlineExceeded,
     EmbeddingUnresolvable,
@@ -69,14 +70,51 @@ class GatewayLimits:
     max_text_bytes: int = 1024 * 1024
 
 
+@dataclass
+class RequestRecord:
+    """What one finished request did: for metrics, usage records and audit (``GatewayObserver``)."""
+
+    request_id: str
+    tenant: str
+    model: str
+    started: float
+    status: str = "ok"
+    finish_reason: str = ""
+    images: int = 0
+    tiles: int = 0
+    cache_hits: int = 0
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+    completion_tokens: int = 0
+    queue_s: float = 0.0
+    ttft_s: float | None = None
+    latency_s: float = 0.0
+
+    def finish(self, usage: Usage) -> None:
+        self.latency_s = time.monotonic() - self.started
+        self.prompt_tokens = usage.prompt_tokens
+        self.image_tokens = usage.image_tokens
+        self.completion_tokens = usage.completion_tokens
+
+
+class GatewayObserver(Protocol):
+    def on_complete(self, record: RequestRecord) -> None: ...
+
+
 class Gateway:
     def __init__(
-        self, routes: Sequence[ModelRoute], keys: Any, limiter: Any, limits: GatewayLimits | None = None
+        self,
+        routes: Sequence[ModelRoute],
+        keys: Any,
+        limiter: Any,
+        limits: GatewayLimits | None = None,
+        observers: Sequence[GatewayObserver] = (),
     ):
         self.routes = {r.name: r for r in routes}
         self.keys = keys
         self.limiter = limiter
         self.limits = limits or GatewayLimits()
+        self.observers = list(observers)
         self._decode_limits = DecodeLimits(max_image_bytes=self.limits.max_image_bytes)
 
     # -- public -------------------------------------------------------------------------------
@@ -104,21 +142,52 @@ class Gateway:
             deadline=time.time() + timeout,
         )
         estimate = _text_token_bound(req) + image_tokens + max_tokens
-        admission = await _maybe_await(self.limiter.admit(tenant, estimate))
+        root = tracing.start_span(
+            tracing.SPAN_CHAT,
+            carrier=req.trace or None,
+            server=True,
+            attributes={
+                tracing.ATTR_REQUEST_ID: req.request_id,
+                tracing.ATTR_TENANT: tenant.name,
+                tracing.ATTR_MODEL: route.name,
+                tracing.ATTR_IMAGES: len(tilings),
+            },
+        )
+        record = RequestRecord(req.request_id, tenant.name, route.name, started=time.monotonic())
         usage = Usage()
         try:
-            async with asyncio.timeout(timeout):
-                async for chunk in self._run(req, route, ctx, tilings, max_tokens, usage):
-                    yield chunk
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"request {req.request_id} exceeded its {timeout:.1f} s deadline"
-            ) from None
+            admission_span = tracing.start_span(tracing.SPAN_ADMISSION, parent=root)
+            try:
+                admission = await _maybe_await(self.limiter.admit(tenant, estimate))
+            finally:
+                admission_span.end()
+            record.queue_s = time.monotonic() - record.started
+            try:
+                async with asyncio.timeout(timeout):
+                    async for chunk in self._run(req, route, ctx, tilings, max_tokens, usage, root, record):
+                        yield chunk
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"request {req.request_id} exceeded its {timeout:.1f} s deadline"
+                ) from None
+            finally:
+                await _maybe_await(admission.complete(usage.prompt_tokens + usage.completion_tokens))
+        except BaseException as exc:
+            record.status = _status_of(exc)
+            tracing.record_error(root, exc)
+            raise
         finally:
-            await _maybe_await(admission.complete(usage.prompt_tokens + usage.completion_tokens))
+            record.finish(usage)
+            root.set_attribute(tracing.ATTR_PROMPT_TOKENS, usage.prompt_tokens)
+            root.set_attribute(tracing.ATTR_COMPLETION_TOKENS, usage.completion_tokens)
+            root.end()
+            for observer in self.observers:
+                observer.on_complete(record)
 
     # -- steps --------------------------------------------------------------------------------
-    async def _run(self, req, route, ctx, tilings, max_tokens, usage) -> AsyncIterator[ChatChunk]:
+    async def _run(
+        self, req, route, ctx, tilings, max_tokens, usage, root, record
+    ) -> AsyncIterator[ChatChunk]:
         images = req.images
         payload = {
             "messages": _messages_payload(req),
@@ -126,21 +195,29 @@ class Gateway:
             "max_tokens": max_tokens,
         }
         for attempt in (1, 2):
-            refs = (
-                await route.encoder.embed([(img.data, t) for img, t in zip(images, tilings)], ctx)
-                if images
-                else []
-            )
+            refs = await self._embed(route, images, tilings, ctx, root) if images else []
+            record.images = len(refs)
+            record.tiles = sum(r.tiles for r in refs)
+            record.cache_hits = sum(1 for r in refs if r.cache_hit)
             started = False
+            gen_span = tracing.start_span(tracing.SPAN_GENERATE, parent=root)
             try:
-                async for event in route.decoder.generate(payload, refs, ctx):
+                gen_ctx = replace(ctx, trace=tracing.carrier_of(gen_span))
+                async for event in route.decoder.generate(payload, refs, gen_ctx):
+                    if not started:
+                        record.ttft_s = time.monotonic() - record.started
                     started = True
                     chunk = _chunk(req.request_id, event)
+                    if chunk.finish_reason == "deadline":
+                        raise DeadlineExceeded(
+                            f"request {req.request_id} reached its deadline in the decoder"
+                        )
                     if chunk.usage is not None:
-                        chunk.usage.cached_images = sum(1 for r in refs if r.cache_hit)
+                        chunk.usage.cached_images = record.cache_hits
                         usage.prompt_tokens = chunk.usage.prompt_tokens
                         usage.image_tokens = chunk.usage.image_tokens
                         usage.completion_tokens = chunk.usage.completion_tokens
+                        record.finish_reason = chunk.finish_reason or ""
                     yield chunk
                 return
             except EmbeddingUnresolvable:
@@ -149,6 +226,26 @@ class Gateway:
                 if started or attempt == 2:
                     raise
                 log.warning("request %s: embeddings unresolvable, encoding again", req.request_id)
+            finally:
+                gen_span.end()
+
+    async def _embed(self, route, images, tilings, ctx, root) -> list[EmbeddingRef]:
+        span = tracing.start_span(
+            tracing.SPAN_EMBED, parent=root, attributes={tracing.ATTR_IMAGES: len(images)}
+        )
+        try:
+            refs = await route.encoder.embed(
+                [(img.data, t) for img, t in zip(images, tilings)],
+                replace(ctx, trace=tracing.carrier_of(span)),
+            )
+            span.set_attribute(tracing.ATTR_TILES, sum(r.tiles for r in refs))
+            span.set_attribute(tracing.ATTR_CACHE_HIT, all(r.cache_hit for r in refs))
+            return refs
+        except BaseException as exc:
+            tracing.record_error(span, exc)
+            raise
+        finally:
+            span.end()
 
     def _route(self, model: str, tenant) -> ModelRoute:
         route = self.routes.get(model)
@@ -272,6 +369,12 @@ def _chunk(request_id: str, event: dict[str, Any]) -> ChatChunk:
         if usage
         else None,
     )
+
+
+def _status_of(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "cancelled"
+    return getattr(exc, "reason", None) or "error"
 
 
 async def _maybe_await(value):

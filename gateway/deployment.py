@@ -14,6 +14,7 @@ from typing import Any
 
 from gateway.clients import HandleDecoderClient, HandleEncoderClient
 from gateway.core import Gateway, GatewayLimits, ModelRoute
+from services.common import tracing
 from services.common.serve_args import common_config, redis_url_with_password
 from services.topology import GatewaySettings
 
@@ -48,6 +49,7 @@ class GatewayDeployment:
 
         self.settings = GatewaySettings.model_validate(gateway)
         cfg = common_config(common)
+        tracing.setup_tracing(cfg.tracing, "gateway")
         self.keys, self.limiter = build_tenancy(self.settings, redis_url_with_password(cfg))
         if self.keys.single_tenant:
             log.warning("no tenants file configured: serving single-tenant, without API keys")

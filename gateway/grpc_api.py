@@ -76,6 +76,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def Chat(self, request, context):  # noqa: N802 - gRPC method name
         req = chat_from_pb(request, self.gateway.limits.max_image_bytes)
+        req.trace = {
+            k: v for k, v in (context.invocation_metadata() or ()) if k in ("traceparent", "tracestate")
+        }
         async for chunk in self.gateway.chat(req, _api_key(context)):
             pb = gateway_pb2.ChatResponse(
                 id=chunk.request_id,

@@ -42,6 +42,7 @@ class ChatRequest:
     top_logprobs: int = 0
     timeout_s: float | None = None
     request_id: str = ""
+    trace: dict[str, str] = field(default_factory=dict)  # the caller's W3C trace context, if any
 
     @property
     def images(self) -> list[ImagePart]:

@@ -186,6 +186,7 @@ def render_serve_config(cfg: MeshConfig) -> dict[str, Any]:
             "import_path": "services.preprocess.deployment:build_app",
             "args": {
                 "config": cfg.preprocess,
+                "common": common(),
                 "deployment_options": cfg.preprocess_deployment.serve_options(),
             },
         }

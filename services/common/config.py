@@ -50,6 +50,12 @@ class TracingConfig(StrictModel):
     enabled: bool = Field(default=True, description="Create spans; export only if an endpoint is set.")
     service_name: str = Field(default="internvl-mesh", min_length=1, max_length=128)
     sampling_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    otlp_endpoint: str = Field(
+        default="",
+        max_length=512,
+        description="OTLP/gRPC collector (host:port or http://host:port); empty: OTEL_EXPORTER_OTLP_ENDPOINT, else none.",
+    )
+    export_delay_ms: int = Field(default=2000, ge=10, le=60_000, description="Batch export interval.")
 
 
 class GrpcConfig(StrictModel):

@@ -7,7 +7,7 @@ protobuf out.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from internvl.common.v1 import common_pb2
 
@@ -75,9 +75,16 @@ class RequestContext:
     cache_namespace: str = DEFAULT_NAMESPACE
     priority: int = 0
     deadline: float | None = None
+    trace: dict[str, str] = field(default_factory=dict)  # W3C trace context of the caller's span
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.time()
+
+    def traced(self) -> RequestContext:
+        """A copy carrying the current span's trace context (for the next hop)."""
+        from services.common.tracing import current_carrier
+
+        return replace(self, trace=current_carrier())
 
 
 def context_from_pb(pb: common_pb2.RequestContext) -> RequestContext:
@@ -87,6 +94,7 @@ def context_from_pb(pb: common_pb2.RequestContext) -> RequestContext:
         cache_namespace=pb.cache_namespace or DEFAULT_NAMESPACE,
         priority=pb.priority,
         deadline=pb.deadline_unix_ms / 1000.0 if pb.deadline_unix_ms else None,
+        trace=dict(pb.trace_context),
     )
 
 
@@ -97,6 +105,7 @@ def context_to_pb(ctx: RequestContext) -> common_pb2.RequestContext:
         cache_namespace=ctx.cache_namespace,
         priority=ctx.priority,
         deadline_unix_ms=int(ctx.deadline * 1000) if ctx.deadline else 0,
+        trace_context=ctx.trace,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.common import tracing
 from services.common.pb import RequestContext
 from services.common.refs import EmbeddingRef
 from services.common.resolver import EmbeddingResolver
@@ -28,6 +29,7 @@ class DecoderDeployment:
         from services.decoder.engine.async_engine import DecoderCore
 
         cfg = common_config(common)
+        tracing.setup_tracing(cfg.tracing, "decoder")
         settings = dict(settings or {})
         parallel = {"tensor_parallel_size": tensor_parallel_size, **settings.pop("parallel", {})}
         config = DecoderConfig.model_validate(

@@ -13,6 +13,7 @@ from typing import Any
 
 from internvl.decoder.v1 import decoder_pb2, decoder_pb2_grpc
 
+from services.common import tracing
 from services.common.errors import InvalidArgument
 from services.common.pb import RequestContext, context_from_pb, ref_from_pb
 from services.common.refs import EmbeddingRef
@@ -38,9 +39,32 @@ class DecoderFrontend:
     async def generate(
         self, payload: dict[str, Any], refs: list[EmbeddingRef], ctx: RequestContext
     ) -> AsyncIterator[dict[str, Any]]:
-        inp = await self._input(payload, refs, ctx)
-        async for event in self.core.generate(inp):
-            yield self._event(event)
+        root = tracing.start_span(
+            tracing.SPAN_DECODER,
+            carrier=ctx.trace or None,
+            server=True,
+            attributes={tracing.ATTR_REQUEST_ID: ctx.request_id, tracing.ATTR_IMAGES: len(refs)},
+        )
+        phase = tracing.start_span(tracing.SPAN_PREFILL, parent=root)
+        first = True
+        try:
+            inp = await self._input(payload, refs, ctx)
+            async for event in self.core.generate(inp):
+                if first:  # queueing + prefill end with the first token
+                    phase.end()
+                    phase = tracing.start_span(tracing.SPAN_DECODE, parent=root)
+                    first = False
+                if event.usage is not None:
+                    root.set_attribute(tracing.ATTR_PROMPT_TOKENS, event.usage.prompt_tokens)
+                    root.set_attribute(tracing.ATTR_COMPLETION_TOKENS, event.usage.completion_tokens)
+                    root.set_attribute(tracing.ATTR_FINISH_REASON, event.finish_reason or "")
+                yield self._event(event)
+        except BaseException as exc:
+            tracing.record_error(root, exc)
+            raise
+        finally:
+            phase.end()
+            root.end()
 
     def count_tokens(self, messages: list[dict[str, Any]], image_tiles: list[int]) -> tuple[int, int]:
         return self.core.count_tokens(messages, image_tiles)

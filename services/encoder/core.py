@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
+from services.common import tracing
 from services.common.checkpoint import Checkpoint
 from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.common.refs import (
@@ -292,10 +293,12 @@ class EncoderCore:
     async def _resolve(self, job: _Job) -> EmbeddingRef:
         degraded: str | None = None
         if self.store is not None:
-            try:
-                found = await self.store.lookup(job.key)
-            except StoreUnavailable as exc:
-                found, degraded = None, exc.reason
+            with tracing.span(tracing.SPAN_CACHE_LOOKUP) as lookup_span:
+                try:
+                    found = await self.store.lookup(job.key)
+                except StoreUnavailable as exc:
+                    found, degraded = None, exc.reason
+                lookup_span.set_attribute(tracing.ATTR_CACHE_HIT, found is not None)
             if found is not None:
                 level = "lru" if found.level == LEVEL_LRU else "shared"
                 self._count_hit(level)
@@ -362,7 +365,8 @@ class EncoderCore:
         tiled = await job.get_tiles()
         self._check_tiled(tiled)
         tiles = torch.from_numpy(np.ascontiguousarray(tiled.tiles))  # (N, S, S, 3) uint8, no copy
-        out = await self.batcher.submit(tiles, job.priority, job.deadline)  # (N, T, D)
+        with tracing.span(tracing.SPAN_ENCODE, {tracing.ATTR_TILES: int(tiles.shape[0])}):
+            out = await self.batcher.submit(tiles, job.priority, job.deadline)  # (N, T, D)
         n, t, d = out.shape
         self.stats.encodes += 1
         self.stats.tiles_encoded += n

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from services.common import tracing
 from services.common.pb import RequestContext
 from services.common.serve_args import common_config, redis_url_with_password, resolve_device
 from services.common.types import TilingParams
@@ -31,7 +32,8 @@ class HandleTileSource:
         self.handle = serve.get_app_handle(app_name)
 
     async def tile(self, items: Sequence[tuple[bytes, TilingParams]]):
-        return await self.handle.tile.remote(list(items))
+        # Runs inside the encoder's span (contextvars follow the task): pass it to preprocess.
+        return await self.handle.tile.remote(list(items), RequestContext(trace=tracing.current_carrier()))
 
 
 class EncoderDeployment:
@@ -43,6 +45,7 @@ class EncoderDeployment:
         preprocess_app: str | None = "preprocess",
     ):
         cfg = common_config(common)
+        tracing.setup_tracing(cfg.tracing, "encoder")
         url = redis_url_with_password(cfg)
         config = EncoderConfig.model_validate(
             {
@@ -66,9 +69,12 @@ class EncoderDeployment:
         remaining = ctx.remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         inputs = [ImageInput(data, tiling) for data, tiling in images]
-        return await self.core.embed_images(
-            inputs, namespace=ctx.cache_namespace, priority=ctx.priority, deadline=deadline
-        )
+        with tracing.span_from(ctx.trace, tracing.SPAN_ENCODER, {tracing.ATTR_IMAGES: len(inputs)}) as span:
+            refs = await self.core.embed_images(
+                inputs, namespace=ctx.cache_namespace, priority=ctx.priority, deadline=deadline
+            )
+            span.set_attribute(tracing.ATTR_CACHE_HIT, all(r.cache_hit for r in refs))
+            return refs
 
     def stats(self) -> dict[str, int]:
         return self.core.stats.as_dict()

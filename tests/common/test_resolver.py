@@ -12,7 +12,9 @@ H = sha256_hex(b"img")
 
 
 def _ref(kind, tensor=None, key="k", tiles=2):
-    return EmbeddingRef(kind, key, H, tiles=tiles, tokens_per_tile=256, dim=8, dtype="bfloat16", tensor=tensor)
+    return EmbeddingRef(
+        kind, key, H, tiles=tiles, tokens_per_tile=256, dim=8, dtype="bfloat16", tensor=tensor
+    )
 
 
 async def test_inline_and_cache_resolve_to_the_same_tensor():

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from internvl.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from tests.gateway.harness import free_port, png, reference_answer
+from tests.gateway.otlp_collector import start_collector
 
 pytestmark = pytest.mark.ray
 
@@ -26,7 +27,8 @@ def mesh(ray_serve, tiny_checkpoint):
     from services.serve import deploy
     from services.topology import MeshConfig, render_serve_config
 
-    grpc_port = free_port()
+    grpc_port, otlp_port = free_port(), free_port()
+    collector, collector_server = start_collector(otlp_port)
     cfg = build(
         MeshConfig,
         {
@@ -43,14 +45,20 @@ def mesh(ray_serve, tiny_checkpoint):
             "preprocess_deployment": ONE,
             "gateway_deployment": ONE,
             "gateway": {"http_port": ray_serve["http_port"], "grpc_port": grpc_port, "serve_grpc_port": 0},
+            "tracing": {"otlp_endpoint": f"127.0.0.1:{otlp_port}", "export_delay_ms": 100},
         },
         "test",
     )
     config = render_serve_config(cfg)
     deploy(config)
-    yield {"http": f"http://127.0.0.1:{ray_serve['http_port']}/v1", "grpc": f"127.0.0.1:{grpc_port}"}
+    yield {
+        "http": f"http://127.0.0.1:{ray_serve['http_port']}/v1",
+        "grpc": f"127.0.0.1:{grpc_port}",
+        "collector": collector,
+    }
     for app in reversed(config["applications"]):
         serve.delete(app["name"])
+    collector_server.stop(0)
 
 
 def _uri(data):
@@ -129,3 +137,62 @@ def test_public_grpc_with_health_and_reflection(mesh):
         with pytest.raises(grpc.RpcError) as err:
             list(stub.Chat(gateway_pb2.ChatRequest(model="unknown", messages=request.messages), timeout=30))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_one_trace_spans_gateway_encoder_preprocess_and_decoder(mesh):
+    import time
+
+    import httpx
+
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    body = {
+        "model": MODEL,
+        "max_tokens": 3,
+        "temperature": 0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": _uri(png(640, 400, seed=23))}},
+                    {"type": "text", "text": "Trace me."},
+                ],
+            }
+        ],
+    }
+    r = httpx.post(
+        mesh["http"] + "/chat/completions",
+        json=body,
+        timeout=120,
+        headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+    )
+    assert r.status_code == 200
+    wanted = {
+        "gateway.chat",
+        "gateway.embed",
+        "encoder.embed",
+        "encoder.cache_lookup",
+        "preprocess.tile",
+        "gateway.generate",
+        "decoder.generate",
+        "decoder.prefill",
+        "decoder.decode",
+    }
+    deadline = time.monotonic() + 30
+    while True:
+        spans = [s for s in mesh["collector"].snapshot() if s["trace_id"] == trace_id]
+        if wanted <= {s["name"] for s in spans} or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert wanted <= {s["name"] for s in spans}, sorted({s["name"] for s in spans})
+    services = {s["service"] for s in spans}
+    assert {
+        "internvl-mesh-gateway",
+        "internvl-mesh-encoder",
+        "internvl-mesh-preprocess",
+        "internvl-mesh-decoder",
+    } <= services
+    by_id = {s["span_id"]: s for s in spans}
+    parent_of = {s["name"]: by_id.get(s["parent"], {}).get("name") for s in spans}
+    assert parent_of["encoder.embed"] == "gateway.embed"
+    assert parent_of["decoder.generate"] == "gateway.generate"
+    assert parent_of["preprocess.tile"] in {"encoder.embed", "encoder.cache_lookup", "encoder.encode"}

@@ -1,9 +1,21 @@
-"""Paged attention in plain torch (CPU and GPU): gather the cached K/V, then SDPA.
+"""Paged attention in plain torch (CPU and GPU): read the cached K/V block by block, then SDPA.
 
-Requests whose query is a single token (decode) are batched into one SDPA call over a padded gather
-of their caches (a boolean mask hides the padding). Prefill chunks run one SDPA call each: a chunk
-that starts at position 0 attends to its own fresh K/V with ``is_causal``; a later chunk (chunked
-prefill, prefix-cache hit) gathers its context and uses a bottom-right causal mask.
+Reads go by whole blocks: one ``index_select`` over the block dimension copies each needed block as a
+single contiguous row (``block_size * Hkv * D`` elements), instead of indexing token slots one by one.
+A request whose blocks are consecutive in the cache is not copied at all: its K/V is a view.
+
+Decode (a single query token after a non-empty context) has two strategies:
+
+* ``per_sequence`` (the default on CPU): the needed blocks of all decoding requests are gathered into
+  one flat buffer, and each request runs its own SDPA over its exact context, a view of that buffer.
+  No padding and no mask: the batch's attention costs what its tokens cost, and on CPU the per-call
+  overhead is small next to that.
+* ``padded`` (the default on GPU, where launches dominate): one SDPA over the batch, each request's
+  blocks gathered into a row padded to the longest, with a boolean mask hiding the padding.
+
+Prefill chunks run one SDPA each: a chunk that starts at position 0 attends to its own fresh K/V with
+``is_causal``; a later chunk (chunked prefill, prefix-cache hit) reads its context from the cache and
+uses a bottom-right causal mask.
 """
 
 from __future__ import annotations
@@ -14,58 +26,106 @@ import torch.nn.functional as F
 from services.common.errors import InvalidArgument
 from services.decoder.attention.registry import AttentionMetadata
 
+DECODE_STRATEGIES = ("auto", "per_sequence", "padded")
+
 
 def is_available(device: str) -> bool:
     return True
 
 
-def _slots(block_table: list[int], block_size: int, length: int) -> list[int]:
-    return [block_table[p // block_size] * block_size + p % block_size for p in range(length)]
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _consecutive(blocks: list[int]) -> bool:
+    """True when the blocks are ``b, b+1, ...``: their tokens form one contiguous stretch of the cache."""
+    return blocks[-1] - blocks[0] == len(blocks) - 1 and all(
+        blocks[j + 1] == blocks[j] + 1 for j in range(len(blocks) - 1)
+    )
 
 
 class TorchPagedBackend:
     name = "torch_paged"
 
+    def __init__(self, decode_strategy: str = "auto"):
+        if decode_strategy not in DECODE_STRATEGIES:
+            raise InvalidArgument(
+                f"decode_strategy must be one of {DECODE_STRATEGIES}, got {decode_strategy!r}"
+            )
+        self.decode_strategy = decode_strategy
+
     def validate_block_size(self, block_size: int) -> None:
         if not 1 <= block_size <= 4096:
             raise InvalidArgument(f"torch_paged needs 1 <= block_size <= 4096, got {block_size}")
 
+    def _strategy(self, device) -> str:
+        if self.decode_strategy != "auto":
+            return self.decode_strategy
+        return "per_sequence" if torch.device(device).type == "cpu" else "padded"
+
     def prepare(self, meta: AttentionMetadata, device) -> None:
         qsl, ctx, bs = meta.query_start_loc, meta.context_lens, meta.block_size
-        decode_rows, decode_slots, decode_lens = [], [], []
+        decode: list[int] = []  # request indices
         prefills = []
         for i, q_len in enumerate(meta.query_lens):
             if q_len == 1 and ctx[i] > 1:
-                decode_rows.append(qsl[i])
-                decode_slots.append(_slots(meta.block_tables[i], bs, ctx[i]))
-                decode_lens.append(ctx[i])
+                decode.append(i)
                 continue
             start = ctx[i] - q_len  # tokens cached before this chunk
-            entry = {"q": (qsl[i], qsl[i + 1]), "start": start}
+            entry = {"q": (qsl[i], qsl[i + 1]), "start": start, "len": ctx[i]}
             if start > 0:
-                entry["slots"] = torch.tensor(_slots(meta.block_tables[i], bs, ctx[i]), device=device)
+                blocks = meta.block_tables[i][: _cdiv(ctx[i], bs)]
+                entry["block0"] = blocks[0] if _consecutive(blocks) else None
+                entry["blocks"] = None if _consecutive(blocks) else torch.tensor(blocks, device=device)
                 q_pos = torch.arange(start, ctx[i], device=device)
                 entry["mask"] = torch.arange(ctx[i], device=device)[None, :] <= q_pos[:, None]  # (q_len, ctx)
             prefills.append(entry)
         extra = {"prefills": prefills, "decode": None}
-        if decode_rows:
-            max_len = max(decode_lens)
-            padded = [s + [0] * (max_len - len(s)) for s in decode_slots]
-            lens = torch.tensor(decode_lens, device=device)
-            mask = None
-            if min(decode_lens) != max_len:
-                mask = (torch.arange(max_len, device=device)[None, :] < lens[:, None])[
-                    :, None, None, :
-                ]  # (B,1,1,L)
-            extra["decode"] = {
-                "rows": torch.tensor(decode_rows, device=device),
-                "slots": torch.tensor(padded, device=device),  # (B, L)
-                "mask": mask,
+        if decode:
+            rows = [qsl[i] for i in decode]
+            lens = [ctx[i] for i in decode]
+            first = rows[0]
+            d = {
+                # the decode queries are usually rows first..first+B-1: then a slice, not an index
+                "rows": None
+                if rows == list(range(first, first + len(rows)))
+                else torch.tensor(rows, device=device),
+                "first": first,
+                "num": len(rows),
             }
+            if self._strategy(device) == "per_sequence":
+                gathered: list[int] = []
+                seqs = []  # (row, context length, first block of a consecutive run or None, token offset)
+                for i, row, n in zip(decode, rows, lens, strict=True):
+                    blocks = meta.block_tables[i][: _cdiv(n, bs)]
+                    if _consecutive(blocks):
+                        seqs.append((row, n, blocks[0], 0))
+                    else:
+                        seqs.append((row, n, None, len(gathered) * bs))
+                        gathered += blocks
+                d["strategy"] = "per_sequence"
+                d["seqs"] = seqs
+                d["blocks"] = torch.tensor(gathered, device=device) if gathered else None
+            else:
+                max_blocks = _cdiv(max(lens), bs)
+                table = []
+                for i, n in zip(decode, lens, strict=True):
+                    blocks = meta.block_tables[i][: _cdiv(n, bs)]
+                    table += blocks + [0] * (max_blocks - len(blocks))
+                d["strategy"] = "padded"
+                d["blocks"] = torch.tensor(table, device=device)  # (B * max_blocks,)
+                d["max_len"] = max_blocks * bs
+                d["mask"] = None
+                if min(lens) != max_blocks * bs:
+                    len_t = torch.tensor(lens, device=device)
+                    d["mask"] = (torch.arange(max_blocks * bs, device=device)[None, :] < len_t[:, None])[
+                        :, None, None, :
+                    ]  # (B, 1, 1, L)
+            extra["decode"] = d
         meta.extra = extra
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        num_kv_heads, head_dim = k_cache.shape[-2], k_cache.shape[-1]
+        num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
         k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # (num_blocks * block_size, Hkv, D)
         v_flat = v_cache.view(-1, num_kv_heads, head_dim)
         k_flat.index_copy_(0, meta.slot_mapping, k)
@@ -75,13 +135,10 @@ class TorchPagedBackend:
 
         decode = meta.extra["decode"]
         if decode is not None:
-            qd = q.index_select(0, decode["rows"]).unsqueeze(2)  # (B, H, 1, D)
-            kd = k_flat[decode["slots"]].transpose(1, 2)  # (B, L, Hkv, D) -> (B, Hkv, L, D)
-            vd = v_flat[decode["slots"]].transpose(1, 2)
-            od = F.scaled_dot_product_attention(
-                qd, kd, vd, attn_mask=decode["mask"], scale=scale, enable_gqa=gqa
-            )
-            out.index_copy_(0, decode["rows"], od.squeeze(2))  # (B, H, 1, D) -> (B, H, D)
+            if decode["strategy"] == "per_sequence":
+                self._decode_per_sequence(q, k_flat, v_flat, k_cache, v_cache, decode, out, scale, gqa)
+            else:
+                self._decode_padded(q, k_cache, v_cache, decode, out, scale, gqa)
 
         for entry in meta.extra["prefills"]:
             s, e = entry["q"]
@@ -93,10 +150,59 @@ class TorchPagedBackend:
                     qp, kp, vp, is_causal=e - s > 1, scale=scale, enable_gqa=gqa
                 )
             else:
-                kp = k_flat[entry["slots"]].transpose(0, 1).unsqueeze(0)  # (ctx, Hkv, D) -> (1, Hkv, ctx, D)
-                vp = v_flat[entry["slots"]].transpose(0, 1).unsqueeze(0)
+                n = entry["len"]
+                if entry["blocks"] is None:
+                    first = entry["block0"] * block_size
+                    kc, vc = k_flat[first : first + n], v_flat[first : first + n]  # (ctx, Hkv, D) views
+                else:
+                    kc = k_cache.index_select(0, entry["blocks"]).view(-1, num_kv_heads, head_dim)[:n]
+                    vc = v_cache.index_select(0, entry["blocks"]).view(-1, num_kv_heads, head_dim)[:n]
+                kp = kc.transpose(0, 1).unsqueeze(0)  # (ctx, Hkv, D) -> (1, Hkv, ctx, D)
+                vp = vc.transpose(0, 1).unsqueeze(0)
                 op = F.scaled_dot_product_attention(
                     qp, kp, vp, attn_mask=entry["mask"], scale=scale, enable_gqa=gqa
                 )
             out[s:e] = op.squeeze(0).transpose(0, 1)  # (1, H, n, D) -> (n, H, D)
         return out
+
+    @staticmethod
+    def _decode_per_sequence(q, k_flat, v_flat, k_cache, v_cache, d, out, scale, gqa) -> None:
+        """One SDPA per request over its exact context; consecutive blocks are read in place."""
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        num_kv_heads = k_flat.shape[1]
+        block_size = k_cache.shape[1]
+        if d["blocks"] is not None:
+            kg = k_cache.index_select(0, d["blocks"]).view(-1, num_kv_heads, head_dim)  # (N * bs, Hkv, D)
+            vg = v_cache.index_select(0, d["blocks"]).view(-1, num_kv_heads, head_dim)
+        for row, n, block0, offset in d["seqs"]:
+            if block0 is not None:
+                lo = block0 * block_size
+                ks, vs = k_flat[lo : lo + n], v_flat[lo : lo + n]  # (n, Hkv, D) views of the cache
+            else:
+                ks, vs = kg[offset : offset + n], vg[offset : offset + n]
+            o = F.scaled_dot_product_attention(
+                q[row].view(1, num_heads, 1, head_dim),  # (H, D) -> (1, H, 1, D)
+                ks.transpose(0, 1).unsqueeze(0),  # (n, Hkv, D) -> (1, Hkv, n, D)
+                vs.transpose(0, 1).unsqueeze(0),
+                scale=scale,
+                enable_gqa=gqa,
+            )
+            out[row] = o.view(num_heads, head_dim)  # (1, H, 1, D) -> (H, D)
+
+    @staticmethod
+    def _decode_padded(q, k_cache, v_cache, d, out, scale, gqa) -> None:
+        """One SDPA over the batch, each request's blocks padded to the longest and masked."""
+        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        b, max_len = d["num"], d["max_len"]
+        first = d["first"]
+        qd = q[first : first + b] if d["rows"] is None else q.index_select(0, d["rows"])
+        qd = qd.unsqueeze(2)  # (B, H, D) -> (B, H, 1, D)
+        kd = k_cache.index_select(0, d["blocks"]).view(b, max_len, num_kv_heads, head_dim).transpose(1, 2)
+        vd = v_cache.index_select(0, d["blocks"]).view(b, max_len, num_kv_heads, head_dim).transpose(1, 2)
+        # (B * max_blocks, bs, Hkv, D) -> (B, L, Hkv, D) -> (B, Hkv, L, D)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d["mask"], scale=scale, enable_gqa=gqa)
+        od = od.squeeze(2)  # (B, H, 1, D) -> (B, H, D)
+        if d["rows"] is None:
+            out[first : first + b] = od
+        else:
+            out.index_copy_(0, d["rows"], od)

@@ -60,18 +60,27 @@ class TilingParams(_message.Message):
     def __init__(self, min_num: _Optional[int] = ..., max_num: _Optional[int] = ..., use_thumbnail: _Optional[bool] = ...) -> None: ...
 
 class RequestContext(_message.Message):
-    __slots__ = ("request_id", "tenant", "cache_namespace", "priority", "deadline_unix_ms")
+    __slots__ = ("request_id", "tenant", "cache_namespace", "priority", "deadline_unix_ms", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     CACHE_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tenant: str
     cache_namespace: str
     priority: int
     deadline_unix_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., tenant: _Optional[str] = ..., cache_namespace: _Optional[str] = ..., priority: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, request_id: _Optional[str] = ..., tenant: _Optional[str] = ..., cache_namespace: _Optional[str] = ..., priority: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class EmbeddingRef(_message.Message):
     __slots__ = ("kind", "key", "image_sha256", "tiles", "tokens_per_tile", "dim", "dtype", "grid_cols", "grid_rows", "cache_hit", "tensor")
