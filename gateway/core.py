@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from gateway.types import ChatChunk, ChatRequest, ImagePart, TextPart, TokenLogprob, Usage
@@ -82,6 +82,7 @@ class RequestRecord:
     finish_reason: str = ""
     images: int = 0
     tiles: int = 0
+    tile_counts: list[int] = field(default_factory=list)
     cache_hits: int = 0
     prompt_tokens: int = 0
     image_tokens: int = 0
@@ -198,6 +199,7 @@ class Gateway:
             refs = await self._embed(route, images, tilings, ctx, root) if images else []
             record.images = len(refs)
             record.tiles = sum(r.tiles for r in refs)
+            record.tile_counts = [r.tiles for r in refs]
             record.cache_hits = sum(1 for r in refs if r.cache_hit)
             started = False
             gen_span = tracing.start_span(tracing.SPAN_GENERATE, parent=root)

@@ -14,6 +14,7 @@ from typing import Any
 
 from gateway.clients import HandleDecoderClient, HandleEncoderClient
 from gateway.core import Gateway, GatewayLimits, ModelRoute
+from gateway.metrics import GatewayMetrics
 from services.common import tracing
 from services.common.serve_args import common_config, redis_url_with_password
 from services.topology import GatewaySettings
@@ -74,6 +75,7 @@ class GatewayDeployment:
             GatewayLimits(
                 default_timeout_s=self.settings.default_timeout_s, max_timeout_s=self.settings.max_timeout_s
             ),
+            observers=[GatewayMetrics()],
         )
         self.grpc = None
         if self.settings.grpc_port:

@@ -7,6 +7,7 @@ handle's stream cancels the request in the engine, freeing its KV blocks. Serve'
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from services.common import tracing
@@ -18,7 +19,7 @@ from services.decoder.server import DecoderFrontend, DecoderServicer
 
 
 class DecoderDeployment:
-    def __init__(
+    async def __init__(
         self,
         model: dict[str, Any],
         settings: dict[str, Any] | None = None,
@@ -51,6 +52,16 @@ class DecoderDeployment:
             store = RedisEmbeddingStore(RedisStoreConfig(url=url, ttl_s=cfg.cache.ttl_s))
         self.frontend = DecoderFrontend(self.core, EmbeddingResolver(store))
         self.servicer = DecoderServicer(self.frontend)
+        self._gauges = _ray_gauges(model.get("name", ""))
+        self._stats_task = asyncio.get_running_loop().create_task(self._publish_stats())
+
+    async def _publish_stats(self, interval_s: float = 1.0) -> None:
+        """Push the engine's load into Ray's metrics agent (exported per node as ray_internvl_mesh_*)."""
+        while True:
+            stats = self.core.stats()
+            for name, gauge in self._gauges.items():
+                gauge.set(float(stats.get(name, 0.0)))
+            await asyncio.sleep(interval_s)
 
     async def generate(self, payload: dict[str, Any], refs: list[EmbeddingRef], ctx: RequestContext):
         async for event in self.frontend.generate(payload, refs, ctx):
@@ -76,6 +87,23 @@ class DecoderDeployment:
         core = getattr(self, "core", None)
         if core is not None:
             core.shutdown()
+
+
+def _ray_gauges(model: str) -> dict[str, Any]:
+    from ray.util.metrics import Gauge
+
+    described = {
+        "running": ("internvl_mesh_decoder_num_requests_running", "Requests in the running batch."),
+        "waiting": ("internvl_mesh_decoder_num_requests_waiting", "Requests waiting to be scheduled."),
+        "kv_usage": ("internvl_mesh_decoder_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use."),
+        "preemptions": ("internvl_mesh_decoder_num_preemptions", "Preemptions since start."),
+    }
+    gauges = {}
+    for key, (name, doc) in described.items():
+        gauge = Gauge(name, description=doc, tag_keys=("model",))
+        gauge.set_default_tags({"model": model})
+        gauges[key] = gauge
+    return gauges
 
 
 def build_app(args: dict[str, Any]):

@@ -196,3 +196,33 @@ def test_one_trace_spans_gateway_encoder_preprocess_and_decoder(mesh):
     assert parent_of["encoder.embed"] == "gateway.embed"
     assert parent_of["decoder.generate"] == "gateway.generate"
     assert parent_of["preprocess.tile"] in {"encoder.embed", "encoder.cache_lookup", "encoder.encode"}
+
+
+def test_metrics_with_documented_names(mesh, ray_serve):
+    import time
+
+    import httpx
+    import ray
+
+    from gateway.metrics import METRIC_NAMES
+
+    body = {"model": MODEL, "max_tokens": 3, "temperature": 0,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": _uri(png(500, 300, seed=5))}},
+                {"type": "text", "text": "Count."}]}]}
+    assert httpx.post(mesh["http"] + "/chat/completions", json=body, timeout=120).status_code == 200
+    text = httpx.get(f"http://127.0.0.1:{ray_serve['http_port']}/metrics", timeout=30).text
+    for name in METRIC_NAMES:
+        assert name in text, name
+    assert f'internvl_mesh_requests_total{{model="{MODEL}",status="ok",tenant="default"}}' in text
+
+    # The decoder's gauges live in its replica and leave through Ray's metrics agent.
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline = time.monotonic() + 60
+    while True:
+        exported = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if "ray_internvl_mesh_decoder_kv_cache_usage_ratio" in exported or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_ratio"):
+        assert f"ray_internvl_mesh_decoder_{name}" in exported

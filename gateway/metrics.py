@@ -1,0 +1,127 @@
+"""The gateway's Prometheus metrics, with the names people know from vLLM under ``internvl_mesh_``.
+
+Served on the gateway's ``GET /metrics``. The decoder's and encoder's own gauges (running and waiting
+requests, KV-cache usage, batch sizes) live in their replicas and are exported through Ray's metrics
+agent on every node (``ray_internvl_mesh_*``); see the README's "Metrics" section. Tenant labels are
+bounded: tenants outside ``tenant_labels`` (when given) are counted as ``other``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+
+from gateway.core import RequestRecord
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
+
+METRIC_NAMES = (
+    "internvl_mesh_requests_total",
+    "internvl_mesh_time_to_first_token_seconds",
+    "internvl_mesh_time_per_output_token_seconds",
+    "internvl_mesh_e2e_request_latency_seconds",
+    "internvl_mesh_request_queue_time_seconds",
+    "internvl_mesh_prompt_tokens_total",
+    "internvl_mesh_generation_tokens_total",
+    "internvl_mesh_image_tokens_total",
+    "internvl_mesh_embedding_cache_hits_total",
+    "internvl_mesh_embedding_cache_misses_total",
+    "internvl_mesh_tiles_per_image",
+)
+
+
+class GatewayMetrics:
+    """A ``GatewayObserver`` that turns each finished request into metric updates."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY, tenant_labels: Iterable[str] | None = None):
+        self.tenant_labels = set(tenant_labels) if tenant_labels is not None else None
+        self.requests = Counter(
+            "internvl_mesh_requests",
+            "Finished requests by status.",
+            ["model", "tenant", "status"],
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "internvl_mesh_time_to_first_token_seconds",
+            "Time to first token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tpot = Histogram(
+            "internvl_mesh_time_per_output_token_seconds",
+            "Time per output token after the first.",
+            ["model"],
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.e2e = Histogram(
+            "internvl_mesh_e2e_request_latency_seconds",
+            "End-to-end request latency.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue = Histogram(
+            "internvl_mesh_request_queue_time_seconds",
+            "Time waiting for admission (limits).",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "internvl_mesh_prompt_tokens",
+            "Prompt tokens (image tokens included).",
+            ["model", "tenant"],
+            registry=registry,
+        )
+        self.generation_tokens = Counter(
+            "internvl_mesh_generation_tokens", "Generated tokens.", ["model", "tenant"], registry=registry
+        )
+        self.image_tokens = Counter(
+            "internvl_mesh_image_tokens", "Image tokens in prompts.", ["model", "tenant"], registry=registry
+        )
+        self.cache_hits = Counter(
+            "internvl_mesh_embedding_cache_hits",
+            "Images answered from the embedding cache.",
+            ["model"],
+            registry=registry,
+        )
+        self.cache_misses = Counter(
+            "internvl_mesh_embedding_cache_misses",
+            "Images that had to be encoded.",
+            ["model"],
+            registry=registry,
+        )
+        self.tiles = Histogram(
+            "internvl_mesh_tiles_per_image",
+            "Tiles per image (thumbnail included).",
+            ["model"],
+            buckets=(1, 2, 3, 5, 7, 9, 13, 17, 25, 33, 41),
+            registry=registry,
+        )
+
+    def _tenant(self, tenant: str) -> str:
+        if self.tenant_labels is None or tenant in self.tenant_labels:
+            return tenant
+        return "other"
+
+    def on_complete(self, r: RequestRecord) -> None:
+        tenant = self._tenant(r.tenant)
+        self.requests.labels(r.model, tenant, r.status).inc()
+        self.e2e.labels(r.model).observe(r.latency_s)
+        self.queue.labels(r.model).observe(r.queue_s)
+        if r.ttft_s is not None:
+            self.ttft.labels(r.model).observe(r.ttft_s)
+            if r.completion_tokens > 1:
+                self.tpot.labels(r.model).observe((r.latency_s - r.ttft_s) / (r.completion_tokens - 1))
+        self.prompt_tokens.labels(r.model, tenant).inc(r.prompt_tokens)
+        self.generation_tokens.labels(r.model, tenant).inc(r.completion_tokens)
+        self.image_tokens.labels(r.model, tenant).inc(r.image_tokens)
+        if r.images:
+            self.cache_hits.labels(r.model).inc(r.cache_hits)
+            self.cache_misses.labels(r.model).inc(r.images - r.cache_hits)
+            for n in r.tile_counts:
+                self.tiles.labels(r.model).observe(n)
