@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from gateway.tenancy.config import parse_key_id
 from gateway.types import ChatChunk, ChatRequest, ImagePart, TextPart, TokenLogprob, Usage
 from services.common import tracing
 from services.common.errors import (
@@ -24,6 +25,9 @@ from services.common.errors import (
     EmbeddingUnresolvable,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
 )
 from services.common.pb import RequestContext
 from services.common.refs import EmbeddingRef
@@ -99,6 +103,10 @@ class RequestRecord:
 
 
 class GatewayObserver(Protocol):
+    """Told about every finished request. An observer may also define ``on_auth_failure(reason, key_id)``
+    (``key_id`` is the public part of the presented key or None, never the key) and
+    ``on_rejected(tenant, reason)`` (a limit refused admission); both are optional."""
+
     def on_complete(self, record: RequestRecord) -> None: ...
 
 
@@ -120,7 +128,11 @@ class Gateway:
 
     # -- public -------------------------------------------------------------------------------
     async def authenticate(self, api_key: str | None):
-        return await _maybe_await(self.keys.authenticate(api_key))
+        try:
+            return await _maybe_await(self.keys.authenticate(api_key))
+        except Unauthenticated as exc:
+            self._notify("on_auth_failure", exc.reason, parse_key_id(api_key) if api_key else None)
+            raise
 
     async def list_models(self, api_key: str | None) -> list[ModelRoute]:
         tenant = await self.authenticate(api_key)
@@ -160,6 +172,9 @@ class Gateway:
             admission_span = tracing.start_span(tracing.SPAN_ADMISSION, parent=root)
             try:
                 admission = await _maybe_await(self.limiter.admit(tenant, estimate))
+            except (ResourceExhausted, Unavailable) as exc:
+                self._notify("on_rejected", tenant.name, exc.reason)
+                raise
             finally:
                 admission_span.end()
             record.queue_s = time.monotonic() - record.started
@@ -184,6 +199,12 @@ class Gateway:
             root.end()
             for observer in self.observers:
                 observer.on_complete(record)
+
+    def _notify(self, hook: str, *args: Any) -> None:
+        for observer in self.observers:
+            method = getattr(observer, hook, None)
+            if method is not None:
+                method(*args)
 
     # -- steps --------------------------------------------------------------------------------
     async def _run(
@@ -210,6 +231,9 @@ class Gateway:
                         record.ttft_s = time.monotonic() - record.started
                     started = True
                     chunk = _chunk(req.request_id, event)
+                    # Counted as they arrive so a cancelled request still accounts for what it generated;
+                    # the final event's usage replaces the count.
+                    usage.completion_tokens += len(event.get("token_ids") or ())
                     if chunk.finish_reason == "deadline":
                         raise DeadlineExceeded(
                             f"request {req.request_id} reached its deadline in the decoder"

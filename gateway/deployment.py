@@ -12,9 +12,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from gateway.audit import AuditedKeyStore, AuditLog
 from gateway.clients import HandleDecoderClient, HandleEncoderClient
 from gateway.core import Gateway, GatewayLimits, ModelRoute
 from gateway.metrics import GatewayMetrics
+from gateway.ops_config import OpsSettings
+from gateway.usage import UsageRecorder
 from services.common import tracing
 from services.common.serve_args import common_config, redis_url_with_password
 from services.topology import GatewaySettings
@@ -22,12 +25,13 @@ from services.topology import GatewaySettings
 log = logging.getLogger(__name__)
 
 
-def build_tenancy(settings: GatewaySettings, redis_url: str, registry=None):
+def build_tenancy(settings: GatewaySettings, redis_url: str, registry=None, audit: AuditLog | None = None):
     """Key store and limiter from settings (the entry point of a gateway replica reads env here)."""
     from gateway.tenancy.keys import KeyStore
     from gateway.tenancy.limiter import FallbackLimiter, LocalLimiter, RedisLimiter
 
-    keys = KeyStore(settings.tenants_file or None)
+    path = settings.tenants_file or None
+    keys = AuditedKeyStore(path, audit=audit) if audit is not None else KeyStore(path)
     local = LocalLimiter()
     limiter = (
         FallbackLimiter(
@@ -51,7 +55,15 @@ class GatewayDeployment:
         self.settings = GatewaySettings.model_validate(gateway)
         cfg = common_config(common)
         tracing.setup_tracing(cfg.tracing, "gateway")
-        self.keys, self.limiter = build_tenancy(self.settings, redis_url_with_password(cfg))
+        ops = getattr(self.settings, "ops", None) or OpsSettings()
+        redis_url = redis_url_with_password(cfg)
+        audit = AuditLog() if ops.audit.enabled else None
+        self.keys, self.limiter = build_tenancy(self.settings, redis_url, audit=audit)
+        observers = [GatewayMetrics(tenant_labels=ops.metrics.tenant_labels), *([audit] if audit else [])]
+        self.usage = None
+        if ops.usage.enabled and (redis_url or ops.usage.jsonl_path):
+            self.usage = UsageRecorder.from_url(ops.usage, redis_url).start()
+            observers.append(self.usage)
         if self.keys.single_tenant:
             log.warning("no tenants file configured: serving single-tenant, without API keys")
         await self.keys.start()
@@ -75,15 +87,17 @@ class GatewayDeployment:
             GatewayLimits(
                 default_timeout_s=self.settings.default_timeout_s, max_timeout_s=self.settings.max_timeout_s
             ),
-            observers=[GatewayMetrics()],
+            observers=observers,
         )
         self.grpc = None
         if self.settings.grpc_port:
+            tls = ops.tls.server_credentials()  # None: plaintext, TLS ends at the Ingress
             self.grpc = await start_server(
                 [GatewayServicer(self.gateway).registration()],
                 host=self.settings.host,
                 port=self.settings.grpc_port,
                 max_message_bytes=cfg.grpc.max_message_bytes,
+                **({"credentials": tls} if tls is not None else {}),
             )
 
     def __serve_build_asgi_app__(self):
