@@ -186,6 +186,9 @@ def _register_optional_commands() -> None:
     app.command("convert", help="Convert an original-format InternVL checkpoint to the native layout.")(
         convert_command
     )
+    from services.ops_cli import register_ops_commands
+
+    register_ops_commands(app)
 
 
 def main(argv: list[str] | None = None) -> None:
