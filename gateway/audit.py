@@ -11,7 +11,8 @@ Events:
 
 - ``auth_failure`` (``reason``: missing_api_key, invalid_api_key, key_revoked, key_expired; ``key_id``
   of the presented key, ``none`` when there was no key or it had no parseable id);
-- ``limit_rejected`` (``tenant``, ``reason``: rate, tokens, concurrency, daily, unavailable, ...);
+- ``limit_rejected`` (``tenant``, ``reason``: rate_limited, tokens_per_min, concurrency, daily_quota,
+  limiter_unavailable);
 - ``key_added``, ``key_removed``, ``key_revoked``, ``key_restored``, ``key_expiry_changed``
   (``key_id``, ``tenant``, ``expires_at``), ``tenant_added``, ``tenant_removed`` (``tenant``): the
   differences between two successive loads of the tenants file, seen by ``AuditedKeyStore``;
