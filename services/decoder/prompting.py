@@ -59,6 +59,9 @@ class PromptBuilder:
         self.end_id = vocab[self.end_token]
         specials = set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens)
         self.special_strings = sorted((s for s in specials if s), key=len, reverse=True)
+        # What the tokenizer puts in front of any text (InternLM2 / Llama: BOS; Qwen2: nothing). The
+        # reference tokenizes its whole prompt with special tokens on, so the prompt starts with it.
+        self.prefix_ids: list[int] = list(tokenizer("", add_special_tokens=True)["input_ids"])
 
     # -- to implement ---------------------------------------------------------------------------
     def render(self, messages: list[dict[str, Any]]) -> str:
@@ -76,6 +79,8 @@ class PromptBuilder:
                 reason="image_count_mismatch",
             )
         ids = self._tokenize(messages)
+        if self.prefix_ids and ids[: len(self.prefix_ids)] != self.prefix_ids:
+            ids = self.prefix_ids + ids
         return self._expand(ids, image_tiles, image_hashes)
 
     def _contains_special(self, text: str) -> bool:
@@ -185,9 +190,12 @@ PROMPT_BUILDERS: dict[str, Callable[..., PromptBuilder]] = {
 
 
 def make_prompt_builder(config: dict[str, Any], tokenizer, tokens_per_tile: int) -> PromptBuilder:
-    """``template`` when config.json names an InternVL conversation template, else ``native``."""
+    """``native`` whenever the tokenizer carries a chat template (transformers-native checkpoints, and
+    converted ones, whose template the converter rendered with the checkpoint's own system message);
+    ``template`` (the InternVL conversation template that config.json names, with its built-in system
+    message) only for a tokenizer without one."""
     name = config.get("template")
-    if name:
+    if name and not getattr(tokenizer, "chat_template", None):
         return PROMPT_BUILDERS["template"](tokenizer, name, tokens_per_tile)
     return PROMPT_BUILDERS["native"](tokenizer, tokens_per_tile)
 

@@ -4,6 +4,10 @@ Text is produced from a sliding window of tokens (``prefix_offset:read_offset``)
 few tokens, not the whole output. A window whose text ends in U+FFFD is an incomplete UTF-8 sequence
 (a multi-byte character split over tokens): nothing is emitted until the next token completes it.
 
+Byte-fallback tokens (``<0xE4>``, SentencePiece tokenizers) are decoded only once their run has
+ended: a run is re-interpreted as a whole (an invalid byte turns its neighbours into U+FFFD too), so
+text from the middle of a run could differ from the final decoding.
+
 Text that could be the beginning of a stop string is held back; when a stop string appears, the text
 is cut before it. When a request ends any other way, the remaining text is taken from decoding all
 output tokens at once, so the streamed deltas always add up to exactly that.
@@ -24,6 +28,11 @@ class IncrementalDetokenizer:
         self.text = ""  # decoded text so far (complete characters only)
         self.emitted = 0  # characters of ``text`` already handed out
         self.stopped = False
+        self._byte_ids: set[int] = {
+            i
+            for t, i in tokenizer.get_vocab().items()
+            if len(t) == 6 and t.startswith("<0x") and t.endswith(">")
+        }
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -33,6 +42,8 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self.token_ids.extend(token_ids)
+        if self.token_ids and self.token_ids[-1] in self._byte_ids:
+            return self._take(len(self.text) - self._held_back())  # inside a byte run: wait for its end
         prefix = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.token_ids[self.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
