@@ -39,6 +39,9 @@ class LocalExecutor:
         logits = self.runner.execute(self.runner.prepare(chunks))
         return None if logits is None else self.runner.sample(logits, chunks)
 
+    def release(self, request_id: str) -> None:
+        self.runner.sampler.release(request_id)
+
     def shutdown(self) -> None:
         pass
 
@@ -221,9 +224,7 @@ class LLMEngine:
         state = self.states.pop(req.request_id, None)
         if state is not None:
             text += state.detokenizer.finish()
-        sampler = self.executor.runner.sampler
-        if sampler is not None:
-            sampler.release(req.request_id)
+        self.executor.release(req.request_id)
         usage = Usage(
             prompt_tokens=req.num_prompt_tokens,
             image_tokens=req.num_image_tokens,

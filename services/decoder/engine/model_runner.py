@@ -1,8 +1,8 @@
 """The model runner: owns the weights, the paged KV cache and the sampler of one rank.
 
-Rank 0 (the driver) turns a ``SchedulerOutput`` into a ``StepInput`` of flat tensors, sends it to the
-other ranks (``tp_worker``), runs its own shard of the forward, computes logits and samples. Other
-ranks only run the forward: each layer's all_reduce combines the shards.
+Rank 0 (the driver) turns a ``SchedulerOutput`` into a ``StepInput`` of flat tensors, runs its shard
+of the forward, computes logits and samples. Other ranks only run the forward (each layer's
+all_reduce combines the shards); they build the same ``StepInput`` from what ``tp_worker`` sends them.
 
 KV sizing: ``CacheConfig.num_blocks`` when given; otherwise the share ``memory_fraction`` of the
 device's memory, less the weights and an activation reserve, capped at what ``max_num_seqs``
@@ -13,7 +13,7 @@ start-up error that names the knobs.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class StepInput:
-    """One step's flat batch, on CPU; small enough to broadcast to every rank each step."""
+    """One step's flat batch, on CPU; every rank builds its own (``ModelRunner.build_step``)."""
 
     input_ids: torch.Tensor  # (T,) int64
     positions: torch.Tensor  # (T,) int64
@@ -44,6 +44,38 @@ class StepInput:
     logits_indices: torch.Tensor  # (S,) flat index of each sampling request's last token
     image_rows: torch.Tensor | None  # (R, hidden)
     image_index: torch.Tensor | None  # (R,) flat token index each row replaces
+
+
+@dataclass
+class ChunkWork:
+    """One scheduled chunk as the forward needs it, without the request around it.
+
+    ``token_ids`` are the chunk's input tokens at positions ``start..start+len-1``; ``image_rows``
+    (r, hidden) replace the tokens at the chunk-relative positions ``image_index``.
+    """
+
+    start: int
+    token_ids: list[int]
+    sample: bool
+    image_rows: torch.Tensor | None = None
+    image_index: list[int] = field(default_factory=list)
+
+
+def chunk_work(ch: ScheduledChunk) -> ChunkWork:
+    req, s, n = ch.request, ch.start, ch.num_tokens
+    rows, index = [], []
+    for k, span in enumerate(req.images):
+        lo, hi = max(s, span.offset), min(s + n, span.offset + span.length)
+        if lo < hi:
+            rows.append(req.mm_embeddings[k][lo - span.offset : hi - span.offset])
+            index += range(lo - s, hi - s)
+    return ChunkWork(
+        start=s,
+        token_ids=req.all_token_ids[s : s + n],
+        sample=ch.sample,
+        image_rows=(rows[0] if len(rows) == 1 else torch.cat(rows)) if rows else None,  # (r, hidden)
+        image_index=index,
+    )
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -141,36 +173,40 @@ class ModelRunner:
 
     # -- a step ------------------------------------------------------------------------------------
     def prepare(self, chunks: list[ScheduledChunk]) -> StepInput:
+        return self.build_step([chunk_work(ch) for ch in chunks], [ch.request.block_ids for ch in chunks])
+
+    def build_step(self, items: list[ChunkWork], tables: list[list[int]]) -> StepInput:
+        """The flat batch of ``items``, request ``i`` reading and writing the blocks ``tables[i]``.
+
+        Every rank builds its step here, the driver from its requests and the other ranks from what
+        the driver sent them (``tp_worker``), so all ranks run the same forward.
+        """
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        qsl, ctx, tables, logits_idx = [0], [], [], []
+        qsl, ctx, logits_idx = [0], [], []
         rows, row_index = [], []
-        for ch in chunks:
-            req, s, n = ch.request, ch.start, ch.num_tokens
+        for item, table in zip(items, tables, strict=True):
+            s, n = item.start, len(item.token_ids)
             base = len(ids)
-            table = req.block_ids
-            ids += req.all_token_ids[s : s + n]
+            ids += item.token_ids
             positions += range(s, s + n)
             slots += [table[p // bs] * bs + p % bs for p in range(s, s + n)]
             qsl.append(base + n)
             ctx.append(s + n)
-            tables.append(table)
-            if ch.sample:
+            if item.sample:
                 logits_idx.append(base + n - 1)
-            for k, span in enumerate(req.images):
-                lo, hi = max(s, span.offset), min(s + n, span.offset + span.length)
-                if lo < hi:
-                    rows.append(req.mm_embeddings[k][lo - span.offset : hi - span.offset])
-                    row_index += range(base + lo - s, base + hi - s)
+            if item.image_rows is not None:
+                rows.append(item.image_rows)
+                row_index += [base + i for i in item.image_index]
         return StepInput(
             input_ids=torch.tensor(ids, dtype=torch.long),
             positions=torch.tensor(positions, dtype=torch.long),
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             query_start_loc=qsl,
             context_lens=ctx,
-            block_tables=tables,
+            block_tables=list(tables),
             logits_indices=torch.tensor(logits_idx, dtype=torch.long),
             image_rows=torch.cat(rows).to(self.dtype) if rows else None,  # (R, hidden)
             image_index=torch.tensor(row_index, dtype=torch.long) if rows else None,

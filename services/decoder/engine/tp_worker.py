@@ -5,6 +5,11 @@ The driver (rank 0) lives in the engine's process; ranks 1..N-1 are processes it
 CPU) for the layers' all_reduce, plus a gloo group for control: every step the driver broadcasts
 ``(method, args)`` and every rank runs the same method, so all ranks execute the same forward in
 lockstep. Only rank 0 computes logits and samples.
+
+What crosses the process boundary each step is a ``StepDelta``, not the flat batch: each chunk's
+own tokens and image rows (data that crosses once per computation anyway), and of its block table
+only what changed since the ranks last saw it. The ranks keep the tables (``TableMirror``) and
+rebuild the same ``StepInput`` the driver runs; ended requests are named once so they drop them.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from services.decoder.config import DecoderConfig
-from services.decoder.engine.model_runner import ModelRunner, StepInput
+from services.decoder.engine.model_runner import ChunkWork, ModelRunner, chunk_work
 from services.decoder.engine.sampler import SamplerOutput
 from services.decoder.engine.scheduler import ScheduledChunk
 from services.decoder.models.layers import TPContext
@@ -29,6 +35,93 @@ def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+@dataclass
+class ChunkDelta:
+    """One chunk for the other ranks: its work, and its block table as an edit of the last one sent."""
+
+    request_id: str
+    work: ChunkWork
+    keep_blocks: int  # leading entries of the ranks' copy of the table that are still valid
+    new_blocks: list[int]  # appended after those
+
+
+@dataclass
+class StepDelta:
+    chunks: list[ChunkDelta]
+    released: list[str] = field(default_factory=list)  # ended requests: forget their tables
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    i = 0
+    while a[i] == b[i]:
+        i += 1
+    return i
+
+
+class DeltaEncoder:
+    """Driver side: remembers the tables the ranks hold and sends each step only the changes.
+
+    A table usually only grows (a decode crosses into a new block); after preemption it is rebuilt,
+    which the common-prefix edit covers without a special case.
+    """
+
+    def __init__(self):
+        self.sent: dict[str, list[int]] = {}
+        self.released: list[str] = []
+
+    def release(self, request_id: str) -> None:
+        if self.sent.pop(request_id, None) is not None:
+            self.released.append(request_id)
+
+    def encode(self, chunks: list[ScheduledChunk]) -> StepDelta:
+        out = []
+        for ch in chunks:
+            rid, table = ch.request.request_id, ch.request.block_ids
+            known = self.sent.get(rid, [])
+            keep = _common_prefix(known, table)
+            out.append(ChunkDelta(rid, chunk_work(ch), keep, table[keep:]))
+            self.sent[rid] = list(table)
+        delta = StepDelta(out, self.released)
+        self.released = []
+        return delta
+
+
+class TableMirror:
+    """Rank side: the block tables the driver sent, edited by each step's delta."""
+
+    def __init__(self):
+        self.tables: dict[str, list[int]] = {}
+
+    def apply(self, delta: StepDelta) -> tuple[list[ChunkWork], list[list[int]]]:
+        for rid in delta.released:
+            self.tables.pop(rid, None)
+        items, tables = [], []
+        for ch in delta.chunks:
+            table = self.tables.setdefault(ch.request_id, [])
+            del table[ch.keep_blocks :]
+            table += ch.new_blocks
+            items.append(ch.work)
+            tables.append(table)
+        return items, tables
+
+
+class _Follower:
+    """What ranks 1..N-1 run for each broadcast method."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.mirror = TableMirror()
+
+    def init_cache(self, num_blocks: int) -> None:
+        self.runner.init_cache(num_blocks)
+
+    def step(self, delta: StepDelta) -> None:
+        self.runner.execute(self.runner.build_step(*self.mirror.apply(delta)))
 
 
 def _backend(config: DecoderConfig) -> str:
@@ -57,7 +150,7 @@ def worker_main(config_json: str, rank: int, port: int, threads: int) -> None:
     torch.set_num_threads(threads)
     config = DecoderConfig.model_validate_json(config_json)
     tp, control = _init_group(config, rank, port)
-    runner = ModelRunner(config, tp)
+    follower = _Follower(ModelRunner(config, tp))
     try:
         while True:
             box: list[Any] = [None]
@@ -65,7 +158,7 @@ def worker_main(config_json: str, rank: int, port: int, threads: int) -> None:
             method, args = box[0]
             if method == "exit":
                 break
-            getattr(runner, method)(*args)
+            getattr(follower, method)(*args)
     finally:
         dist.destroy_process_group()
 
@@ -91,6 +184,7 @@ class TPDriver:
         except BaseException:
             self._kill()
             raise
+        self.encoder = DeltaEncoder()
         self.closed = False
 
     def _call(self, method: str, *args) -> None:
@@ -101,10 +195,16 @@ class TPDriver:
         self.runner.init_cache(num_blocks)
 
     def step(self, chunks: list[ScheduledChunk]) -> SamplerOutput | None:
-        step: StepInput = self.runner.prepare(chunks)
-        self._call("execute", step)
-        logits = self.runner.execute(step)
+        delta = self.encoder.encode(chunks)
+        self._call("step", delta)
+        items = [ch.work for ch in delta.chunks]
+        logits = self.runner.execute(self.runner.build_step(items, [ch.request.block_ids for ch in chunks]))
         return None if logits is None else self.runner.sample(logits, chunks)
+
+    def release(self, request_id: str) -> None:
+        """The request ended: its sampler state goes now, the ranks' table with the next step."""
+        self.runner.sampler.release(request_id)
+        self.encoder.release(request_id)
 
     def _kill(self) -> None:
         for p in self.procs:
