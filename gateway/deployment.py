@@ -110,6 +110,11 @@ class GatewayDeployment:
     async def check_health(self) -> None:
         return None
 
+    def __del__(self):
+        # Serve calls this when the replica stops: write the buffered usage records first.
+        if getattr(self, "usage", None) is not None:
+            self.usage.close(timeout=2.0)
+
 
 def build_app(args: dict[str, Any]):
     """Serve application builder: ``import_path: gateway.deployment:build_app``."""
