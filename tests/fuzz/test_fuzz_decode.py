@@ -1,0 +1,50 @@
+"""A short, bounded run of the image-decoding fuzz target (``fuzz_decode.py``) in CI.
+
+The target runs in a subprocess (libFuzzer owns the process it runs in and exits on a finding),
+seeded with one valid image per format, for a fixed wall time; the test fails if the fuzzer reports
+a crash, a per-input timeout or an out-of-memory. Longer runs are the same command with a larger
+``-max_total_time``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("atheris")
+
+TARGET = Path(__file__).with_name("fuzz_decode.py")
+REPO = Path(__file__).resolve().parents[2]
+SECONDS = 8
+
+
+def test_decode_image_survives_a_short_fuzzing_run(tmp_path):
+    from tests.fuzz.fuzz_decode import write_seeds
+
+    corpus = tmp_path / "corpus"
+    write_seeds(corpus)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(TARGET),
+            str(corpus),
+            f"-max_total_time={SECONDS}",
+            "-timeout=10",
+            "-rss_limit_mb=2048",
+            "-max_len=65536",
+            f"-artifact_prefix={tmp_path}/",
+        ],
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=SECONDS + 60,
+    )
+    log = proc.stderr[-4000:]
+    assert proc.returncode == 0, log
+    assert "Done" in proc.stderr, log
+    assert not list(tmp_path.glob("crash-*")) and not list(tmp_path.glob("timeout-*")), log
