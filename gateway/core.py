@@ -243,6 +243,7 @@ class Gateway:
                         usage.prompt_tokens = chunk.usage.prompt_tokens
                         usage.image_tokens = chunk.usage.image_tokens
                         usage.completion_tokens = chunk.usage.completion_tokens
+                        usage.cached_prompt_tokens = chunk.usage.cached_prompt_tokens
                         record.finish_reason = chunk.finish_reason or ""
                     yield chunk
                 return
@@ -391,6 +392,7 @@ def _chunk(request_id: str, event: dict[str, Any]) -> ChatChunk:
             prompt_tokens=usage["prompt_tokens"],
             image_tokens=usage.get("image_tokens", 0),
             completion_tokens=usage["completion_tokens"],
+            cached_prompt_tokens=usage.get("cached_prompt_tokens", 0),
         )
         if usage
         else None,

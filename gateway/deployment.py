@@ -16,7 +16,6 @@ from gateway.audit import AuditedKeyStore, AuditLog
 from gateway.clients import HandleDecoderClient, HandleEncoderClient
 from gateway.core import Gateway, GatewayLimits, ModelRoute
 from gateway.metrics import GatewayMetrics
-from gateway.ops_config import OpsSettings
 from gateway.usage import UsageRecorder
 from services.common import tracing
 from services.common.serve_args import common_config, redis_url_with_password
@@ -55,7 +54,7 @@ class GatewayDeployment:
         self.settings = GatewaySettings.model_validate(gateway)
         cfg = common_config(common)
         tracing.setup_tracing(cfg.tracing, "gateway")
-        ops = getattr(self.settings, "ops", None) or OpsSettings()
+        ops = self.settings.ops
         redis_url = redis_url_with_password(cfg)
         audit = AuditLog() if ops.audit.enabled else None
         self.keys, self.limiter = build_tenancy(self.settings, redis_url, audit=audit)

@@ -144,7 +144,7 @@ def _usage(u: Usage | None) -> dict[str, Any] | None:
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0, "image_tokens": u.image_tokens},
+        "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens, "image_tokens": u.image_tokens},
     }
 
 

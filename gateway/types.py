@@ -76,6 +76,7 @@ class Usage:
     image_tokens: int = 0
     completion_tokens: int = 0
     cached_images: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens served from the decoder's prefix cache
 
     @property
     def total_tokens(self) -> int:

@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
+from gateway.ops_config import OpsSettings
 from services.common.config import CommonConfig, ModelConfig, StrictModel
 
 INTERNAL_PREFIX = "/_internal"
@@ -53,6 +54,12 @@ class DeploymentConfig(StrictModel):
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources.")
     max_ongoing_requests: int = Field(default=32, ge=1, le=100_000)
     graceful_shutdown_timeout_s: float = Field(default=30.0, ge=0, le=3600)
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="OMP_NUM_THREADS of the replica (Ray sets 1 for fractional-CPU actors); None: Ray's.",
+    )
 
     def serve_options(self) -> dict[str, Any]:
         actor: dict[str, Any] = {"num_cpus": self.num_cpus}
@@ -62,6 +69,8 @@ class DeploymentConfig(StrictModel):
             actor["memory"] = int(self.memory_gb * 1024**3)
         if self.resources:
             actor["resources"] = dict(self.resources)
+        if self.torch_threads:
+            actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(self.torch_threads)}}
         return {
             "ray_actor_options": actor,
             "autoscaling_config": self.autoscaling.model_dump(),
@@ -113,6 +122,9 @@ class GatewaySettings(StrictModel):
     max_timeout_s: float = Field(default=600.0, gt=0, le=86_400)
     allow_remote_images: bool = Field(default=False, description="Fetch http(s) image URLs (off: SSRF).")
     limits_fail_closed: bool = Field(default=False, description="Refuse requests when Redis limits are down.")
+    ops: OpsSettings = Field(
+        default_factory=OpsSettings, description="Usage records, audit log, tenant metric labels, gRPC TLS."
+    )
 
 
 class MeshConfig(CommonConfig):
@@ -142,6 +154,16 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c == "-" else "-" for c in name.lower()).strip("-")[:48] or "model"
 
 
+def _gateway_args(g: GatewaySettings) -> dict[str, Any]:
+    """The gateway's settings; ``ops`` only where it differs from the defaults (kept out of the
+    rendered config otherwise, so the chart's default render stays the same structure)."""
+    out = g.model_dump(exclude={"ops"})
+    ops = g.ops.model_dump(exclude_defaults=True)
+    if ops:
+        out["ops"] = ops
+    return out
+
+
 def _model_args(m: ServedModel) -> dict[str, Any]:
     return m.model_dump(include={"name", "path", "dtype", "device", "max_tiles_per_image"})
 
@@ -158,7 +180,9 @@ def decoder_options(m: ServedModel) -> dict[str, Any]:
     if tp > 1:
         actor = options["ray_actor_options"]
         cpus = max(m.decoder.num_cpus, 1.0) * tp
-        bundle: dict[str, float] = {"CPU": cpus}
+        bundle: dict[str, float] = {"CPU": cpus, **m.decoder.resources}
+        if m.decoder.memory_gb:
+            bundle["memory"] = int(m.decoder.memory_gb * 1024**3)
         actor["num_cpus"] = cpus
         if m.device != "cpu":
             bundle["GPU"] = float(tp)
@@ -226,7 +250,7 @@ def render_serve_config(cfg: MeshConfig) -> dict[str, Any]:
             "route_prefix": "/",
             "import_path": "gateway.deployment:build_app",
             "args": {
-                "gateway": cfg.gateway.model_dump(),
+                "gateway": _gateway_args(cfg.gateway),
                 "models": [
                     {
                         "name": m.name,

@@ -142,10 +142,11 @@ async def start_server(
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
     serving: bool = True,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> GrpcServer:
     """Start a server for ``(add_XServicer_to_server, servicer, full_service_name)`` triples.
 
-    ``port=0`` picks a free port (returned). Health reports SERVING for every service once started
+    ``port=0`` picks a free port (returned). ``credentials`` serves TLS instead of plaintext. Health reports SERVING for every service once started
     (pass ``serving=False`` to flip it later, after warm-up).
     """
     server = grpc.aio.server(
@@ -158,7 +159,8 @@ async def start_server(
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot bind gRPC server to {host}:{port}")
     await server.start()

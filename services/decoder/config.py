@@ -26,7 +26,12 @@ class CacheConfig(BaseModel):
         None, ge=1, description="Exact number of KV blocks; overrides memory_fraction (tests, CPU)."
     )
     cpu_memory_bytes: int | None = Field(
-        None, ge=1, description="Memory to budget on CPU (default: the machine's physical memory)."
+        4 << 30,
+        ge=1,
+        description=(
+            "Memory (weights + KV cache) to budget on CPU; None: the machine's physical memory. A bound by "
+            "default: several decoders (and other services) share a machine's RAM."
+        ),
     )
     enable_prefix_caching: bool = True
 

@@ -55,6 +55,7 @@ def mesh(ray_serve, tiny_checkpoint):
         "http": f"http://127.0.0.1:{ray_serve['http_port']}/v1",
         "grpc": f"127.0.0.1:{grpc_port}",
         "collector": collector,
+        "checkpoint": tiny_checkpoint,
     }
     for app in reversed(config["applications"]):
         serve.delete(app["name"])
@@ -102,6 +103,22 @@ def test_openai_client_through_serve_matches_the_reference(mesh, tiny_checkpoint
     assert [m.id for m in client.models.list().data] == [MODEL]
 
 
+def _reference(mesh, images, question, max_new_tokens):
+    from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+    if "reference" not in mesh:
+        path = mesh["checkpoint"]
+        mesh["reference"] = (
+            InternVLForConditionalGeneration.from_pretrained(path).eval(),
+            AutoTokenizer.from_pretrained(path),
+        )
+    model, tokenizer = mesh["reference"]
+    parts = [*({"type": "image"} for _ in images), {"type": "text", "text": question}]
+    return reference_answer(
+        model, tokenizer, [{"role": "user", "content": parts}], images, 12, max_new_tokens
+    )
+
+
 def test_public_grpc_with_health_and_reflection(mesh):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -133,6 +150,9 @@ def test_public_grpc_with_health_and_reflection(mesh):
         )
         chunks = list(stub.Chat(request, timeout=120))
         assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 6
+        assert "".join(c.text for c in chunks) == _reference(
+            mesh, [png(500, 500, seed=3)], "Describe it.", 6
+        ), "the gRPC API answers like the reference"
         assert [m.id for m in stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=10).models] == [MODEL]
         with pytest.raises(grpc.RpcError) as err:
             list(stub.Chat(gateway_pb2.ChatRequest(model="unknown", messages=request.messages), timeout=30))
@@ -206,10 +226,20 @@ def test_metrics_with_documented_names(mesh, ray_serve):
 
     from gateway.metrics import METRIC_NAMES
 
-    body = {"model": MODEL, "max_tokens": 3, "temperature": 0,
-            "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": _uri(png(500, 300, seed=5))}},
-                {"type": "text", "text": "Count."}]}]}
+    body = {
+        "model": MODEL,
+        "max_tokens": 3,
+        "temperature": 0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": _uri(png(500, 300, seed=5))}},
+                    {"type": "text", "text": "Count."},
+                ],
+            }
+        ],
+    }
     assert httpx.post(mesh["http"] + "/chat/completions", json=body, timeout=120).status_code == 200
     text = httpx.get(f"http://127.0.0.1:{ray_serve['http_port']}/metrics", timeout=30).text
     for name in METRIC_NAMES:

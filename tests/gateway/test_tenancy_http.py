@@ -218,3 +218,24 @@ def test_oversized_and_absurd_requests(replicas):
     assert r.status_code == 400 and "images" in r.json()["error"]["message"]
     r = _post(url, key, _body(content="x" * (2 * 1024 * 1024)))
     assert r.status_code == 400
+
+
+def test_limits_fall_back_to_a_local_limiter_when_redis_is_unreachable(cores, tmp_path):
+    """A gateway whose Redis is down keeps serving under replica-local limits (fail-open default),
+    and refuses with 503 when configured to fail closed."""
+    from prometheus_client import CollectorRegistry
+
+    from gateway.http_api import create_http_app
+    from gateway.tenancy.keys import KeyStore
+    from gateway.tenancy.limiter import FallbackLimiter, LocalLimiter, RedisLimiter
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    for fail_closed, expected in ((False, 200), (True, 503)):
+        limiter = FallbackLimiter(
+            RedisLimiter.from_url(dead), LocalLimiter(), fail_closed=fail_closed, registry=CollectorRegistry()
+        )
+        gw = make_gateway(cores, KeyStore(None), limiter)
+        with UvicornThread(create_http_app(gw)) as server:
+            r = httpx.post(server.base_url + "/chat/completions", json=_body(), timeout=60)
+        assert r.status_code == expected, r.text
+        assert limiter.degraded
