@@ -423,8 +423,9 @@ def _invalid_utf8_model_field() -> bytes:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="undecodable request bytes are answered by grpc's own deserializer with INTERNAL, not "
-    "INVALID_ARGUMENT: the ErrorInterceptor wraps the handler but not its request_deserializer",
+    reason="undecodable request bytes are answered UNKNOWN (protobuf DecodeError in grpc.aio's own "
+    "deserializer), not INVALID_ARGUMENT: services/common/grpc_server.py ErrorInterceptor wraps the "
+    "handler but not its request_deserializer",
 )
 @pytest.mark.parametrize(
     "payload",
