@@ -136,7 +136,7 @@ class TorchPagedBackend:
         decode = meta.extra["decode"]
         if decode is not None:
             if decode["strategy"] == "per_sequence":
-                self._decode_per_sequence(q, k_flat, v_flat, k_cache, v_cache, decode, out, scale, gqa)
+                self._decode_per_sequence(q, k_flat, v_flat, k_cache, v_cache, decode, out, scale)
             else:
                 self._decode_padded(q, k_cache, v_cache, decode, out, scale, gqa)
 
@@ -166,28 +166,39 @@ class TorchPagedBackend:
         return out
 
     @staticmethod
-    def _decode_per_sequence(q, k_flat, v_flat, k_cache, v_cache, d, out, scale, gqa) -> None:
-        """One SDPA per request over its exact context; consecutive blocks are read in place."""
+    def _decode_per_sequence(q, k_flat, v_flat, k_cache, v_cache, d, out, scale) -> None:
+        """One SDPA per request over its exact context; consecutive blocks are read in place.
+
+        A decode query is one token, so the ``G = H / Hkv`` query heads that share a KV head can be
+        that head's G query rows: SDPA then sees ``(1, Hkv, G, D)`` against ``(1, Hkv, n, D)``, with
+        no GQA expansion and no mask (every cached token is visible). Query head ``h`` reads KV head
+        ``h // G``, the same pairing as ``enable_gqa``.
+        """
         num_heads, head_dim = q.shape[1], q.shape[2]
         num_kv_heads = k_flat.shape[1]
+        group = num_heads // num_kv_heads
         block_size = k_cache.shape[1]
+        qg = q.reshape(-1, 1, num_kv_heads, group, head_dim)  # (T, H, D) -> (T, 1, Hkv, G, D)
         if d["blocks"] is not None:
             kg = k_cache.index_select(0, d["blocks"]).view(-1, num_kv_heads, head_dim)  # (N * bs, Hkv, D)
             vg = v_cache.index_select(0, d["blocks"]).view(-1, num_kv_heads, head_dim)
+        row_stride = num_kv_heads * head_dim
+        outs = []
         for row, n, block0, offset in d["seqs"]:
             if block0 is not None:
-                lo = block0 * block_size
-                ks, vs = k_flat[lo : lo + n], v_flat[lo : lo + n]  # (n, Hkv, D) views of the cache
+                kt, vt, first = k_flat, v_flat, block0 * block_size  # read the cache in place
             else:
-                ks, vs = kg[offset : offset + n], vg[offset : offset + n]
-            o = F.scaled_dot_product_attention(
-                q[row].view(1, num_heads, 1, head_dim),  # (H, D) -> (1, H, 1, D)
-                ks.transpose(0, 1).unsqueeze(0),  # (n, Hkv, D) -> (1, Hkv, n, D)
-                vs.transpose(0, 1).unsqueeze(0),
-                scale=scale,
-                enable_gqa=gqa,
-            )
-            out[row] = o.view(num_heads, head_dim)  # (1, H, 1, D) -> (H, D)
+                kt, vt, first = kg, vg, offset
+            # tokens first..first+n-1 of a (tokens, Hkv, D) tensor as (1, Hkv, n, D), in one call
+            size, stride = (1, num_kv_heads, n, head_dim), (n * row_stride, head_dim, row_stride, 1)
+            ks = kt.as_strided(size, stride, kt.storage_offset() + first * row_stride)
+            vs = vt.as_strided(size, stride, vt.storage_offset() + first * row_stride)
+            outs.append(F.scaled_dot_product_attention(qg[row], ks, vs, scale=scale))  # (1, Hkv, G, D)
+        od = torch.cat(outs).view(len(outs), num_heads, head_dim)  # (B, Hkv, G, D) -> (B, H, D)
+        if d["rows"] is None:
+            out[d["first"] : d["first"] + len(outs)] = od
+        else:
+            out.index_copy_(0, d["rows"], od)
 
     @staticmethod
     def _decode_padded(q, k_cache, v_cache, d, out, scale, gqa) -> None:
