@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,9 @@ def _load_run():
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "load_run.py"
     spec = importlib.util.spec_from_file_location("load_run", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules.setdefault("load_run", module)  # dataclasses look their module up there
+    spec.loader.exec_module(sys.modules["load_run"])
+    module = sys.modules["load_run"]
     return module
 
 
