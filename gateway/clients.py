@@ -9,19 +9,56 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from services.common.errors import ResourceExhausted, Unavailable
 from services.common.pb import RequestContext
 from services.common.refs import EmbeddingRef
 from services.common.types import TilingParams
 
 
+def _replica_failures() -> tuple[type[BaseException], ...]:
+    """Ray's exceptions for a replica that died or is gone (as opposed to an error it raised)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    return (
+        ActorDiedError,
+        ActorUnavailableError,
+        RayActorError,
+        DeploymentUnavailableError,
+        ReplicaUnavailableError,
+    )
+
+
+def _unavailable(what: str, exc: BaseException) -> Unavailable:
+    return Unavailable(
+        f"the {what} replica failed ({type(exc).__name__}); retry the request", reason=f"{what}_unavailable"
+    )
+
+
 class HandleEncoderClient:
+    """Embedding is idempotent (content-addressed): a request whose encoder replica dies is tried once
+    more (Serve routes it to another replica, or to the replacement); then it is UNAVAILABLE."""
+
     def __init__(self, handle: Any):
         self.handle = handle
 
     async def embed(
-        self, images: Sequence[tuple[bytes, TilingParams]], ctx: RequestContext
+        self, images: Sequence[tuple[bytes, TilingParams]], ctx: RequestContext, inline: bool = False
     ) -> list[EmbeddingRef]:
-        return await self.handle.embed.remote(list(images), ctx)
+        from ray.serve.exceptions import BackPressureError
+
+        failures = _replica_failures()
+        for attempt in (1, 2):
+            try:
+                return await self.handle.embed.remote(list(images), ctx, inline)
+            except BackPressureError as exc:
+                raise ResourceExhausted(
+                    "the vision encoders are saturated", reason="encoder_busy", retry_after=1.0
+                ) from exc
+            except failures as exc:
+                if attempt == 2:
+                    raise _unavailable("encoder", exc) from exc
+        raise AssertionError("unreachable")
 
 
 class HandleDecoderClient:
@@ -32,12 +69,23 @@ class HandleDecoderClient:
     async def generate(
         self, payload: dict[str, Any], refs: list[EmbeddingRef], ctx: RequestContext
     ) -> AsyncIterator[dict[str, Any]]:
+        from ray.serve.exceptions import BackPressureError
+
+        failures = _replica_failures()
         stream = self.handle.generate.remote(payload, refs, ctx)
         finished = False
         try:
             async for event in stream:
                 finished = "finish_reason" in event
                 yield event
+        except BackPressureError as exc:
+            raise ResourceExhausted(
+                "the decoders are saturated", reason="decoder_busy", retry_after=1.0
+            ) from exc
+        except failures as exc:
+            # A stream cannot be resumed elsewhere: it ends with an error (an error event for a
+            # streaming client, 503 otherwise); new requests go to the replacement replica.
+            raise _unavailable("decoder", exc) from exc
         finally:
             if not finished:
                 stream.cancel()  # the client went away: free the decoder's work now
@@ -52,7 +100,7 @@ class LocalEncoderClient:
     def __init__(self, core: Any):
         self.core = core
 
-    async def embed(self, images, ctx):
+    async def embed(self, images, ctx, inline: bool = False):
         from services.encoder.core import ImageInput
 
         return await self.core.embed_images(

@@ -217,7 +217,8 @@ class Gateway:
             "max_tokens": max_tokens,
         }
         for attempt in (1, 2):
-            refs = await self._embed(route, images, tilings, ctx, root) if images else []
+            # A second attempt asks for the tensors themselves: the first references could not be read.
+            refs = await self._embed(route, images, tilings, ctx, root, inline=attempt == 2) if images else []
             record.images = len(refs)
             record.tiles = sum(r.tiles for r in refs)
             record.tile_counts = [r.tiles for r in refs]
@@ -256,7 +257,7 @@ class Gateway:
             finally:
                 gen_span.end()
 
-    async def _embed(self, route, images, tilings, ctx, root) -> list[EmbeddingRef]:
+    async def _embed(self, route, images, tilings, ctx, root, inline: bool = False) -> list[EmbeddingRef]:
         span = tracing.start_span(
             tracing.SPAN_EMBED, parent=root, attributes={tracing.ATTR_IMAGES: len(images)}
         )
@@ -264,6 +265,7 @@ class Gateway:
             refs = await route.encoder.embed(
                 [(img.data, t) for img, t in zip(images, tilings)],
                 replace(ctx, trace=tracing.carrier_of(span)),
+                inline=inline,
             )
             span.set_attribute(tracing.ATTR_TILES, sum(r.tiles for r in refs))
             span.set_attribute(tracing.ATTR_CACHE_HIT, all(r.cache_hit for r in refs))

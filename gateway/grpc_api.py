@@ -66,8 +66,14 @@ def chat_from_pb(request: gateway_pb2.ChatRequest, max_image_bytes: int) -> Chat
         presence_penalty=request.presence_penalty,
         logprobs=request.logprobs,
         top_logprobs=request.top_logprobs,
-        timeout_s=request.timeout_ms / 1000 if request.timeout_ms else None,
+        timeout_s=_timeout_s(request.timeout_ms),
     )
+
+
+def _timeout_s(timeout_ms: int) -> float | None:
+    if timeout_ms < 0:
+        raise InvalidArgument(f"timeout_ms must be positive (0: the default), got {timeout_ms}")
+    return timeout_ms / 1000 if timeout_ms else None
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):

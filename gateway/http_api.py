@@ -95,7 +95,7 @@ def create_http_app(
             )
         try:
             raw = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             return JSONResponse(
                 error_body(f"request body is not valid JSON: {exc}", 400, "invalid_json"), 400
             )

@@ -69,10 +69,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith("/grpc."):
             return handler  # health and reflection: grpc's own (synchronous) handlers
+        deserialize = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             inner = handler.unary_unary
 
             async def unary_unary(request, context):
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                 try:
                     return await inner(request, context)
                 except MeshError as exc:
@@ -83,13 +86,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     log.exception("unhandled error in %s", method)
                     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
+            return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, handler.response_serializer)
         if handler.unary_stream:
             inner_stream = handler.unary_stream
 
             async def unary_stream(request, context):
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                 try:
                     async for item in inner_stream(request, context):
                         yield item
@@ -102,9 +105,30 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
+                unary_stream, deserialize, handler.response_serializer
             )
         return handler
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes do not parse, so the handler can answer INVALID_ARGUMENT
+    (grpc.aio would otherwise answer UNKNOWN from inside its own deserializer)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _tolerant(deserializer):
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError, invalid UTF-8 in a string field, ...
+            return _Undecodable(f"request is not a valid message: {exc}")
+
+    return deserialize
 
 
 def _is_abort(exc: BaseException) -> bool:

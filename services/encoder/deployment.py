@@ -8,13 +8,16 @@ Ray ``ObjectRef``s that the gateway hands to the decoder unread). Serve's gRPC p
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 from services.common import tracing
 from services.common.pb import RequestContext
+from services.common.refs import KIND_INLINE, KIND_OBJECT
 from services.common.serve_args import common_config, redis_url_with_password, resolve_device
+from services.common.tensors import WireTensor
 from services.common.types import TilingParams
 from services.encoder.config import EncoderConfig, RedisStoreConfig
 from services.encoder.core import EncoderCore, ImageInput
@@ -62,8 +65,13 @@ class EncoderDeployment:
         self.core = EncoderCore.from_config(config, tile_source=tile_source)
         self.servicer = EncoderServicer(self.core, int(model.get("max_tiles_per_image", 12)))
         self.model_name = model.get("name", "")
+        self._recent: collections.deque = collections.deque()
 
-    async def embed(self, images: Sequence[tuple[bytes, TilingParams]], ctx: RequestContext):
+    async def embed(
+        self, images: Sequence[tuple[bytes, TilingParams]], ctx: RequestContext, inline: bool = False
+    ):
+        """References for the images. ``inline`` returns Ray-object references as tensors instead: the
+        gateway asks for that when a first set of references could not be read by the decoder."""
         import time
 
         remaining = ctx.remaining()
@@ -74,7 +82,21 @@ class EncoderDeployment:
                 inputs, namespace=ctx.cache_namespace, priority=ctx.priority, deadline=deadline
             )
             span.set_attribute(tracing.ATTR_CACHE_HIT, all(r.cache_hit for r in refs))
+            if inline:
+                refs = [await _inlined(r) for r in refs]
+            self._hold([r.object_ref for r in refs if r.kind == KIND_OBJECT])
             return refs
+
+    def _hold(self, object_refs: list, keep_s: float = 120.0) -> None:
+        """Keep the objects this replica put alive for a while. The gateway and decoder borrow them,
+        but a reference returned inside a response can be released here before the borrow is
+        registered downstream; holding it for the life of a request closes that window."""
+        import time
+
+        now = time.monotonic()
+        self._recent.extend((now, ref) for ref in object_refs)
+        while self._recent and self._recent[0][0] < now - keep_s:
+            self._recent.popleft()
 
     def stats(self) -> dict[str, int]:
         return self.core.stats.as_dict()
@@ -84,6 +106,13 @@ class EncoderDeployment:
 
     async def check_health(self) -> None:
         return None
+
+
+async def _inlined(ref):
+    if ref.kind != KIND_OBJECT:
+        return ref
+    array = await ref.object_ref  # put by this replica a moment ago: local and alive
+    return ref.with_kind(KIND_INLINE, tensor=WireTensor.from_numpy(array, dtype=ref.dtype), object_ref=None)
 
 
 def build_app(args: dict[str, Any]):

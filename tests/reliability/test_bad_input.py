@@ -124,16 +124,7 @@ HTTP_CASES = [
         400,
         "invalid_json",
     ),
-    pytest.param(
-        "json-deeply-nested",
-        nested(100_000),
-        400,
-        "invalid_json",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="gateway/http_api.py json.loads: RecursionError escapes the JSONDecodeError handler: 500",
-        ),
-    ),
+    ("json-deeply-nested", nested(100_000), 400, "invalid_json"),
     # wrong types and shapes
     ("model-missing", {"messages": [{"role": "user", "content": "Hi"}]}, 400, "invalid_request"),
     ("model-number", {**body(), "model": 123}, 400, "invalid_request"),
@@ -363,16 +354,7 @@ GRPC_CASES = [
     ("stop-too-many", chat(stop=["a"] * 100), INVALID),
     ("stop-empty-string", chat(stop=[""]), INVALID),
     ("top-logprobs-negative", chat(logprobs=True, top_logprobs=-5), INVALID),
-    pytest.param(
-        "timeout-negative",
-        chat(timeout_ms=-1),
-        INVALID,
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="gateway/grpc_api.py:69 passes a negative timeout_ms through unchecked; the request "
-            "then fails with DEADLINE_EXCEEDED (HTTP's 504) instead of INVALID_ARGUMENT",
-        ),
-    ),
+    ("timeout-negative", chat(timeout_ms=-1), INVALID),
     ("prompt-past-context", chat(part_text(LONG_PROMPT)), INVALID),
     ("prompt-past-byte-bound", chat(part_text("x" * (1024 * 1024 + 1))), INVALID),
     ("image-remote-url", chat(part_image(url="http://127.0.0.1:1/cat.png")), INVALID),
@@ -421,12 +403,6 @@ def _invalid_utf8_model_field() -> bytes:
     return bytes([0x0A, len(bad_string)]) + bad_string + good
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="undecodable request bytes are answered UNKNOWN (protobuf DecodeError in grpc.aio's own "
-    "deserializer), not INVALID_ARGUMENT: services/common/grpc_server.py ErrorInterceptor wraps the "
-    "handler but not its request_deserializer",
-)
 @pytest.mark.parametrize(
     "payload",
     [_invalid_utf8_model_field(), b"\xff\xff\xff\xff\xff\xff"],

@@ -1,0 +1,229 @@
+"""Faults on the real mesh (Ray Serve, real Redis, real HTTP): a Redis that dies under load and comes
+back, an encoder replica killed, a decoder replica killed mid-stream. Nothing hangs, nothing is lost
+silently: requests succeed, or fail with 503 / an error event, and the mesh recovers on its own."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+import redis
+
+from tests.gateway.harness import free_port, png
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+MODEL = "faults"
+ONE = {"autoscaling": {"min_replicas": 1, "max_replicas": 1}, "num_cpus": 0.5}
+
+
+class OwnRedis:
+    """A redis-server this test starts and kills by PID, on its own port."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        for _ in range(100):
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def mesh(ray_serve, tiny_checkpoint):
+    from ray import serve
+
+    from services.common.config import build
+    from services.serve import deploy
+    from services.topology import MeshConfig, render_serve_config
+
+    own = OwnRedis().start()
+    cfg = build(
+        MeshConfig,
+        {
+            "models": [
+                {
+                    "name": MODEL,
+                    "path": str(tiny_checkpoint),
+                    "dtype": "float32",
+                    "device": "cpu",
+                    "encoder": ONE,
+                    "decoder": ONE,
+                    "encoder_settings": {
+                        "redis": {"url": f"redis://127.0.0.1:{own.port}/0", "reprobe_interval_s": 0.5}
+                    },
+                }
+            ],
+            "preprocess_deployment": ONE,
+            "gateway_deployment": ONE,
+            "redis": {"url": f"redis://127.0.0.1:{own.port}/0"},
+            "gateway": {"http_port": ray_serve["http_port"], "grpc_port": 0, "serve_grpc_port": 0},
+        },
+        "test",
+    )
+    config = render_serve_config(cfg)
+    deploy(config)
+    yield {"http": f"http://127.0.0.1:{ray_serve['http_port']}", "redis": own}
+    for app in reversed(config["applications"]):
+        serve.delete(app["name"])
+    if own.proc.poll() is None:
+        own.kill()
+
+
+def _body(seed: int, max_tokens: int = 4, stream: bool = False, question: str = "What is it?") -> dict:
+    uri = "data:image/png;base64," + base64.b64encode(png(480, 320, seed=seed)).decode()
+    return {
+        "model": MODEL,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": uri}},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ],
+    }
+
+
+def _post(mesh, body, timeout=120):
+    return httpx.post(mesh["http"] + "/v1/chat/completions", json=body, timeout=timeout)
+
+
+def _encoder_stats():
+    from ray import serve
+
+    return serve.get_app_handle(f"encoder-{MODEL}").stats.remote().result(timeout_s=30)
+
+
+def _kill_replica(app: str) -> None:
+    import ray
+
+    names = [
+        a for a in ray.util.list_named_actors(all_namespaces=True) if f"SERVE_REPLICA::{app}#" in a["name"]
+    ]
+    assert names, f"no replica of {app}"
+    for a in names:
+        ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+
+
+def _wait_healthy(mesh, seed, deadline_s=120):
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        try:
+            if _post(mesh, _body(seed), timeout=60).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    pytest.fail("the mesh did not recover")
+
+
+def test_redis_killed_under_load_then_back(mesh):
+    own = mesh["redis"]
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def load(worker: int):
+        k = 0
+        while not stop.is_set() and k < 40:
+            r = _post(mesh, _body(seed=100 + (k % 3), question=f"q{worker}-{k}"))
+            statuses.append(r.status_code)
+            k += 1
+
+    threads = [threading.Thread(target=load, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    own.kill()  # mid-load
+    time.sleep(4)
+    own.start()  # same port, empty
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join(180)
+    assert statuses and all(s == 200 for s in statuses), statuses
+    # Caching resumes without a restart: a new image, twice, is a shared-cache write then a hit.
+    _post(mesh, _body(seed=777))
+    before = _encoder_stats()
+    deadline = time.monotonic() + 30
+    while redis.Redis(port=own.port).dbsize() == 0 and time.monotonic() < deadline:
+        _post(mesh, _body(seed=778))
+        time.sleep(0.5)
+    assert redis.Redis(port=own.port).dbsize() > 0, "caching did not resume after Redis came back"
+    assert _encoder_stats()["shared_writes"] > before["shared_writes"] or before["shared_writes"] > 0
+
+
+def test_encoder_replica_killed(mesh):
+    _kill_replica(f"encoder-{MODEL}")
+    started = time.monotonic()
+    r = _post(mesh, _body(seed=201), timeout=150)
+    assert r.status_code in (200, 503), r.text  # retried onto the replacement, or a clean 503
+    assert time.monotonic() - started < 150
+    _wait_healthy(mesh, seed=202)
+
+
+def test_decoder_replica_killed_mid_stream(mesh):
+    events: list[str] = []
+    done = threading.Event()
+
+    def read():
+        try:
+            with httpx.stream(
+                "POST",
+                mesh["http"] + "/v1/chat/completions",
+                json=_body(seed=301, max_tokens=3000, stream=True),
+                timeout=120,
+            ) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+        except httpx.HTTPError as exc:
+            events.append(f"transport:{type(exc).__name__}")
+        finally:
+            done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + 60
+    while len(events) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(events) >= 4, "the stream did not start"
+    _kill_replica(f"decoder-{MODEL}")
+    assert done.wait(120), "the stream hung after its decoder died"
+    errors = [e for e in events if e.startswith("{") and "error" in json.loads(e)]
+    assert errors or any(e.startswith("transport:") for e in events), events[-3:]
+    assert not any('"finish_reason": "length"' in e for e in events), "the stream claims to be complete"
+    _wait_healthy(mesh, seed=302)
