@@ -34,7 +34,10 @@ def build_tenancy(settings: GatewaySettings, redis_url: str, registry=None, audi
     local = LocalLimiter()
     limiter = (
         FallbackLimiter(
-            RedisLimiter(redis_url), local, fail_closed=settings.limits_fail_closed, registry=registry
+            RedisLimiter.from_url(redis_url),
+            local,
+            fail_closed=settings.limits_fail_closed,
+            **({"registry": registry} if registry is not None else {}),
         )
         if redis_url
         else local
