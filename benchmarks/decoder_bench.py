@@ -7,13 +7,20 @@ batching (``init_continuous_batching`` + ``add_request``). Throughput counts gen
 Also: our decode step time (16 requests, all decoding) against a bare forward of the same batch with a
 contiguous KV cache (``DynamicCache``), i.e. what the engine adds around the model.
 
+The machine may be shared: every peer runs ``--rounds`` times, interleaved in a rotating order, and
+reports wall and process CPU time; ratios are medians over rounds of pairs measured close together
+(``ratios`` from wall time, ``ratios_cpu_time`` from CPU time). A last pass profiles a batch-16 decode
+step: CPU time of the engine's parts and the share of torch ops by kind.
+
     python benchmarks/decoder_bench.py [--checkpoint DIR] [--out benchmarks/results/decoder.json]
+                                       [--threads N] [--rounds R]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -57,79 +64,168 @@ def hf_lm(ckpt_dir: Path):
     return model
 
 
-def bench_engine(ckpt_dir: Path, work) -> dict:
-    cfg = DecoderConfig(
-        model=str(ckpt_dir),
-        cache=CacheConfig(num_blocks=1024, block_size=16, enable_prefix_caching=False),
-        scheduler=SchedulerConfig(max_model_len=1024, max_num_batched_tokens=1024, max_num_seqs=32),
-    )
-    eng = LLMEngine(cfg)
-    params = SamplingParams(temperature=0.0, ignore_eos=True)
+class Meter:
+    """Wall and process CPU time (all threads) of a block: on a shared machine the wall clock moves
+    with other people's load; CPU time says what the work itself cost."""
 
-    def submit(tag: str):
-        for i, (ids, n) in enumerate(work):
-            eng.add_request(Request(f"{tag}{i}", ids, params, n, eos_token_ids=eng.eos_token_ids))
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
 
-    submit("warm")
-    while eng.has_unfinished:
-        eng.step()
-    submit("r")
-    decode_steps, model_times = [], []
-    runner = eng.executor.runner
-    real_execute = runner.execute
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = time.process_time() - self.cpu
 
-    def timed_execute(step):
-        t = time.perf_counter()
-        out = real_execute(step)
-        model_times.append(time.perf_counter() - t)
-        return out
 
-    runner.execute = timed_execute
-    produced = 0
-    start = time.perf_counter()
-    while eng.has_unfinished:
-        n_running = eng.scheduler.num_running()
-        t = time.perf_counter()
-        events = eng.step()
-        dt = time.perf_counter() - t
-        produced += sum(len(e.token_ids) for e in events)
-        if (
-            n_running == NUM_REQUESTS
-            and all(len(e.token_ids) == 1 for e in events)
-            and len(events) == NUM_REQUESTS
-        ):
-            decode_steps.append((dt, model_times[-1]))
-    elapsed = time.perf_counter() - start
-    runner.execute = real_execute
-    eng.shutdown()
-    step_s = statistics.median(d for d, _ in decode_steps) if decode_steps else float("nan")
-    model_s = statistics.median(m for _, m in decode_steps) if decode_steps else float("nan")
+def _rates(produced: int, m: Meter) -> dict:
     return {
         "tokens": produced,
-        "seconds": elapsed,
-        "tokens_per_s": produced / elapsed,
-        "decode_step_ms_batch16": step_s * 1e3,
-        "decode_step_model_ms_batch16": model_s * 1e3,
-        "decode_steps_measured": len(decode_steps),
+        "seconds": m.wall,
+        "cpu_seconds": m.cpu,
+        "tokens_per_s": produced / m.wall,
+        "tokens_per_cpu_s": produced / m.cpu,
     }
+
+
+class EngineBench:
+    """One engine, built and warmed once; each ``run`` submits the workload again."""
+
+    def __init__(self, ckpt_dir: Path, work):
+        cfg = DecoderConfig(
+            model=str(ckpt_dir),
+            cache=CacheConfig(num_blocks=1024, block_size=16, enable_prefix_caching=False),
+            scheduler=SchedulerConfig(max_model_len=1024, max_num_batched_tokens=1024, max_num_seqs=32),
+        )
+        self.eng = LLMEngine(cfg)
+        self.work = work
+        self.params = SamplingParams(temperature=0.0, ignore_eos=True)
+        self.runs = 0
+        self.run()  # warm-up
+
+    def submit(self) -> None:
+        self.runs += 1
+        for i, (ids, n) in enumerate(self.work):
+            req = Request(f"r{self.runs}-{i}", ids, self.params, n, eos_token_ids=self.eng.eos_token_ids)
+            self.eng.add_request(req)
+
+    def _all_decoding(self, n_running: int, events) -> bool:
+        return (
+            n_running == NUM_REQUESTS
+            and len(events) == NUM_REQUESTS
+            and all(len(e.token_ids) == 1 for e in events)
+        )
+
+    def run(self) -> dict:
+        eng = self.eng
+        self.submit()
+        steps, produced = [], 0
+        with Meter() as total:
+            while eng.has_unfinished:
+                n_running = eng.scheduler.num_running()
+                with Meter() as m:
+                    events = eng.step()
+                produced += sum(len(e.token_ids) for e in events)
+                if self._all_decoding(n_running, events):
+                    steps.append(m)
+        out = _rates(produced, total)
+        out["decode_step_ms_batch16"] = statistics.median(s.wall for s in steps) * 1e3
+        out["decode_step_cpu_ms_batch16"] = statistics.median(s.cpu for s in steps) * 1e3
+        out["decode_steps_measured"] = len(steps)
+        return out
+
+    def profile(self, steps: int = 10) -> dict:
+        """Where a batch-16 decode step goes: CPU time of the engine's parts, and torch ops by kind."""
+        from torch.profiler import profile
+
+        eng = self.eng
+        runner = eng.executor.runner
+        self.submit()
+        while True:  # prefill until all 16 decode together
+            n_running = eng.scheduler.num_running()
+            if self._all_decoding(n_running, eng.step()):
+                break
+        parts = {
+            "prepare_inputs": 0.0,
+            "attention_metadata": 0.0,
+            "attention": 0.0,
+            "model": 0.0,
+            "sample": 0.0,
+        }
+        originals = []
+
+        def wrap(obj, name, key):
+            fn = getattr(obj, name)
+            originals.append((obj, name, fn))
+
+            def timed(*a, **k):
+                c = time.process_time()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    parts[key] += time.process_time() - c
+
+            setattr(obj, name, timed)
+
+        wrap(runner, "prepare", "prepare_inputs")
+        wrap(runner.backend, "prepare", "attention_metadata")
+        wrap(runner.backend, "forward", "attention")
+        wrap(runner, "execute", "model")
+        wrap(runner, "sample", "sample")
+        with Meter() as total:
+            for _ in range(steps):
+                eng.step()
+        for obj, name, fn in originals:
+            setattr(obj, name, fn)
+        with profile() as prof:  # op shares only: the profiler's own times are wall time
+            for _ in range(3):
+                eng.step()
+        for rid in list(eng.scheduler.requests):
+            eng.abort(rid)
+        ms = {k: v / steps * 1e3 for k, v in parts.items()}
+        step_ms = total.cpu / steps * 1e3
+        breakdown = {
+            "step_cpu_ms": step_ms,
+            "model_forward_and_logits_cpu_ms": ms["model"],
+            "attention_cpu_ms": ms["attention"],
+            "attention_metadata_cpu_ms": ms["attention_metadata"],
+            "prepare_inputs_cpu_ms": ms["prepare_inputs"],
+            "sample_cpu_ms": ms["sample"],
+            "engine_outside_model_cpu_ms": step_ms - ms["model"],
+        }
+        kinds = {"matmul": 0.0, "attention_kernel": 0.0, "kv_cache_read_write": 0.0, "other_ops": 0.0}
+        for ev in prof.key_averages():
+            name = ev.key
+            if name in ("aten::mm", "aten::addmm", "aten::bmm"):
+                kinds["matmul"] += ev.self_cpu_time_total
+            elif "scaled_dot_product" in name:
+                kinds["attention_kernel"] += ev.self_cpu_time_total
+            elif name in ("aten::index_select", "aten::index", "aten::index_copy_"):
+                kinds["kv_cache_read_write"] += ev.self_cpu_time_total
+            else:
+                kinds["other_ops"] += ev.self_cpu_time_total
+        total_ops = sum(kinds.values()) or 1.0
+        breakdown["torch_op_share"] = {k: v / total_ops for k, v in kinds.items()}
+        return breakdown
+
+    def shutdown(self) -> None:
+        self.eng.shutdown()
 
 
 @torch.inference_mode()
 def bench_sequential(model, work) -> dict:
-    model.generate(input_ids=torch.tensor([work[0][0]]), max_new_tokens=4, do_sample=False)
-    produced, start = 0, time.perf_counter()
-    for ids, n in work:
-        x = torch.tensor([ids])
-        out = model.generate(
-            input_ids=x,
-            attention_mask=torch.ones_like(x),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-        )
-        produced += out.shape[1] - x.shape[1]
-    elapsed = time.perf_counter() - start
-    return {"tokens": produced, "seconds": elapsed, "tokens_per_s": produced / elapsed}
+    produced = 0
+    with Meter() as m:
+        for ids, n in work:
+            x = torch.tensor([ids])
+            out = model.generate(
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+            )
+            produced += out.shape[1] - x.shape[1]
+    return _rates(produced, m)
 
 
 @torch.inference_mode()
@@ -138,23 +234,19 @@ def bench_static(model, work, pad_id: int) -> dict:
     x = torch.tensor([[pad_id] * (longest - len(ids)) + ids for ids, _ in work])
     mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids, _ in work])
     n_max = max(n for _, n in work)
-    start = time.perf_counter()
-    model.generate(
-        input_ids=x,
-        attention_mask=mask,
-        max_new_tokens=n_max,
-        min_new_tokens=n_max,
-        do_sample=False,
-        pad_token_id=pad_id,
-    )
-    elapsed = time.perf_counter() - start
+    with Meter() as m:
+        model.generate(
+            input_ids=x,
+            attention_mask=mask,
+            max_new_tokens=n_max,
+            min_new_tokens=n_max,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
     useful = sum(n for _, n in work)  # tokens the requests asked for; the rest of the batch is padding work
-    return {
-        "tokens": useful,
-        "seconds": elapsed,
-        "tokens_per_s": useful / elapsed,
-        "generated_incl_padding": n_max * len(work),
-    }
+    out = _rates(useful, m)
+    out["generated_incl_padding"] = n_max * len(work)
+    return out
 
 
 def bench_transformers_cb(model, work) -> dict:
@@ -170,21 +262,20 @@ def bench_transformers_cb(model, work) -> dict:
             manager.add_request(ids, request_id=f"warm{i}", max_new_tokens=4)
         for _ in range(2):
             manager.get_result(timeout=120)
-        start = time.perf_counter()
-        for i, (ids, n) in enumerate(work):
-            manager.add_request(ids, request_id=f"r{i}", max_new_tokens=n)
         produced, done = 0, 0
-        while done < len(work):
-            result = manager.get_result(timeout=300)
-            if result is None:
-                raise RuntimeError("transformers' continuous batching returned no result")
-            if result.request_id.startswith("r"):
-                produced += len(result.generated_tokens)
-                done += 1
-        elapsed = time.perf_counter() - start
+        with Meter() as m:
+            for i, (ids, n) in enumerate(work):
+                manager.add_request(ids, request_id=f"r{i}", max_new_tokens=n)
+            while done < len(work):
+                result = manager.get_result(timeout=300)
+                if result is None:
+                    raise RuntimeError("transformers' continuous batching returned no result")
+                if result.request_id.startswith("r"):
+                    produced += len(result.generated_tokens)
+                    done += 1
     finally:
         manager.stop(block=True, timeout=30)
-    return {"tokens": produced, "seconds": elapsed, "tokens_per_s": produced / elapsed}
+    return _rates(produced, m)
 
 
 @torch.inference_mode()
@@ -201,11 +292,21 @@ def bench_bare_decode(model, work, steps: int = 20) -> dict:
     times = []
     for _ in range(steps):
         mask = torch.cat([mask, torch.ones(len(work), 1, dtype=mask.dtype)], dim=1)
-        t = time.perf_counter()
-        out = model(input_ids=tok, attention_mask=mask, past_key_values=cache, use_cache=True)
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        times.append(time.perf_counter() - t)
-    return {"decode_step_ms_batch16": statistics.median(times) * 1e3}
+        with Meter() as m:
+            out = model(input_ids=tok, attention_mask=mask, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        times.append(m)
+    return {
+        "decode_step_ms_batch16": statistics.median(t.wall for t in times) * 1e3,
+        "decode_step_cpu_ms_batch16": statistics.median(t.cpu for t in times) * 1e3,
+    }
+
+
+def _median_of(rounds: list[dict]) -> dict:
+    """Per key, the median over rounds of every numeric field (errors kept from the first round)."""
+    if any("error" in r for r in rounds):
+        return next(r for r in rounds if "error" in r)
+    return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
 
 
 def main() -> None:
@@ -213,6 +314,9 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, help="default: a fresh `small` tiny checkpoint")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/decoder.json"))
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds of every peer; medians reported"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -224,30 +328,58 @@ def main() -> None:
     vocab = int(Checkpoint.open(ckpt).text_config["vocab_size"])
     work = workload(vocab)
     model = hf_lm(ckpt)
+    with torch.inference_mode():  # warm transformers' generate
+        model.generate(input_ids=torch.tensor([work[0][0]]), max_new_tokens=4, do_sample=False)
+    engine = EngineBench(ckpt, work)
 
-    results = {"engine": bench_engine(ckpt, work)}
-    print("engine", results["engine"], flush=True)
-    results["sequential_generate"] = bench_sequential(model, work)
-    print("sequential", results["sequential_generate"], flush=True)
-    results["static_padded_batch"] = bench_static(model, work, pad_id=0)
-    print("static", results["static_padded_batch"], flush=True)
-    try:
-        results["transformers_continuous_batching"] = bench_transformers_cb(model, work)
-    except Exception as exc:  # report, do not hide, a peer that cannot run here
-        results["transformers_continuous_batching"] = {"error": f"{type(exc).__name__}: {exc}"}
-    print("transformers_cb", results["transformers_continuous_batching"], flush=True)
-    results["bare_forward"] = bench_bare_decode(model, work)
+    def cb():
+        try:
+            return bench_transformers_cb(model, work)
+        except Exception as exc:  # report, do not hide, a peer that cannot run here
+            return {"error": f"{type(exc).__name__}: {exc}"}
 
-    ours = results["engine"]["tokens_per_s"]
-    cb = results["transformers_continuous_batching"].get("tokens_per_s")
-    step = results["engine"]["decode_step_ms_batch16"]
-    bare = results["bare_forward"]["decode_step_ms_batch16"]
+    peers = {
+        "engine": engine.run,
+        "sequential_generate": lambda: bench_sequential(model, work),
+        "static_padded_batch": lambda: bench_static(model, work, pad_id=0),
+        "transformers_continuous_batching": cb,
+        "bare_forward": lambda: bench_bare_decode(model, work),
+    }
+    names = list(peers)
+    rounds: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # a different order each round
+            rounds[name].append(peers[name]())
+            print(f"round {r} {name}", rounds[name][-1], flush=True)
+    profile = engine.profile()
+    engine.shutdown()
+
+    results = {n: _median_of(rounds[n]) for n in names}
+    results["profile_decode_step_batch16"] = profile
+
+    def ratio(peer: str, key: str) -> float | None:
+        """Median over rounds of ours / peer, each round's pair measured close together."""
+        if "error" in results[peer]:
+            return None
+        return statistics.median(o[key] / p[key] for o, p in zip(rounds["engine"], rounds[peer], strict=True))
+
+    def overhead(key: str) -> float:
+        return statistics.median(
+            (o[key] - b[key]) / o[key] for o, b in zip(rounds["engine"], rounds["bare_forward"], strict=True)
+        )
+
     results["ratios"] = {
-        "vs_sequential": ours / results["sequential_generate"]["tokens_per_s"],
-        "vs_static_batch": ours / results["static_padded_batch"]["tokens_per_s"],
-        "vs_transformers_cb": ours / cb if cb else None,
-        "engine_overhead_vs_bare_forward": (step - bare) / step,
-        "engine_overhead_around_own_model": (step - results["engine"]["decode_step_model_ms_batch16"]) / step,
+        "vs_sequential": ratio("sequential_generate", "tokens_per_s"),
+        "vs_static_batch": ratio("static_padded_batch", "tokens_per_s"),
+        "vs_transformers_cb": ratio("transformers_continuous_batching", "tokens_per_s"),
+        "engine_overhead_vs_bare_forward": overhead("decode_step_ms_batch16"),
+        "engine_overhead_around_own_model": profile["engine_outside_model_cpu_ms"] / profile["step_cpu_ms"],
+    }
+    results["ratios_cpu_time"] = {
+        "vs_sequential": ratio("sequential_generate", "tokens_per_cpu_s"),
+        "vs_static_batch": ratio("static_padded_batch", "tokens_per_cpu_s"),
+        "vs_transformers_cb": ratio("transformers_continuous_batching", "tokens_per_cpu_s"),
+        "engine_overhead_vs_bare_forward": overhead("decode_step_cpu_ms_batch16"),
     }
     results["targets"] = {
         "vs_sequential": 3.0,
@@ -255,18 +387,26 @@ def main() -> None:
         "vs_transformers_cb": 1.3,
         "overhead_max": 0.30,
     }
+    results["rounds"] = rounds
     results["setup"] = {
         "checkpoint": str(ckpt) if args.checkpoint else "tiny_checkpoint preset=small llm=qwen2",
         "requests": [{"prompt_tokens": len(i), "output_tokens": n} for i, n in work],
         "dtype": "float32",
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),
+        "rounds": args.rounds,
         "torch": torch.__version__,
         "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results["ratios"], indent=2))
+    print(
+        json.dumps(
+            {k: results[k] for k in ("ratios", "ratios_cpu_time", "profile_decode_step_batch16")}, indent=2
+        )
+    )
     if tmp is not None:
         tmp.cleanup()
 
