@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from services.common.errors import EmbeddingUnresolvable, InvalidArgument
+from services.common.errors import EmbeddingUnresolvable, InvalidArgument, Unavailable
 from services.common.refs import KIND_CACHE, KIND_INLINE, KIND_OBJECT, EmbeddingRef
 from services.common.store import EmbeddingStore
 from services.common.tensors import WireTensor
@@ -30,7 +30,10 @@ class EmbeddingResolver:
         elif ref.kind == KIND_CACHE:
             if self.store is None:
                 raise EmbeddingUnresolvable(f"no embedding store is configured to read {ref.key}")
-            entry = await self.store.get(ref.key)
+            try:
+                entry = await self.store.get(ref.key)
+            except Unavailable as exc:  # the store went down between encode and decode
+                raise EmbeddingUnresolvable(f"cannot read embedding {ref.key}: {exc.message}") from exc
             if entry is None:
                 raise EmbeddingUnresolvable(f"embedding {ref.key} is no longer in the cache")
             tensor = entry.concat()
