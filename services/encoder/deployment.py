@@ -87,7 +87,7 @@ class EncoderDeployment:
             self._hold([r.object_ref for r in refs if r.kind == KIND_OBJECT])
             return refs
 
-    def _hold(self, object_refs: list, keep_s: float = 120.0) -> None:
+    def _hold(self, object_refs: list, keep_s: float = 30.0) -> None:
         """Keep the objects this replica put alive for a while. The gateway and decoder borrow them,
         but a reference returned inside a response can be released here before the borrow is
         registered downstream; holding it for the life of a request closes that window."""

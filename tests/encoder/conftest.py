@@ -12,6 +12,8 @@ import uuid
 import pytest
 import redis
 
+from tests.own_redis import OwnRedis
+
 REDIS_URL = "redis://127.0.0.1:6379/7"
 RUN_NS = f"enctest-{uuid.uuid4().hex[:8]}"
 
@@ -65,55 +67,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class OwnRedis:
-    """A redis-server owned by one test, on its own port; stopped by its PID."""
-
-    def __init__(self, port: int | None = None):
-        self.port = port or free_port()
-        self.proc = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> OwnRedis:
-        import subprocess
-        import time
-
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        for _ in range(200):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.02)
-        else:
-            raise RuntimeError(f"redis-server on port {self.port} did not start")
-        client.close()
-        return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()  # this server's own PID, nothing else
-            self.proc.wait(timeout=10)
-        self.proc = None
 
 
 @pytest.fixture

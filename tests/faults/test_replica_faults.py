@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
 import threading
 import time
 
@@ -14,49 +13,13 @@ import httpx
 import pytest
 import redis
 
-from tests.gateway.harness import free_port, png
+from tests.gateway.harness import png
+from tests.own_redis import OwnRedis
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 MODEL = "faults"
 ONE = {"autoscaling": {"min_replicas": 1, "max_replicas": 1}, "num_cpus": 0.5}
-
-
-class OwnRedis:
-    """A redis-server this test starts and kills by PID, on its own port."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.proc = None
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        for _ in range(100):
-            try:
-                client.ping()
-                return self
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def kill(self):
-        self.proc.kill()
-        self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
