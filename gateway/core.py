@@ -118,12 +118,14 @@ class Gateway:
         limiter: Any,
         limits: GatewayLimits | None = None,
         observers: Sequence[GatewayObserver] = (),
+        fetcher: Any = None,
     ):
         self.routes = {r.name: r for r in routes}
         self.keys = keys
         self.limiter = limiter
         self.limits = limits or GatewayLimits()
         self.observers = list(observers)
+        self.fetcher = fetcher  # a RemoteImageFetcher where remote images are enabled, else None
         self._decode_limits = DecodeLimits(max_image_bytes=self.limits.max_image_bytes)
 
     # -- public -------------------------------------------------------------------------------
@@ -145,6 +147,7 @@ class Gateway:
         req.request_id = req.request_id or f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self._check_messages(req)
         max_tokens = self._max_tokens(req, tenant, route)
+        await self._fetch_remote_images(req)
         tilings, image_tokens = self._plan_images(req, tenant, route)
         timeout = min(req.timeout_s or self.limits.default_timeout_s, self.limits.max_timeout_s)
         ctx = RequestContext(
@@ -275,6 +278,17 @@ class Gateway:
             raise
         finally:
             span.end()
+
+    async def _fetch_remote_images(self, req: ChatRequest) -> None:
+        remote = [img for img in req.images if img.url]
+        if not remote:
+            return
+        if self.fetcher is None:
+            raise InvalidArgument(
+                "remote image URLs are not fetched by this server", reason="remote_images_disabled"
+            )
+        for img in remote:
+            img.data = await self.fetcher.fetch(img.url)
 
     def _route(self, model: str, tenant) -> ModelRoute:
         route = self.routes.get(model)

@@ -45,6 +45,15 @@ def build_tenancy(settings: GatewaySettings, redis_url: str, registry=None, audi
     return keys, limiter
 
 
+def _fetcher(settings: GatewaySettings):
+    if not settings.allow_remote_images:
+        return None
+    from gateway.fetch import RemoteImageFetcher
+
+    r = settings.remote_images
+    return RemoteImageFetcher(r.hosts, max_bytes=r.max_bytes, timeout_s=r.timeout_s)
+
+
 class GatewayDeployment:
     async def __init__(
         self, gateway: dict[str, Any], models: list[dict[str, Any]], common: dict[str, Any] | None = None
@@ -90,6 +99,7 @@ class GatewayDeployment:
                 default_timeout_s=self.settings.default_timeout_s, max_timeout_s=self.settings.max_timeout_s
             ),
             observers=observers,
+            fetcher=_fetcher(self.settings),
         )
         self.grpc = None
         if self.settings.grpc_port:

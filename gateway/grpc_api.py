@@ -9,7 +9,7 @@ from __future__ import annotations
 from internvl.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from gateway.core import Gateway
-from gateway.images import decode_data_uri
+from gateway.images import decode_data_uri, is_remote
 from gateway.types import ChatRequest, ImagePart, Message, TextPart
 from services.common.errors import InvalidArgument
 
@@ -25,7 +25,9 @@ def _api_key(context) -> str | None:
     return None
 
 
-def chat_from_pb(request: gateway_pb2.ChatRequest, max_image_bytes: int) -> ChatRequest:
+def chat_from_pb(
+    request: gateway_pb2.ChatRequest, max_image_bytes: int, allow_remote: bool = False
+) -> ChatRequest:
     messages = []
     for k, m in enumerate(request.messages):
         if m.role not in ("system", "user", "assistant"):
@@ -44,6 +46,9 @@ def chat_from_pb(request: gateway_pb2.ChatRequest, max_image_bytes: int) -> Chat
                             f"image over the {max_image_bytes}-byte limit", reason="image_too_large"
                         )
                     data = img.data
+                elif source == "url" and allow_remote and is_remote(img.url):
+                    parts.append(ImagePart(b"", img.max_num or None, img.url))
+                    continue
                 elif source == "url":
                     data = decode_data_uri(img.url, max_image_bytes)
                 else:
@@ -81,7 +86,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.gateway = gateway
 
     async def Chat(self, request, context):  # noqa: N802 - gRPC method name
-        req = chat_from_pb(request, self.gateway.limits.max_image_bytes)
+        req = chat_from_pb(request, self.gateway.limits.max_image_bytes, self.gateway.fetcher is not None)
         req.trace = {
             k: v for k, v in (context.invocation_metadata() or ()) if k in ("traceparent", "tracestate")
         }

@@ -107,7 +107,11 @@ def create_http_app(
             first = exc.errors()[0]
             return JSONResponse(error_body(_describe(first), 400, "invalid_request", _param(first)), 400)
         route = gateway.routes.get(parsed.model)
-        req = parsed.to_domain(gateway.limits.max_image_bytes, route.max_tiles_per_image if route else 12)
+        req = parsed.to_domain(
+            gateway.limits.max_image_bytes,
+            route.max_tiles_per_image if route else 12,
+            gateway.fetcher is not None,
+        )
         req.trace = {k: request.headers[k] for k in ("traceparent", "tracestate") if k in request.headers}
         stream = gateway.chat(req, _api_key(request))
         first = await anext(stream, None)  # errors before the first chunk are HTTP statuses

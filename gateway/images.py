@@ -18,6 +18,10 @@ _DATA_URI = re.compile(
 )
 
 
+def is_remote(url: str) -> bool:
+    return isinstance(url, str) and url.startswith(("http://", "https://"))
+
+
 def decode_data_uri(url: str, max_bytes: int) -> bytes:
     """The bytes of a base64 ``data:`` URI; InvalidArgument with a reason for anything else."""
     if not isinstance(url, str) or not url:

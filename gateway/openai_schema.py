@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gateway.images import decode_data_uri, max_num_for_detail
+from gateway.images import decode_data_uri, is_remote, max_num_for_detail
 from gateway.types import ChatRequest, ImagePart, Message, TextPart
 from services.common.errors import InvalidArgument
 
@@ -101,7 +101,9 @@ class ChatCompletionRequest(_Lenient):
             f"{k} ({UNSUPPORTED[k]})" for k in extra & UNSUPPORTED.keys() if self.model_extra[k] is not None
         )
 
-    def to_domain(self, max_image_bytes: int, model_max_tiles: int) -> ChatRequest:
+    def to_domain(
+        self, max_image_bytes: int, model_max_tiles: int, allow_remote: bool = False
+    ) -> ChatRequest:
         unsupported = self.unsupported_fields()
         if unsupported:
             raise InvalidArgument(f"not supported: {', '.join(unsupported)}", reason="unsupported_parameter")
@@ -120,13 +122,15 @@ class ChatCompletionRequest(_Lenient):
                     else:
                         if role != "user":
                             raise InvalidArgument(f"messages[{k}]: images are accepted in user messages only")
-                        data = decode_data_uri(part.image_url.url, max_image_bytes)
+                        url = part.image_url.url
+                        remote = allow_remote and is_remote(url)
+                        data = b"" if remote else decode_data_uri(url, max_image_bytes)
                         max_num = (
                             part.image_url.max_num
                             or self.max_num
                             or max_num_for_detail(part.image_url.detail, model_max_tiles)
                         )
-                        parts.append(ImagePart(data, max_num))
+                        parts.append(ImagePart(data, max_num, url if remote else None))
             messages.append(Message(role, parts))
         max_tokens = self.max_completion_tokens or self.max_tokens
         return ChatRequest(

@@ -12,6 +12,7 @@ ROLES = ("system", "user", "assistant")
 class ImagePart:
     data: bytes
     max_num: int | None = None  # None: the model's default (never above the tenant's cap)
+    url: str | None = None  # a remote image still to fetch (only where remote images are enabled)
 
 
 @dataclass

@@ -107,6 +107,14 @@ class ServedModel(ModelConfig):
         return f"decoder-{_slug(self.name)}"
 
 
+class RemoteImageSettings(StrictModel):
+    hosts: list[str] = Field(
+        default_factory=list, max_length=1000, description="Allowed hosts: exact names or *.domain patterns."
+    )
+    max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    timeout_s: float = Field(default=10.0, gt=0, le=120)
+
+
 class GatewaySettings(StrictModel):
     host: str = Field(
         default="127.0.0.1",
@@ -121,6 +129,10 @@ class GatewaySettings(StrictModel):
     default_timeout_s: float = Field(default=120.0, gt=0, le=3600)
     max_timeout_s: float = Field(default=600.0, gt=0, le=86_400)
     allow_remote_images: bool = Field(default=False, description="Fetch http(s) image URLs (off: SSRF).")
+    remote_images: RemoteImageSettings = Field(
+        default_factory=lambda: RemoteImageSettings(),
+        description="Where and how remote images may be fetched, when allow_remote_images is on.",
+    )
     limits_fail_closed: bool = Field(default=False, description="Refuse requests when Redis limits are down.")
     ops: OpsSettings = Field(
         default_factory=OpsSettings, description="Usage records, audit log, tenant metric labels, gRPC TLS."
@@ -155,12 +167,13 @@ def _slug(name: str) -> str:
 
 
 def _gateway_args(g: GatewaySettings) -> dict[str, Any]:
-    """The gateway's settings; ``ops`` only where it differs from the defaults (kept out of the
-    rendered config otherwise, so the chart's default render stays the same structure)."""
-    out = g.model_dump(exclude={"ops"})
-    ops = g.ops.model_dump(exclude_defaults=True)
-    if ops:
-        out["ops"] = ops
+    """The gateway's settings; ``ops`` and ``remote_images`` only where they differ from the defaults
+    (kept out of the rendered config otherwise, so the chart's default render stays the same)."""
+    out = g.model_dump(exclude={"ops", "remote_images"})
+    for name in ("ops", "remote_images"):
+        changed = getattr(g, name).model_dump(exclude_defaults=True)
+        if changed:
+            out[name] = changed
     return out
 
 
