@@ -276,6 +276,14 @@ def _deployment(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def _gateway_tls(values: dict) -> dict:
+    tls = values.get("gatewayTls") or {}
+    if not tls.get("existingSecret"):
+        return {}
+    base = tls["mountPath"].rstrip("/")
+    return {"ops": {"tls": {"cert_file": f"{base}/tls.crt", "key_file": f"{base}/tls.key"}}}
+
+
 def mesh_config_data(values: dict[str, Any], release: str = RELEASE) -> dict[str, Any]:
     """The MeshConfig (services/topology.py) that the chart's values describe."""
     mesh = values["mesh"]
@@ -299,7 +307,12 @@ def mesh_config_data(values: dict[str, Any], release: str = RELEASE) -> dict[str
         "models": models,
         "preprocess": copy.deepcopy(mesh["preprocess"]),
         "preprocess_deployment": _deployment(mesh["preprocessDeployment"]),
-        "gateway": {"host": "0.0.0.0", "tenants_file": tenants, **_snake_tree(mesh["gateway"])},
+        "gateway": {
+            "host": "0.0.0.0",
+            "tenants_file": tenants,
+            **_snake_tree(mesh["gateway"]),
+            **_gateway_tls(values),
+        },
         "gateway_deployment": _deployment(mesh["gatewayDeployment"]),
         "redis": {"url": url, "password_env": "REDIS_PASSWORD", **_snake_tree(mesh["redis"])},
         "cache": _snake_tree(mesh["cache"]),

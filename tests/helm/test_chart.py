@@ -213,3 +213,25 @@ def test_notes_say_how_to_call_it():
     assert proc.returncode == 0, proc.stderr
     notes = proc.stdout.split("NOTES:", 1)[1]
     assert "/v1/chat/completions" in notes and "buf curl" in notes and "grpc_health_probe" in notes
+
+
+def test_gateway_tls_from_a_secret(tmp_path):
+    """TLS at the gateway: the Secret is mounted on the gateway pods, the Serve config points the gateway
+    at the files (the same as `config render` for those settings), and readiness stops using the
+    plaintext gRPC probe."""
+    values = tmp_path / "tls.yaml"
+    values.write_text("gatewayTls:\n  existingSecret: mesh-gateway-tls\n")
+    docs = chartkit.render([values])
+    assert chartkit.validate_all(docs) == []
+    cfg = chartkit.serve_config(docs)
+    assert cfg == chartkit.expected_serve_config([values])
+    gateway = next(a for a in cfg["applications"] if a["name"] == "gateway")
+    assert gateway["args"]["gateway"]["ops"]["tls"]["cert_file"].endswith("/tls.crt")
+    cpu = next(
+        g
+        for g in chartkit.rayservice(docs)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+        if g["groupName"] == "cpu"
+    )
+    pod = cpu["template"]["spec"]
+    assert any(v.get("secret", {}).get("secretName") == "mesh-gateway-tls" for v in pod["volumes"])
+    assert "tcpSocket" in pod["containers"][0]["readinessProbe"]

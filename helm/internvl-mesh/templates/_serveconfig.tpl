@@ -66,6 +66,10 @@ one STRICT_PACK bundle, since the rank processes it spawns only see the replica'
 {{- $gwModels = append $gwModels (dict "name" $m.name "encoder_app" $encApp "decoder_app" $decApp "max_tiles_per_image" $m.maxTilesPerImage) }}
 {{- end }}
 {{- $gateway := dict "host" "0.0.0.0" "http_port" $gw.httpPort "grpc_port" $gw.grpcPort "serve_grpc_port" $gw.serveGrpcPort "tenants_file" (include "internvl-mesh.tenantsFile" .) "default_timeout_s" $gw.defaultTimeoutS "max_timeout_s" $gw.maxTimeoutS "allow_remote_images" $gw.allowRemoteImages "limits_fail_closed" $gw.limitsFailClosed }}
+{{- if .Values.gatewayTls.existingSecret }}
+{{- $tlsDir := trimSuffix "/" .Values.gatewayTls.mountPath }}
+{{- $_ := set $gateway "ops" (dict "tls" (dict "cert_file" (printf "%s/tls.crt" $tlsDir) "key_file" (printf "%s/tls.key" $tlsDir))) }}
+{{- end }}
 {{- $apps = append $apps (dict "name" "gateway" "route_prefix" "/" "import_path" "gateway.deployment:build_app" "args" (dict "gateway" $gateway "models" $gwModels "common" $common "deployment_options" (include "internvl-mesh.serveOptions" (dict "d" $mesh.gatewayDeployment) | fromYaml))) }}
 {{- $out := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" $gw.httpPort) "applications" $apps }}
 {{- if $gw.serveGrpcPort }}
