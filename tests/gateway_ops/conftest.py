@@ -27,7 +27,11 @@ SECRETS: set[str] = {HMAC_SECRET}
 def remember(key: str) -> str:
     """Register a plain key (and its secret part) as something no log line may contain."""
     SECRETS.add(key)
-    SECRETS.add(key.rsplit("-", 1)[-1])
+    # ivm-<key_id>-<secret>: the secret is everything after the second dash (token_urlsafe may itself
+    # contain dashes). Short fragments would match ordinary words, so only a real secret part counts.
+    parts = key.split("-", 2)
+    if key.startswith("ivm-") and len(parts) == 3 and len(parts[2]) >= 16:
+        SECRETS.add(parts[2])
     return key
 
 
