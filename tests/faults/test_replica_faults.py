@@ -14,53 +14,28 @@ import pytest
 import redis
 
 from tests.gateway.harness import png
+from tests.mesh import deployed, one_model_mesh_config
 from tests.own_redis import OwnRedis
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 MODEL = "faults"
-ONE = {"autoscaling": {"min_replicas": 1, "max_replicas": 1}, "num_cpus": 0.5}
 
 
 @pytest.fixture(scope="module")
 def mesh(ray_serve, tiny_checkpoint):
-    from ray import serve
-
-    from services.common.config import build
-    from services.serve import deploy
-    from services.topology import MeshConfig, render_serve_config
-
     own = OwnRedis().start()
-    cfg = build(
-        MeshConfig,
-        {
-            "models": [
-                {
-                    "name": MODEL,
-                    "path": str(tiny_checkpoint),
-                    "dtype": "float32",
-                    "device": "cpu",
-                    "encoder": ONE,
-                    "decoder": ONE,
-                    "encoder_settings": {
-                        "redis": {"url": f"redis://127.0.0.1:{own.port}/0", "reprobe_interval_s": 0.5}
-                    },
-                }
-            ],
-            "preprocess_deployment": ONE,
-            "gateway_deployment": ONE,
-            "redis": {"url": f"redis://127.0.0.1:{own.port}/0"},
-            "gateway": {"http_port": ray_serve["http_port"], "grpc_port": 0, "serve_grpc_port": 0},
-        },
-        "test",
+    url = f"redis://127.0.0.1:{own.port}/0"
+    cfg = one_model_mesh_config(
+        ray_serve["http_port"],
+        tiny_checkpoint,
+        MODEL,
+        model_extra={"encoder_settings": {"redis": {"url": url, "reprobe_interval_s": 0.5}}},
+        redis={"url": url},
     )
-    config = render_serve_config(cfg)
-    deploy(config)
-    yield {"http": f"http://127.0.0.1:{ray_serve['http_port']}", "redis": own}
-    for app in reversed(config["applications"]):
-        serve.delete(app["name"])
-    if own.proc.poll() is None:
-        own.kill()
+    with deployed(cfg):
+        yield {"http": f"http://127.0.0.1:{ray_serve['http_port']}", "redis": own}
+    own.kill()
 
 
 def _body(seed: int, max_tokens: int = 4, stream: bool = False, question: str = "What is it?") -> dict:

@@ -12,53 +12,31 @@ from internvl.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from tests.gateway.harness import free_port, png, reference_answer
 from tests.gateway.otlp_collector import start_collector
+from tests.mesh import deployed, one_model_mesh_config
 
 pytestmark = pytest.mark.ray
 
 MODEL = "tiny-mesh"
-ONE = {"autoscaling": {"min_replicas": 1, "max_replicas": 1}, "num_cpus": 0.5}
 
 
 @pytest.fixture(scope="module")
 def mesh(ray_serve, tiny_checkpoint):
-    from ray import serve
-
-    from services.common.config import build
-    from services.serve import deploy
-    from services.topology import MeshConfig, render_serve_config
-
     grpc_port, otlp_port = free_port(), free_port()
     collector, collector_server = start_collector(otlp_port)
-    cfg = build(
-        MeshConfig,
-        {
-            "models": [
-                {
-                    "name": MODEL,
-                    "path": str(tiny_checkpoint),
-                    "dtype": "float32",
-                    "device": "cpu",
-                    "encoder": ONE,
-                    "decoder": ONE,
-                }
-            ],
-            "preprocess_deployment": ONE,
-            "gateway_deployment": ONE,
-            "gateway": {"http_port": ray_serve["http_port"], "grpc_port": grpc_port, "serve_grpc_port": 0},
-            "tracing": {"otlp_endpoint": f"127.0.0.1:{otlp_port}", "export_delay_ms": 100},
-        },
-        "test",
+    cfg = one_model_mesh_config(
+        ray_serve["http_port"],
+        tiny_checkpoint,
+        MODEL,
+        gateway={"grpc_port": grpc_port},
+        tracing={"otlp_endpoint": f"127.0.0.1:{otlp_port}", "export_delay_ms": 100},
     )
-    config = render_serve_config(cfg)
-    deploy(config)
-    yield {
-        "http": f"http://127.0.0.1:{ray_serve['http_port']}/v1",
-        "grpc": f"127.0.0.1:{grpc_port}",
-        "collector": collector,
-        "checkpoint": tiny_checkpoint,
-    }
-    for app in reversed(config["applications"]):
-        serve.delete(app["name"])
+    with deployed(cfg):
+        yield {
+            "http": f"http://127.0.0.1:{ray_serve['http_port']}/v1",
+            "grpc": f"127.0.0.1:{grpc_port}",
+            "collector": collector,
+            "checkpoint": tiny_checkpoint,
+        }
     collector_server.stop(0)
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.mesh import deployed
+
 pytestmark = pytest.mark.ray
 
 CLIENTS = 16
@@ -31,18 +33,10 @@ def _load_run():
 
 @pytest.fixture(scope="module")
 def mesh_url(ray_serve, tiny_checkpoint):
-    from ray import serve
-
-    from services.serve import deploy
-    from services.topology import render_serve_config
-
     load_run = _load_run()
     cfg = load_run.mesh_config(str(tiny_checkpoint), ray_serve["http_port"], autoscale=False)
-    config = render_serve_config(cfg)
-    deploy(config)
-    yield load_run, f"http://127.0.0.1:{ray_serve['http_port']}/v1"
-    for app in reversed(config["applications"]):
-        serve.delete(app["name"])
+    with deployed(cfg):
+        yield load_run, f"http://127.0.0.1:{ray_serve['http_port']}/v1"
 
 
 def test_sixteen_streaming_clients_for_twenty_seconds_all_succeed(mesh_url):
