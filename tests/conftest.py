@@ -30,14 +30,6 @@ def redis_url():
     client.close()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_serve():
     """One Ray instance and one Serve for the whole session (start-up costs ~10 s here).
@@ -46,6 +38,8 @@ def ray_serve():
     deleted by the module that deployed them.
     """
     import tempfile
+
+    from tests.own_redis import free_port
 
     for key, value in {
         "RAY_AUTH_MODE": "disabled",
@@ -69,7 +63,7 @@ def ray_serve():
         log_to_driver=False,
         runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
     )
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     serve.start(
         http_options=HTTPOptions(host="127.0.0.1", port=http_port),
         grpc_options=gRPCOptions(

@@ -3,7 +3,6 @@
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,12 +15,7 @@ from internvl.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 from PIL import Image
 
 from services.common.grpc_server import channel_options
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.own_redis import free_port
 
 
 def _png() -> bytes:
@@ -32,7 +26,7 @@ def _png() -> bytes:
 
 @pytest.fixture(scope="module")
 def served(tiny_checkpoint):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -61,14 +61,6 @@ def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def own_redis():
     server = OwnRedis().start()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
 import threading
 import time
 
@@ -13,13 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tests.own_redis import free_port  # noqa: F401 - re-exported for the test modules
 from tests.preprocess.reference import reference_load_image
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png(width: int, height: int, seed: int = 0) -> bytes:
