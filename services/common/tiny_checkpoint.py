@@ -191,7 +191,7 @@ def make_tiny_checkpoint(
     depend visibly on its inputs, which is what the fidelity tests need to have teeth.
     """
     import torch
-    from transformers import GenerationConfig, InternVLForConditionalGeneration
+    from transformers import InternVLForConditionalGeneration
 
     if preset not in PRESETS:
         raise InvalidArgument(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -209,6 +209,22 @@ def make_tiny_checkpoint(
                 param.copy_(torch.randn(param.shape, generator=gen) * init_std)
             elif name.endswith("bias"):
                 param.copy_(torch.randn(param.shape, generator=gen) * init_std)
+    return save_checkpoint(
+        model,
+        tokenizer,
+        out,
+        {"origin": "random", "preset": preset, "seed": seed, "llm": llm, "init_std": init_std},
+    )
+
+
+def save_checkpoint(model, tokenizer, out_dir: str | Path, provenance: dict) -> Path:
+    """Write ``model`` + ``tokenizer`` as a native InternVL checkpoint, with the processor files and
+    ``mesh_checkpoint.json`` (where the weights came from)."""
+    from transformers import GenerationConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.config
     model.generation_config = GenerationConfig(
         eos_token_id=config.text_config.eos_token_id,
         pad_token_id=config.text_config.pad_token_id,
@@ -235,10 +251,5 @@ def make_tiny_checkpoint(
     (out / "processor_config.json").write_text(
         json.dumps({"image_seq_length": 256, "processor_class": "InternVLProcessor"}, indent=2) + "\n"
     )
-    (out / "mesh_checkpoint.json").write_text(
-        json.dumps(
-            {"origin": "random", "preset": preset, "seed": seed, "llm": llm, "init_std": init_std}, indent=2
-        )
-        + "\n"
-    )
+    (out / "mesh_checkpoint.json").write_text(json.dumps(provenance, indent=2) + "\n")
     return out

@@ -1,0 +1,173 @@
+"""Train the embedded demo model: InternViT + pixel shuffle + MLP projector + a small Qwen2, from scratch.
+
+``internvl-mesh train-demo OUT`` runs it. Seeded: the data of step ``s`` come from ``Random((seed, s))``
+and the initial weights from ``torch.manual_seed(seed)``, so a rerun with the same seed, steps and torch
+build gives the same weights. The run writes OUT (a native InternVL checkpoint) every ``save_every``
+steps and at the end, and ``train_log.jsonl`` beside it.
+
+Curriculum (what made the task learnable in the CPU budget; ``docs/demo-model.md``):
+
+1. single-tile images only, so the vision tower and the question words are learned on short sequences;
+2. then all three kinds, with more weight on corners, whose answer needs the LLM to pick the right
+   256-token block by position.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from services.common.tiny_checkpoint import Preset, build_config, save_checkpoint, train_tokenizer
+from services.demo.inputs import PromptCodec, answer_matches, collate, encode_sample
+from services.demo.task import HELDOUT_GROUPS, heldout, make_sample
+
+# vision 96 wide x 2 layers; LLM 128 wide x 4 layers (4 query heads, 2 KV heads); ~1.7 M parameters
+DEMO_PRESET = Preset(96, 2, 3, 384, 128, 4, 4, 2, 512, 8192)
+DEMO_ROPE_THETA = 10_000.0  # positions of a few thousand tokens; the corner task addresses 256-token blocks
+
+BATCH_TILES = 20  # images per step: as many as fit in about this many 448 tiles
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000
+    seed: int = 0
+    lr: float = 1.5e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    single_only_steps: int = 300
+    save_every: int = 250
+    eval_every: int = 250
+    eval_per_group: int = 8
+    threads: int = 0  # 0: torch's default
+
+
+def kind_weights(step: int, cfg: TrainConfig) -> dict[str, float]:
+    if step < cfg.single_only_steps:
+        return {"single": 1.0}
+    return {"single": 0.3, "multi": 0.35, "corners": 0.35}
+
+
+def batch_for(step: int, cfg: TrainConfig, codec: PromptCodec):
+    rng = random.Random(f"{cfg.seed}:{step}")
+    weights = kind_weights(step, cfg)
+    kind = rng.choices(list(weights), weights=list(weights.values()))[0]
+    encoded, tiles = [], 0
+    while True:
+        e = encode_sample(codec, make_sample(rng, kind))
+        if encoded and tiles + len(e.tiles) > BATCH_TILES:
+            break
+        encoded.append(e)
+        tiles += len(e.tiles)
+    return kind, collate(codec, encoded)
+
+
+def build_model(seed: int):
+    from transformers import InternVLForConditionalGeneration
+
+    tokenizer = train_tokenizer()
+    config = build_config(DEMO_PRESET, "qwen2", tokenizer)
+    config.text_config.rope_theta = DEMO_ROPE_THETA
+    if hasattr(config.text_config, "rope_parameters") and config.text_config.rope_parameters:
+        config.text_config.rope_parameters["rope_theta"] = DEMO_ROPE_THETA
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+    return model, tokenizer
+
+
+@torch.no_grad()
+def quick_eval(model, codec: PromptCodec, per_group: int) -> dict[str, float]:
+    """Teacher-forced exact match (equal to greedy ``generate``) on the first samples of each group."""
+    model.eval()
+    samples = heldout(per_group)
+    out: dict[str, float] = {}
+    for g, (kind, qtype) in enumerate(HELDOUT_GROUPS):
+        group = samples[g * per_group : (g + 1) * per_group]
+        hits = 0
+        for i in range(0, len(group), 4):
+            batch = collate(codec, [encode_sample(codec, s) for s in group[i : i + 4]])
+            labels = batch.pop("labels")
+            logits = model(**batch).logits
+            hits += int(answer_matches(logits, labels).sum())
+        out[f"{kind}/{qtype}"] = hits / len(group)
+    model.train()
+    return out
+
+
+def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, tokenizer = build_model(cfg.seed)
+    codec = PromptCodec(tokenizer)
+    params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    # batches are built on a thread (Pillow and numpy release the GIL) while the model trains
+    batches: queue.Queue = queue.Queue(maxsize=4)
+
+    def produce():
+        for step in range(cfg.steps):
+            batches.put(batch_for(step, cfg, codec))
+
+    threading.Thread(target=produce, daemon=True, name="demo-batches").start()
+
+    log_path = out.parent / f"{out.name}.train_log.jsonl"
+    log_file = log_path.open("w")
+    started = time.monotonic()
+    ema: dict[str, float] = {}
+    model.train()
+    provenance = {"origin": "train-demo", "config": asdict(cfg), "parameters": params}
+    log(f"training {params / 1e6:.2f} M parameters for {cfg.steps} steps; log {log_path}")
+    for step in range(cfg.steps):
+        kind, batch = batches.get()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = loss.item()
+        ema[kind] = 0.95 * ema.get(kind, value) + 0.05 * value
+        record = {
+            "step": step,
+            "kind": kind,
+            "loss": round(value, 4),
+            "elapsed_s": round(time.monotonic() - started, 1),
+        }
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            record["eval"] = quick_eval(model, codec, cfg.eval_per_group)
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+        if step % 25 == 0 or "eval" in record:
+            smooth = " ".join(f"{k}={v:.3f}" for k, v in sorted(ema.items()))
+            log(f"step {step} {record['elapsed_s']}s lr {lr_at(step):.2e} {smooth} {record.get('eval', '')}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            provenance["steps_done"] = step + 1
+            provenance["train_seconds"] = round(time.monotonic() - started)
+            save_checkpoint(model.eval(), tokenizer, out, provenance)
+            model.train()
+    log_file.close()
+    return out
