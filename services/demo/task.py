@@ -44,6 +44,7 @@ ANSWERS = (*COLOURS, *SHAPES, *COUNT_WORDS)
 KINDS = ("single", "multi", "corners")
 QUESTION_TYPES = ("colour", "shape", "count", "corner")
 CORNER_SIZE = 896  # 2 x 448: the reference tiling crops it without resampling
+SHAPE_RADIUS = 0.13  # of sqrt(width x height)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Sample:
     answer: str
     kind: str
     qtype: str
+    layout: tuple = ()  # (shape, colour, cx, cy, r) per shape of a scene; (shape,) per quadrant of corners
 
     def png(self) -> bytes:
         buf = io.BytesIO()
@@ -77,14 +79,14 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
     if shape == "circle":
         return None
     if shape == "square":
-        h = r * 0.82
+        h = r * 0.75
         return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
     if shape == "triangle":
         return [
             (cx + r * math.cos(math.radians(a)), cy - r * math.sin(math.radians(a))) for a in (90, 210, 330)
         ]
     if shape == "cross":
-        a, w = r * 0.95, r * 0.33
+        a, w = r * 0.95, r * 0.25
         return [
             (cx - w, cy - a), (cx + w, cy - a), (cx + w, cy - w), (cx + a, cy - w),
             (cx + a, cy + w), (cx + w, cy + w), (cx + w, cy + a), (cx - w, cy + a),
@@ -145,24 +147,21 @@ def _place(rng: random.Random, n: int, propose) -> list[tuple[float, float, floa
     raise RuntimeError(f"could not place {n} shapes")
 
 
-def _scene(rng: random.Random, grid: tuple[int, int]) -> tuple[Image.Image, list[tuple[str, str]]]:
+def scene(rng: random.Random, grid: tuple[int, int]) -> tuple[Image.Image, list[tuple]]:
     w, h = _size_for_grid(rng, grid)
-    n = rng.randint(1, 4 if grid in ((1, 1), (2, 2)) else 3)
-    lo, hi = {1: (0.16, 0.24), 2: (0.14, 0.21), 3: (0.12, 0.18), 4: (0.11, 0.15)}[n]
-    side = min(w, h)
+    n = rng.randint(1, 4 if grid in ((1, 1), (2, 2)) else 2)
+    # One size for every shape: the same area in the 448 view of every grid (the tile of a 1x1 image, the
+    # thumbnail of the others), so area tells shapes apart as well as outline does.
+    r = SHAPE_RADIUS * math.sqrt(w * h)
 
     if grid == (1, 1):
 
         def propose():
-            r = side * rng.uniform(lo, hi)
             return rng.uniform(r + 4, w - r - 4), rng.uniform(r + 4, h - r - 4), r
     else:
         # every centre on a tile boundary (up to a quarter radius off it), so no tile holds a whole shape
-        size = max(w, h) if grid != (2, 2) else side
 
         def propose():
-            r = size * rng.uniform(lo, hi) * (0.55 if grid != (2, 2) else 0.8)
-            r = min(r, side * 0.45 if grid == (2, 2) else side / (2 * n) - 8)
             jitter = rng.uniform(-0.25, 0.25) * r
             if grid == (2, 1) or (grid == (2, 2) and rng.random() < 0.5):
                 cx, cy = w / 2 + jitter, rng.uniform(r + 4, h - r - 4)
@@ -177,10 +176,10 @@ def _scene(rng: random.Random, grid: tuple[int, int]) -> tuple[Image.Image, list
     draw = ImageDraw.Draw(img)
     for (cx, cy, r), shape, colour in zip(circles, shapes, colours, strict=True):
         draw_shape(draw, shape, cx, cy, r, COLOURS[colour])
-    return img, list(zip(shapes, colours, strict=True))
+    return img, [(s, c, *xyr) for s, c, xyr in zip(shapes, colours, circles, strict=True)]
 
 
-def _corners(rng: random.Random) -> tuple[Image.Image, list[str]]:
+def corners(rng: random.Random) -> tuple[Image.Image, list[str]]:
     """Four checkerboard shapes, one per quadrant, in CORNERS order; invisible in the thumbnail.
 
     The shape mask is drawn at half resolution and doubled, so every 2 x 2 block is all checkerboard or
@@ -195,7 +194,7 @@ def _corners(rng: random.Random) -> tuple[Image.Image, list[str]]:
     q = half // 2  # a quadrant at half resolution
     for i, shape in enumerate(shapes):
         ox, oy = (i % 2) * q, (i // 2) * q
-        r = q * rng.uniform(0.28, 0.4)
+        r = q * 0.36
         cx = ox + q / 2 + rng.uniform(-0.06, 0.06) * q
         cy = oy + q / 2 + rng.uniform(-0.06, 0.06) * q
         draw_shape(draw, shape, cx, cy, r, 255)
@@ -209,24 +208,25 @@ def _corners(rng: random.Random) -> tuple[Image.Image, list[str]]:
 def make_sample(rng: random.Random, kind: str, qtype: str | None = None) -> Sample:
     """One image with one question of ``qtype`` (random among the kind's types when None)."""
     if kind == "corners":
-        img, shapes = _corners(rng)
+        img, shapes = corners(rng)
         i = rng.randrange(4)
-        return Sample(img, question_for("corner", CORNERS[i]), shapes[i], kind, "corner")
+        return Sample(img, question_for("corner", CORNERS[i]), shapes[i], kind, "corner", tuple(shapes))
     if kind == "single":
         grid = (1, 1)
     elif kind == "multi":
         grid = rng.choice([(2, 2), (2, 2), (2, 1), (1, 2)])
     else:
         raise ValueError(f"unknown kind {kind!r}")
-    img, items = _scene(rng, grid)
+    img, items = scene(rng, grid)
     qtype = qtype or rng.choice(("colour", "shape", "count"))
+    layout = tuple(items)
     if qtype == "count":
-        return Sample(img, question_for("count"), COUNT_WORDS[len(items) - 1], kind, qtype)
-    shape, colour = rng.choice(items)
+        return Sample(img, question_for("count"), COUNT_WORDS[len(items) - 1], kind, qtype, layout)
+    shape, colour = rng.choice(items)[:2]
     if qtype == "colour":
-        return Sample(img, question_for("colour", shape), colour, kind, qtype)
+        return Sample(img, question_for("colour", shape), colour, kind, qtype, layout)
     if qtype == "shape":
-        return Sample(img, question_for("shape", colour), shape, kind, qtype)
+        return Sample(img, question_for("shape", colour), shape, kind, qtype, layout)
     raise ValueError(f"question type {qtype!r} does not apply to {kind} images")
 
 

@@ -27,10 +27,11 @@ import torch
 
 from services.common.tiny_checkpoint import Preset, build_config, save_checkpoint, train_tokenizer
 from services.demo.inputs import PromptCodec, answer_matches, collate, encode_sample
+from services.demo.pretrain import pretrain_vision
 from services.demo.task import HELDOUT_GROUPS, heldout, make_sample
 
-# vision 96 wide x 2 layers; LLM 128 wide x 4 layers (4 query heads, 2 KV heads); ~1.7 M parameters
-DEMO_PRESET = Preset(96, 2, 3, 384, 128, 4, 4, 2, 512, 8192)
+# vision 96 wide x 3 layers; LLM 128 wide x 4 layers (4 query heads, 2 KV heads); ~1.8 M parameters
+DEMO_PRESET = Preset(96, 3, 3, 384, 128, 4, 4, 2, 512, 8192)
 DEMO_ROPE_THETA = 10_000.0  # positions of a few thousand tokens; the corner task addresses 256-token blocks
 
 BATCH_TILES = 20  # images per step: as many as fit in about this many 448 tiles
@@ -38,12 +39,14 @@ BATCH_TILES = 20  # images per step: as many as fit in about this many 448 tiles
 
 @dataclass
 class TrainConfig:
-    steps: int = 3000
+    steps: int = 2000
+    vision_steps: int = 200  # stage 0 (services.demo.pretrain)
     seed: int = 0
     lr: float = 1.5e-3
+    vision_lr_scale: float = 0.5  # the pretrained tower moves more slowly in stage 1
     warmup: int = 100
     weight_decay: float = 0.01
-    single_only_steps: int = 300
+    single_only_steps: int = 150
     save_every: int = 250
     eval_every: int = 250
     eval_per_group: int = 8
@@ -53,7 +56,7 @@ class TrainConfig:
 def kind_weights(step: int, cfg: TrainConfig) -> dict[str, float]:
     if step < cfg.single_only_steps:
         return {"single": 1.0}
-    return {"single": 0.3, "multi": 0.35, "corners": 0.35}
+    return {"single": 0.3, "multi": 0.3, "corners": 0.4}
 
 
 def batch_for(step: int, cfg: TrainConfig, codec: PromptCodec):
@@ -75,6 +78,7 @@ def build_model(seed: int):
 
     tokenizer = train_tokenizer()
     config = build_config(DEMO_PRESET, "qwen2", tokenizer)
+    config.vision_config.layer_scale_init_value = 1.0  # residual branches at full strength from the start
     config.text_config.rope_theta = DEMO_ROPE_THETA
     if hasattr(config.text_config, "rope_parameters") and config.text_config.rope_parameters:
         config.text_config.rope_parameters["rope_theta"] = DEMO_ROPE_THETA
@@ -110,10 +114,18 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
     model, tokenizer = build_model(cfg.seed)
     codec = PromptCodec(tokenizer)
     params = sum(p.numel() for p in model.parameters())
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    groups: dict[tuple[bool, bool], list] = {}
+    for n, p in model.named_parameters():
+        groups.setdefault((p.dim() >= 2 and "embed" not in n, "vision_tower" in n), []).append(p)
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {
+                "params": ps,
+                "weight_decay": cfg.weight_decay if decay else 0.0,
+                "scale": cfg.vision_lr_scale if vision else 1.0,
+            }
+            for (decay, vision), ps in groups.items()
+        ],
         lr=cfg.lr,
         betas=(0.9, 0.98),
     )
@@ -136,6 +148,14 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
     log_path = out.parent / f"{out.name}.train_log.jsonl"
     log_file = log_path.open("w")
     started = time.monotonic()
+    if cfg.vision_steps:
+        pretrain_vision(
+            model.model.vision_tower,
+            cfg.vision_steps,
+            cfg.seed,
+            log=log,
+            record=lambda r: log_file.write(json.dumps(r) + "\n"),
+        )
     ema: dict[str, float] = {}
     model.train()
     provenance = {"origin": "train-demo", "config": asdict(cfg), "parameters": params}
@@ -143,7 +163,7 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
     for step in range(cfg.steps):
         kind, batch = batches.get()
         for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = lr_at(step) * group["scale"]
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -6,63 +6,23 @@ import base64
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.gateway.harness import free_port, png
+from tests.gateway.harness import png
+from tests.serve_process import serve_process
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def served(tiny_checkpoint, tmp_path_factory):
-    http_port, grpc_port = free_port(), free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "services.cli",
-                "serve",
-                "--model",
-                str(tiny_checkpoint),
-                "--http-port",
-                str(http_port),
-                "--grpc-port",
-                str(grpc_port),
-                "--set",
-                "gateway.serve_grpc_port=0",
-                "--set",
-                "models.0.decoder.num_cpus=0.5",
-                "--set",
-                "models.0.encoder.num_cpus=0.5",
-                "--set",
-                "preprocess_deployment.num_cpus=0.5",
-                "--set",
-                "gateway_deployment.num_cpus=0.5",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 240
-    while "ready." not in log.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"serve did not become ready:\n{log.read_text()[-5000:]}")
-        time.sleep(0.5)
-    yield {"proc": proc, "base": f"http://127.0.0.1:{http_port}", "log": log, "model": tiny_checkpoint.name}
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
+    with serve_process(log, "--model", str(tiny_checkpoint)) as proc:
+        yield {**proc, "model": tiny_checkpoint.name}
 
 
 def test_readme_curl_request(served):

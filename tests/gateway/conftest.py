@@ -3,11 +3,9 @@ served over loopback HTTP by uvicorn; gateways of one module share the cores."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from tests.gateway.harness import UvicornThread
+from tests.gateway.harness import UvicornThread, local_cores
 
 MODEL = "tiny"
 
@@ -15,33 +13,16 @@ MODEL = "tiny"
 @pytest.fixture(scope="module")
 def cores(tiny_checkpoint):
     """Real encoder (in-process preprocess, LRU only) and decoder cores."""
-    from services.common.resolver import EmbeddingResolver
-    from services.decoder.config import DecoderConfig
-    from services.decoder.engine.async_engine import DecoderCore
-    from services.decoder.server import DecoderFrontend
-    from services.encoder.config import EncoderConfig
-    from services.encoder.core import EncoderCore, PreprocessorTileSource
-    from services.preprocess.pipeline import Preprocessor
-
-    preprocessor = Preprocessor()
-    encoder = EncoderCore.from_config(
-        EncoderConfig(checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32", fallback="inline"),
-        tile_source=PreprocessorTileSource(preprocessor),
-    )
-    decoder = DecoderCore(DecoderConfig(model=str(tiny_checkpoint), dtype="float32"))
-    frontend = DecoderFrontend(decoder, EmbeddingResolver(None))
-    yield {"encoder": encoder, "decoder": decoder, "frontend": frontend}
-    decoder.shutdown()
-    asyncio.run(encoder.close())
-    preprocessor.close()
+    with local_cores(tiny_checkpoint) as built:
+        yield built
 
 
-def make_gateway(cores, keys, limiter, **limits):
+def make_gateway(cores, keys, limiter, model: str = MODEL, **limits):
     from gateway.clients import LocalDecoderClient, LocalEncoderClient
     from gateway.core import Gateway, GatewayLimits, ModelRoute
 
     route = ModelRoute(
-        MODEL,
+        model,
         LocalEncoderClient(cores["encoder"]),
         LocalDecoderClient(cores["frontend"]),
         12,

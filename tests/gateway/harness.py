@@ -4,6 +4,7 @@ and the reference pipeline the mesh must reproduce."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import threading
 import time
@@ -80,3 +81,30 @@ def reference_answer(
 
 def run(coro):
     return asyncio.get_event_loop().run_until_complete(coro)
+
+
+@contextlib.contextmanager
+def local_cores(checkpoint):
+    """Real encoder (in-process preprocess, LRU only, inline references) and decoder cores of one
+    checkpoint: what a gateway in process talks to through ``LocalEncoderClient`` / ``LocalDecoderClient``."""
+    from services.common.resolver import EmbeddingResolver
+    from services.decoder.config import DecoderConfig
+    from services.decoder.engine.async_engine import DecoderCore
+    from services.decoder.server import DecoderFrontend
+    from services.encoder.config import EncoderConfig
+    from services.encoder.core import EncoderCore, PreprocessorTileSource
+    from services.preprocess.pipeline import Preprocessor
+
+    preprocessor = Preprocessor()
+    encoder = EncoderCore.from_config(
+        EncoderConfig(checkpoint=str(checkpoint), device="cpu", dtype="float32", fallback="inline"),
+        tile_source=PreprocessorTileSource(preprocessor),
+    )
+    decoder = DecoderCore(DecoderConfig(model=str(checkpoint), dtype="float32"))
+    frontend = DecoderFrontend(decoder, EmbeddingResolver(None))
+    try:
+        yield {"encoder": encoder, "decoder": decoder, "frontend": frontend}
+    finally:
+        decoder.shutdown()
+        asyncio.run(encoder.close())
+        preprocessor.close()

@@ -1,0 +1,54 @@
+"""``internvl-mesh train-demo`` and ``internvl-mesh eval-demo``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def train_demo_command(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write the trained checkpoint into.")],
+    steps: Annotated[
+        int, typer.Option(help="Optimizer steps (about one second each on two CPU cores).")
+    ] = 3000,
+    seed: Annotated[int, typer.Option(help="Seed of the weights and of every step's data.")] = 0,
+    threads: Annotated[int, typer.Option(help="torch threads; 0: torch's default.")] = 0,
+) -> None:
+    """Train the demo model (InternViT + projector + Qwen2) on the synthetic shapes task, from scratch."""
+    from services.demo.train import TrainConfig, train
+
+    if steps < 1:
+        raise typer.BadParameter("steps must be at least 1")
+    path = train(out_dir, TrainConfig(steps=steps, seed=seed, threads=threads), log=typer.echo)
+    typer.echo(f"wrote the demo checkpoint to {path}")
+
+
+def eval_demo_command(
+    model: Annotated[
+        Path | None, typer.Option(help="Checkpoint directory; default: the shipped demo model.")
+    ] = None,
+    per_group: Annotated[int, typer.Option(help="Held-out samples per (image kind, question type).")] = 30,
+    mutations: Annotated[bool, typer.Option(help="Also measure the mutated inputs.")] = True,
+) -> None:
+    """Held-out accuracy through transformers' generate, per question type, plain and mutated (JSON)."""
+    from services.demo import demo_model_path
+    from services.demo.evaluate import DemoModel, accuracy, answers
+    from services.demo.inputs import reference_pixels
+    from services.demo.task import heldout
+
+    path = model or demo_model_path()
+    demo = DemoModel.load(path)
+    samples = heldout(per_group)
+    pixels = [reference_pixels(s) for s in samples]
+    report: dict[str, object] = {"model": str(path), "per_group": per_group}
+    started = time.monotonic()
+    report["plain"] = accuracy(samples, answers(demo, samples, pixels=pixels))
+    if mutations:
+        for name in ("permute_tiles", "drop_thumbnail", "swap"):
+            report[name] = accuracy(samples, answers(demo, samples, name, pixels=pixels))
+    report["seconds"] = round(time.monotonic() - started, 1)
+    typer.echo(json.dumps(report, indent=2))

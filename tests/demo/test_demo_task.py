@@ -1,0 +1,62 @@
+"""The synthetic task: seeded, closed-vocabulary, tiled as designed by the reference tiling, and the
+corner shapes invisible in the thumbnail (so only the tiles, in order, can answer)."""
+
+import random
+
+import numpy as np
+import pytest
+
+from services.demo.reference import dynamic_preprocess, reference_grid
+from services.demo.task import ANSWERS, CORNER_SIZE, HELDOUT_GROUPS, KINDS, heldout, make_sample
+
+
+def test_same_seed_same_samples():
+    a, b = heldout(3), heldout(3)
+    assert [s.question for s in a] == [s.question for s in b]
+    assert all(x.png() == y.png() for x, y in zip(a, b, strict=True))
+    assert [s.png() for s in heldout(3, seed=1)] != [s.png() for s in a]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kinds_tile_as_designed(kind):
+    rng = random.Random(kind)
+    for _ in range(40):
+        s = make_sample(rng, kind)
+        assert s.answer in ANSWERS
+        grid = reference_grid(*s.image.size)
+        if kind == "single":
+            assert grid == (1, 1)
+        elif kind == "multi":
+            assert grid in ((2, 2), (2, 1), (1, 2))
+        else:
+            assert s.image.size == (CORNER_SIZE, CORNER_SIZE) and grid == (2, 2)
+
+
+def test_corner_shapes_exist_only_in_the_tiles():
+    rng = random.Random(5)
+    for _ in range(5):
+        s = make_sample(rng, "corners")
+        tiles = [np.asarray(t).astype(np.int16) for t in dynamic_preprocess(s.image, use_thumbnail=True)]
+        assert len(tiles) == 5
+        assert all(t.std() > 40 for t in tiles[:4]), "every quadrant holds a checkerboard shape"
+        assert np.abs(tiles[4] - 128).max() <= 3, "the thumbnail is flat grey"
+
+
+def test_multi_tile_shapes_are_cut_by_tile_boundaries():
+    """Every shape of a multi-tile scene crosses a tile boundary: no tile holds a whole shape."""
+    rng = random.Random(9)
+    for _ in range(40):
+        s = make_sample(rng, "multi")
+        w, h = s.image.size
+        cols, rows = reference_grid(w, h)
+        cuts_x = [w * c / cols for c in range(1, cols)]
+        cuts_y = [h * r / rows for r in range(1, rows)]
+        assert s.layout
+        for _shape, _colour, cx, cy, r in s.layout:
+            nearest = min([abs(cx - x) for x in cuts_x] + [abs(cy - y) for y in cuts_y])
+            assert nearest < r / 2, (s.image.size, cx, cy, r)
+
+
+def test_heldout_groups_are_balanced():
+    samples = heldout(4)
+    assert [(s.kind, s.qtype) for s in samples[::4]] == list(HELDOUT_GROUPS)
