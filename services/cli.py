@@ -186,6 +186,14 @@ def _register_optional_commands() -> None:
     app.command("convert", help="Convert an original-format InternVL checkpoint to the native layout.")(
         convert_command
     )
+    from services.demo.cli import eval_demo_command, train_demo_command
+
+    app.command("train-demo", help="Train the demo model on the synthetic shapes task (CPU, long).")(
+        train_demo_command
+    )
+    app.command("eval-demo", help="Held-out accuracy of a demo checkpoint through transformers' generate.")(
+        eval_demo_command
+    )
     from services.ops_cli import register_ops_commands
 
     register_ops_commands(app)

@@ -13,34 +13,44 @@ import typer
 def train_demo_command(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write the trained checkpoint into.")],
     steps: Annotated[
-        int, typer.Option(help="Optimizer steps (about one second each on two CPU cores).")
+        int, typer.Option(help="Steps of stage 1, the whole model (about a second each on two CPU cores).")
     ] = 3000,
     seed: Annotated[int, typer.Option(help="Seed of the weights and of every step's data.")] = 0,
+    vision_steps: Annotated[int, typer.Option(help="Steps of stage 0, the vision tower alone.")] = 250,
     threads: Annotated[int, typer.Option(help="torch threads; 0: torch's default.")] = 0,
 ) -> None:
     """Train the demo model (InternViT + projector + Qwen2) on the synthetic shapes task, from scratch."""
     from services.demo.train import TrainConfig, train
 
-    if steps < 1:
-        raise typer.BadParameter("steps must be at least 1")
-    path = train(out_dir, TrainConfig(steps=steps, seed=seed, threads=threads), log=typer.echo)
+    if steps < 1 or vision_steps < 0:
+        raise typer.BadParameter("steps must be at least 1 and vision-steps at least 0")
+    cfg = TrainConfig(steps=steps, vision_steps=vision_steps, seed=seed, threads=threads)
+    path = train(out_dir, cfg, log=typer.echo)
     typer.echo(f"wrote the demo checkpoint to {path}")
 
 
 def eval_demo_command(
     model: Annotated[
-        Path | None, typer.Option(help="Checkpoint directory; default: the shipped demo model.")
+        Path | None,
+        typer.Option(
+            help="Checkpoint directory (a train-demo output); default: the shipped demo model, if any."
+        ),
     ] = None,
     per_group: Annotated[int, typer.Option(help="Held-out samples per (image kind, question type).")] = 30,
     mutations: Annotated[bool, typer.Option(help="Also measure the mutated inputs.")] = True,
 ) -> None:
     """Held-out accuracy through transformers' generate, per question type, plain and mutated (JSON)."""
+    from services.common.errors import MeshError
     from services.demo import demo_model_path
     from services.demo.evaluate import DemoModel, accuracy, answers
     from services.demo.inputs import reference_pixels
     from services.demo.task import heldout
 
-    path = model or demo_model_path()
+    try:
+        path = model or demo_model_path()
+    except MeshError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(code=2) from None
     demo = DemoModel.load(path)
     samples = heldout(per_group)
     pixels = [reference_pixels(s) for s in samples]

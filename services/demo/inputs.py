@@ -22,8 +22,8 @@ MAX_TILES = 12
 
 @dataclass
 class Encoded:
-    prompt_ids: list[int]  # up to and including "<|im_start|>assistant\n"
-    answer_ids: list[int]  # the answer and <|im_end|>
+    input_ids: list[int]
+    labels: list[int]  # the token to learn at each position (the answers and their <|im_end|>), else -100
     tiles: np.ndarray  # (T, 3, 448, 448) float32, reference-normalised, thumbnail last when T > 1
 
 
@@ -56,6 +56,17 @@ class PromptCodec:
     def answer_ids(self, answer: str) -> list[int]:
         return self.tokenizer.encode(answer, add_special_tokens=False) + [self.eos_id]
 
+    def next_turn_ids(self, question: str) -> list[int]:
+        """What the chat template renders after an answer's <|im_end|>: the next user turn and the
+        assistant's header (``\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n``)."""
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "assistant", "content": "x"}, {"role": "user", "content": question}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        tail = text[text.index("x<|im_end|>") + len("x<|im_end|>") :]
+        return self.tokenizer.encode(tail, add_special_tokens=False)
+
     def decode_answer(self, ids: list[int]) -> str:
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
@@ -67,22 +78,35 @@ def reference_pixels(sample: Sample, max_tiles: int = MAX_TILES) -> np.ndarray:
     return np.stack([to_tensor_normalize(t) for t in tiles])
 
 
-def encode_sample(codec: PromptCodec, sample: Sample) -> Encoded:
+def encode_sample(codec: PromptCodec, sample: Sample, more: list[tuple[str, str]] = ()) -> Encoded:
+    """The sample's question and answer as the first turn; ``more`` (question, answer) pairs about the
+    same image as further turns of the same conversation (training packs several questions per image:
+    the image tokens are paid for once, and every answer is supervised)."""
     tiles = reference_pixels(sample)
-    return Encoded(codec.prompt_ids(sample.question, len(tiles)), codec.answer_ids(sample.answer), tiles)
+    ids = codec.prompt_ids(sample.question, len(tiles))
+    labels = [-100] * len(ids)
+    for k, (question, answer) in enumerate([(sample.question, sample.answer), *more]):
+        if k:
+            turn = codec.next_turn_ids(question)
+            ids += turn
+            labels += [-100] * len(turn)
+        answer_ids = codec.answer_ids(answer)
+        ids += answer_ids
+        labels += answer_ids
+    return Encoded(ids, labels, tiles)
 
 
 def collate(codec: PromptCodec, batch: list[Encoded]) -> dict[str, torch.Tensor]:
-    """Right-padded teacher-forcing batch; labels only on the answer (and its <|im_end|>)."""
-    seqs = [e.prompt_ids + e.answer_ids for e in batch]
-    width = max(len(s) for s in seqs)
+    """Right-padded teacher-forcing batch."""
+    width = max(len(e.input_ids) for e in batch)
     input_ids = torch.full((len(batch), width), codec.pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
     attention = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (e, seq) in enumerate(zip(batch, seqs, strict=True)):
-        input_ids[i, : len(seq)] = torch.tensor(seq)
-        attention[i, : len(seq)] = 1
-        labels[i, len(e.prompt_ids) : len(seq)] = torch.tensor(e.answer_ids)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        attention[i, :n] = 1
+        labels[i, :n] = torch.tensor(e.labels)
     pixels = torch.from_numpy(np.concatenate([e.tiles for e in batch]))
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "pixel_values": pixels}
 

@@ -230,6 +230,16 @@ def make_sample(rng: random.Random, kind: str, qtype: str | None = None) -> Samp
     raise ValueError(f"question type {qtype!r} does not apply to {kind} images")
 
 
+def all_questions(sample: Sample) -> list[tuple[str, str]]:
+    """Every (question, answer) the task can ask about the sample's image."""
+    if sample.kind == "corners":
+        return [(question_for("corner", c), s) for c, s in zip(CORNERS, sample.layout, strict=True)]
+    qa = [(question_for("count"), COUNT_WORDS[len(sample.layout) - 1])]
+    for shape, colour, *_ in sample.layout:
+        qa += [(question_for("colour", shape), colour), (question_for("shape", colour), shape)]
+    return qa
+
+
 # The held-out set: its own seed, never used in training, the same on every machine.
 HELDOUT_SEED = 20261130
 HELDOUT_GROUPS = (

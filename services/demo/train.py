@@ -28,19 +28,20 @@ import torch
 from services.common.tiny_checkpoint import Preset, build_config, save_checkpoint, train_tokenizer
 from services.demo.inputs import PromptCodec, answer_matches, collate, encode_sample
 from services.demo.pretrain import pretrain_vision
-from services.demo.task import HELDOUT_GROUPS, heldout, make_sample
+from services.demo.task import HELDOUT_GROUPS, all_questions, heldout, make_sample
 
 # vision 96 wide x 3 layers; LLM 128 wide x 4 layers (4 query heads, 2 KV heads); ~1.8 M parameters
 DEMO_PRESET = Preset(96, 3, 3, 384, 128, 4, 4, 2, 512, 8192)
 DEMO_ROPE_THETA = 10_000.0  # positions of a few thousand tokens; the corner task addresses 256-token blocks
 
-BATCH_TILES = 20  # images per step: as many as fit in about this many 448 tiles
+BATCH_TILES = 16  # images per step: as many as fit in about this many 448 tiles
+TURNS = 8  # questions per image, as one conversation (the first is the one a request would ask)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000
-    vision_steps: int = 200  # stage 0 (services.demo.pretrain)
+    steps: int = 1000
+    vision_steps: int = 250  # stage 0 (services.demo.pretrain)
     seed: int = 0
     lr: float = 1.5e-3
     vision_lr_scale: float = 0.5  # the pretrained tower moves more slowly in stage 1
@@ -65,7 +66,10 @@ def batch_for(step: int, cfg: TrainConfig, codec: PromptCodec):
     kind = rng.choices(list(weights), weights=list(weights.values()))[0]
     encoded, tiles = [], 0
     while True:
-        e = encode_sample(codec, make_sample(rng, kind))
+        sample = make_sample(rng, kind)
+        more = [qa for qa in all_questions(sample) if qa[0] != sample.question]
+        rng.shuffle(more)
+        e = encode_sample(codec, sample, more[: TURNS - 1])
         if encoded and tiles + len(e.tiles) > BATCH_TILES:
             break
         encoded.append(e)

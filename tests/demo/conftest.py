@@ -1,0 +1,83 @@
+"""The shipped demo model, its held-out set and its answers through transformers' own ``generate``,
+computed once per session and shared by the accuracy, mutation and end-to-end tests."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from services.demo import DEMO_MODEL_NAME
+
+# Held-out samples per (image kind, question type): 7 groups, 210 questions.
+PER_GROUP = 30
+
+
+def _shipped() -> bool:
+    from services.common.errors import MeshError
+    from services.demo import demo_model_path
+
+    try:
+        demo_model_path()
+    except MeshError:
+        return False
+    return True
+
+
+# The accuracy, mutation and end-to-end tests need the trained model; until one that meets the bar is
+# shipped in services/demo/model they are reported as skipped, with this reason.
+requires_shipped_model = pytest.mark.skipif(
+    not _shipped(), reason="no trained demo model is shipped yet (services/demo/model)"
+)
+
+
+@pytest.fixture(scope="session")
+def demo_path():
+    from services.demo import demo_model_path
+
+    return demo_model_path()
+
+
+@pytest.fixture(scope="session")
+def demo(demo_path):
+    from services.demo.evaluate import DemoModel
+
+    return DemoModel.load(demo_path)
+
+
+@pytest.fixture(scope="session")
+def heldout_set():
+    from services.demo.inputs import reference_pixels
+    from services.demo.task import heldout
+
+    samples = heldout(PER_GROUP)
+    return samples, [reference_pixels(s) for s in samples]
+
+
+@pytest.fixture(scope="session")
+def generate_answers(demo, heldout_set):
+    from services.demo.evaluate import answers
+
+    samples, pixels = heldout_set
+    return answers(demo, samples, pixels=pixels)
+
+
+def ask(client, png: bytes, question: str, *, with_usage: bool = False):
+    """One question about one PNG through the OpenAI-compatible API (greedy): the answer text."""
+    uri = "data:image/png;base64," + base64.b64encode(png).decode()
+    reply = client.chat.completions.create(
+        model=DEMO_MODEL_NAME,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": uri}},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ],
+        max_tokens=6,
+        temperature=0,
+    )
+    answer = reply.choices[0].message.content.strip()
+    return (answer, reply.usage) if with_usage else answer
