@@ -4,6 +4,11 @@ The target runs in a subprocess (libFuzzer owns the process it runs in and exits
 seeded with one valid image per format, for a fixed wall time; the test fails if the fuzzer reports
 a crash, a per-input timeout or an out-of-memory. Longer runs are the same command with a larger
 ``-max_total_time``.
+
+Memory is bounded by an address-space limit set on the target process, not by libFuzzer's
+``-rss_limit_mb``: Linux carries a process's peak RSS across ``exec``, so a target started from a test
+process that has grown past the limit would report an out-of-memory on its first input. Past the
+address-space limit an allocation raises ``MemoryError``, which the fuzzer reports as a crash.
 """
 
 from __future__ import annotations
@@ -19,6 +24,14 @@ pytest.importorskip("atheris")
 TARGET = Path(__file__).with_name("fuzz_decode.py")
 REPO = Path(__file__).resolve().parents[2]
 SECONDS = 8
+ADDRESS_SPACE_BYTES = 3 << 30
+
+# Sets the limit, then becomes the target (same argv): the limit is inherited across exec.
+_LIMITED_EXEC = (
+    "import os, resource, sys; "
+    "resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]),) * 2); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
 
 
 def test_decode_image_survives_a_short_fuzzing_run(tmp_path):
@@ -29,11 +42,15 @@ def test_decode_image_survives_a_short_fuzzing_run(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
+            "-c",
+            _LIMITED_EXEC,
+            str(ADDRESS_SPACE_BYTES),
+            sys.executable,
             str(TARGET),
             str(corpus),
             f"-max_total_time={SECONDS}",
             "-timeout=10",
-            "-rss_limit_mb=2048",
+            "-rss_limit_mb=0",
             "-max_len=65536",
             f"-artifact_prefix={tmp_path}/",
         ],
