@@ -1,15 +1,16 @@
-"""Train the embedded demo model: InternViT + pixel shuffle + MLP projector + a small Qwen2, from scratch.
+"""Train the demo model: InternViT + pixel shuffle + MLP projector + a small Qwen2, from scratch.
 
-``internvl-mesh train-demo OUT`` runs it. Seeded: the data of step ``s`` come from ``Random((seed, s))``
-and the initial weights from ``torch.manual_seed(seed)``, so a rerun with the same seed, steps and torch
-build gives the same weights. The run writes OUT (a native InternVL checkpoint) every ``save_every``
-steps and at the end, and ``train_log.jsonl`` beside it.
+``internvl-mesh train-demo OUT`` runs it. Seeded: the data of step ``s`` come from ``Random(f"{seed}:{s}")``
+(stage 0: ``f"{seed}:vision:{s}"``) and the initial weights from ``torch.manual_seed(seed)``, so a rerun
+with the same seed, steps and torch build gives the same weights. The run writes OUT (a native InternVL
+checkpoint) every ``save_every`` steps and at the end, and ``OUT.train_log.jsonl`` beside it.
 
-Curriculum (what made the task learnable in the CPU budget; ``docs/demo-model.md``):
+Stages (``docs/demo-model.md`` has the runs behind them):
 
-1. single-tile images only, so the vision tower and the question words are learned on short sequences;
-2. then all three kinds, with more weight on corners, whose answer needs the LLM to pick the right
-   256-token block by position.
+0. the vision tower alone, with dense per-patch shape and colour labels (``services.demo.pretrain``);
+1. the whole model on question answering, up to :data:`TURNS` questions per image as one conversation:
+   first single-tile images only (short sequences), then all three kinds, with more weight on corners,
+   whose answer needs the LLM to pick the right 256-token block by position.
 """
 
 from __future__ import annotations
