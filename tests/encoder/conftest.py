@@ -10,9 +10,8 @@ from __future__ import annotations
 import uuid
 
 import pytest
-import redis
 
-from tests.own_redis import OwnRedis
+from tests.own_redis import OwnRedis, suite_redis
 
 REDIS_URL = "redis://127.0.0.1:6379/7"
 RUN_NS = f"enctest-{uuid.uuid4().hex[:8]}"
@@ -25,17 +24,8 @@ def namespace(name: str = "") -> str:
 
 @pytest.fixture(scope="session")
 def sync_redis():
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.fail("the Redis server at 127.0.0.1:6379 is not running (see TOOLING.md)")
-    yield client
-    for pattern in (f"ivm:emb:v1:{RUN_NS}*", "conformance:*"):
-        keys = list(client.scan_iter(match=pattern, count=1000))
-        for i in range(0, len(keys), 500):
-            client.delete(*keys[i : i + 500])
-    client.close()
+    with suite_redis(REDIS_URL, f"ivm:emb:v1:{RUN_NS}*", "conformance:*") as client:
+        yield client
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,10 @@ import logging
 import uuid
 
 import pytest
-import redis
 import yaml
 
 from tests.gateway.conftest import cores  # noqa: F401 - the shared in-process encoder and decoder
+from tests.own_redis import suite_redis
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
 RUN = uuid.uuid4().hex[:8]
@@ -45,15 +45,8 @@ def stream_name(what: str) -> str:
 
 @pytest.fixture(scope="session")
 def sync_redis():
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.fail("the Redis server at 127.0.0.1:6379 is not running")
-    yield client
-    for key in client.scan_iter(match=f"ivm:test:{RUN}:*", count=1000):
-        client.delete(key)
-    client.close()
+    with suite_redis(REDIS_URL, f"ivm:test:{RUN}:*") as client:
+        yield client
 
 
 def write_tenants(path, tenants: list[dict], keys: list) -> None:

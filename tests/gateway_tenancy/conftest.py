@@ -9,10 +9,9 @@ from __future__ import annotations
 import uuid
 
 import pytest
-import redis
 
 from gateway.tenancy import RedisLimiter, Tenant, TenantLimits
-from tests.own_redis import OwnRedis
+from tests.own_redis import OwnRedis, suite_redis
 
 REDIS_URL = "redis://127.0.0.1:6379/11"
 RUN_PREFIX = f"ivm:limtest:{uuid.uuid4().hex[:8]}:"
@@ -25,16 +24,8 @@ def make_tenant(name: str | None = None, **limits) -> Tenant:
 
 @pytest.fixture(scope="session")
 def sync_redis():
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.fail("the Redis server at 127.0.0.1:6379 is not running")
-    yield client
-    keys = list(client.scan_iter(match=f"{RUN_PREFIX}*", count=1000))
-    for i in range(0, len(keys), 500):
-        client.delete(*keys[i : i + 500])
-    client.close()
+    with suite_redis(REDIS_URL, f"{RUN_PREFIX}*") as client:
+        yield client
 
 
 @pytest.fixture
