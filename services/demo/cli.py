@@ -53,7 +53,7 @@ def eval_demo_command(
         raise typer.Exit(code=2) from None
     demo = DemoModel.load(path)
     samples = heldout(per_group)
-    pixels = [reference_pixels(s) for s in samples]
+    pixels = [reference_pixels(s.image) for s in samples]
     report: dict[str, object] = {"model": str(path), "per_group": per_group}
     started = time.monotonic()
     report["plain"] = accuracy(samples, answers(demo, samples, pixels=pixels))

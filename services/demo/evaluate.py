@@ -86,7 +86,7 @@ def answers(
     demo: DemoModel, samples: Sequence[Sample], mutation: str | None = None, pixels=None
 ) -> list[str]:
     """Greedy answers to ``samples``; ``mutation`` is None, a key of :data:`MUTATIONS`, or "swap"."""
-    pixels = pixels if pixels is not None else [reference_pixels(s) for s in samples]
+    pixels = pixels if pixels is not None else [reference_pixels(s.image) for s in samples]
     if mutation == "swap":
         partners = swap_partners(samples, pixels)
         return [demo.answer(s.question, pixels[j]) for s, j in zip(samples, partners, strict=True)]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from services.demo.reference import dynamic_preprocess, to_tensor_normalize
 from services.demo.task import Sample
@@ -73,8 +74,9 @@ class PromptCodec:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def reference_pixels(sample: Sample, max_tiles: int = MAX_TILES) -> np.ndarray:
-    tiles = dynamic_preprocess(sample.image, 1, max_tiles, 448, use_thumbnail=True)
+def reference_pixels(image: Image.Image, max_tiles: int = MAX_TILES) -> np.ndarray:
+    """The reference tiles of ``image``, each ``ToTensor`` + ``Normalize``'d: (T, 3, 448, 448) float32."""
+    tiles = dynamic_preprocess(image, 1, max_tiles, 448, use_thumbnail=True)
     return np.stack([to_tensor_normalize(t) for t in tiles])
 
 
@@ -82,7 +84,7 @@ def encode_sample(codec: PromptCodec, sample: Sample, more: list[tuple[str, str]
     """The sample's question and answer as the first turn; ``more`` (question, answer) pairs about the
     same image as further turns of the same conversation (training packs several questions per image:
     the image tokens are paid for once, and every answer is supervised)."""
-    tiles = reference_pixels(sample)
+    tiles = reference_pixels(sample.image)
     ids = codec.prompt_ids(sample.question, len(tiles))
     labels = [-100] * len(ids)
     for k, (question, answer) in enumerate([(sample.question, sample.answer), *more]):

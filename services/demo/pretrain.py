@@ -41,7 +41,7 @@ def examples(rng: random.Random) -> list[tuple[np.ndarray, np.ndarray, np.ndarra
     kind = rng.choice(task.KINDS)
     if kind == "corners":
         img, shapes = task.corners(rng)
-        tiles = reference_pixels(task.Sample(img, "", "", kind, ""))
+        tiles = reference_pixels(img)
         grey = np.asarray(img)[:, :, 0]
         out = []
         for i in range(4):
@@ -52,7 +52,7 @@ def examples(rng: random.Random) -> list[tuple[np.ndarray, np.ndarray, np.ndarra
         return out
     grid = (1, 1) if kind == "single" else rng.choice([(2, 2), (2, 1), (1, 2)])
     img, items = task.scene(rng, grid)
-    tiles = reference_pixels(task.Sample(img, "", "", kind, ""))
+    tiles = reference_pixels(img)
     pixels = np.asarray(img).astype(np.int16)
     shape_map = np.zeros(pixels.shape[:2], np.uint8)
     colour_map = np.zeros(pixels.shape[:2], np.uint8)

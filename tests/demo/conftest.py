@@ -51,7 +51,7 @@ def heldout_set():
     from services.demo.task import heldout
 
     samples = heldout(PER_GROUP)
-    return samples, [reference_pixels(s) for s in samples]
+    return samples, [reference_pixels(s.image) for s in samples]
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ def test_drop_thumbnail_removes_only_the_last_tile():
 
 def test_swap_partners_are_other_images_with_the_same_tile_count():
     samples = heldout(3)
-    pixels = [reference_pixels(s) for s in samples]
+    pixels = [reference_pixels(s.image) for s in samples]
     partners = swap_partners(samples, pixels)
     for i, j in enumerate(partners):
         assert j != i and len(pixels[j]) == len(pixels[i])

@@ -2,6 +2,7 @@
 whole held-out set through the HTTP API (concurrent requests, repeated images) gets the same answers
 as transformers' ``generate``, answer for answer."""
 
+import base64
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,8 +36,6 @@ def test_readme_sample_is_answered_right(served):
     assert f"embedded demo model {DEMO_MODEL_NAME}" in served["log"].read_text()
     readme = (ROOT / "README.md").read_text()
     assert README_QUESTION in readme and f'"content": "{README_ANSWER}"' in readme
-    import base64
-
     body = {
         "model": DEMO_MODEL_NAME,
         "temperature": 0,
