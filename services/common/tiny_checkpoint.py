@@ -131,8 +131,21 @@ def train_tokenizer(vocab_size: int = VOCAB_SIZE):
     return fast
 
 
-def build_config(preset: Preset, llm: str, tokenizer, max_dynamic_patch: int = 12):
+def build_config(
+    preset: Preset,
+    llm: str,
+    tokenizer,
+    max_dynamic_patch: int = 12,
+    patch_size: int = 14,
+    downsample_ratio: float = 0.5,
+):
+    """The InternVL config of ``preset``: 448 tiles cut into ``patch_size`` patches, whose grid pixel
+    shuffle reduces by ``downsample_ratio`` per side (InternVL's own models: 14 and 0.5, 256 tokens)."""
     from transformers import InternVLConfig
+
+    factor = round(1 / downsample_ratio)
+    if 448 % (factor * patch_size):
+        raise InvalidArgument(f"a 448 tile in {patch_size}-pixel patches does not pixel-shuffle by {factor}")
 
     text_common = dict(
         vocab_size=len(tokenizer),
@@ -162,7 +175,7 @@ def build_config(preset: Preset, llm: str, tokenizer, max_dynamic_patch: int = 1
         intermediate_size=preset.vision_intermediate,
         attention_bias=True,
         image_size=[448, 448],
-        patch_size=[14, 14],
+        patch_size=[patch_size, patch_size],
         norm_type="layer_norm",
         use_qk_norm=False,
         layer_scale_init_value=0.1,
@@ -172,8 +185,8 @@ def build_config(preset: Preset, llm: str, tokenizer, max_dynamic_patch: int = 1
         vision_config=vision_config,
         text_config=text_config,
         image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
-        image_seq_length=256,
-        downsample_ratio=0.5,
+        image_seq_length=(448 // patch_size // factor) ** 2,
+        downsample_ratio=downsample_ratio,
         projector_hidden_act="gelu",
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
@@ -249,7 +262,10 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, provenance: dict) -> 
     }
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     (out / "processor_config.json").write_text(
-        json.dumps({"image_seq_length": 256, "processor_class": "InternVLProcessor"}, indent=2) + "\n"
+        json.dumps(
+            {"image_seq_length": config.image_seq_length, "processor_class": "InternVLProcessor"}, indent=2
+        )
+        + "\n"
     )
     (out / "mesh_checkpoint.json").write_text(json.dumps(provenance, indent=2) + "\n")
     return out

@@ -99,6 +99,28 @@ def test_internvit_6b_settings_match_transformers(tiny_checkpoint, tmp_path):
     assert (ours_enc.encode(tiles) - reference_features(reference, tiles)).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize(("patch", "ratio", "tokens"), [(14, 0.25, 64), (28, 0.5, 64), (16, 0.5, 196)])
+def test_other_patch_grids_match_transformers(tmp_path, patch, ratio, tokens):
+    """Patch size and downsample ratio come from the config (the demo model: 14 and 0.25, 64 tokens)."""
+    from services.common.tiny_checkpoint import PRESETS, build_config, train_tokenizer
+
+    config = build_config(
+        PRESETS["tiny"], "qwen2", train_tokenizer(), patch_size=patch, downsample_ratio=ratio
+    )
+    assert config.image_seq_length == tokens
+    torch.manual_seed(0)
+    model = InternVLForConditionalGeneration(config).eval()
+    _randomise(model, seed=4)
+    model.save_pretrained(tmp_path / "grid")
+    ours = VisionEncoder.load(Checkpoint.open(tmp_path / "grid"))
+    assert ours.tokens_per_tile == tokens
+    reference = InternVLModel.from_pretrained(tmp_path / "grid").eval()
+    tiles = random_tiles(2, seed=6)
+    got = ours.encode(tiles)
+    assert got.shape == (2, tokens, config.text_config.hidden_size)
+    assert (got - reference_features(reference, tiles)).abs().max().item() <= TOL
+
+
 def opengvlab_pixel_shuffle(x: torch.Tensor, scale_factor: float, ps_version: str) -> torch.Tensor:
     """OpenGVLab's ``InternVLChatModel.pixel_shuffle``, as in ``modeling_internvl_chat.py``."""
     n, w, h, c = x.size()
