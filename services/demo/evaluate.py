@@ -3,7 +3,7 @@
 The mutations are what a broken mesh would do to a request, applied to the inputs of ``generate``:
 
 - ``permute_tiles``: the grid tiles in reverse order (the thumbnail stays last);
-- ``drop_thumbnail``: the grid tiles only (and 256 fewer image tokens);
+- ``drop_thumbnail``: the grid tiles only (and one tile fewer of image tokens);
 - ``swap``: the tiles of another held-out image with the same tile count (embeddings swapped between two
   requests).
 
@@ -36,7 +36,7 @@ class DemoModel:
         from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
         model = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-        return cls(model, PromptCodec(AutoTokenizer.from_pretrained(path)))
+        return cls(model, PromptCodec(AutoTokenizer.from_pretrained(path), model.config.image_seq_length))
 
     @torch.no_grad()
     def answer(self, question: str, tiles: np.ndarray) -> str:

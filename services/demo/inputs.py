@@ -1,7 +1,7 @@
 """Model inputs for the demo task, built the way transformers' ``InternVLProcessor`` builds them.
 
 The chat template renders the image part as ``<IMG_CONTEXT>``; that one token becomes ``<img>`` +
-``<IMG_CONTEXT>`` x (256 x tiles) + ``</img>``. Pixels come from the reference tiling and the reference
+``<IMG_CONTEXT>`` x (``image_seq_length`` x tiles) + ``</img>``. Pixels come from the reference tiling and the reference
 ``ToTensor`` + ``Normalize`` (``services.demo.reference``). Nothing here uses the mesh's own preprocessing
 or prompt code: training and the ``generate`` baseline are independent of what they are compared with.
 """
@@ -17,7 +17,6 @@ from PIL import Image
 from services.demo.reference import dynamic_preprocess, to_tensor_normalize
 from services.demo.task import Sample
 
-TOKENS_PER_TILE = 256
 MAX_TILES = 12
 
 
@@ -34,8 +33,9 @@ def messages_for(question: str) -> list[dict]:
 
 
 class PromptCodec:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, tokens_per_tile: int):
         self.tokenizer = tokenizer
+        self.tokens_per_tile = tokens_per_tile  # the model config's image_seq_length
         self.context_token = tokenizer.context_image_token
         self.context_id = tokenizer.convert_tokens_to_ids(self.context_token)
         self.start_id = tokenizer.convert_tokens_to_ids(tokenizer.start_image_token)
@@ -51,7 +51,7 @@ class PromptCodec:
         if self.context_token in after:
             raise ValueError("one image per demo prompt")
         encode = self.tokenizer.encode
-        image = [self.start_id] + [self.context_id] * (TOKENS_PER_TILE * num_tiles) + [self.end_id]
+        image = [self.start_id] + [self.context_id] * (self.tokens_per_tile * num_tiles) + [self.end_id]
         return encode(before, add_special_tokens=False) + image + encode(after, add_special_tokens=False)
 
     def answer_ids(self, answer: str) -> list[int]:

@@ -5,13 +5,14 @@ shapes not at all in a thousand: the answer's gradient reaches it diluted by att
 image tokens, and a shape is a property of a region of 10-15 patches, not of one patch. A linear probe
 on mean-pooled features learned shapes slowly too. So, as real vision encoders are pretrained before they
 meet a language model, this stage trains the InternViT alone with a throwaway per-patch linear head that
-predicts, for every one of the 32 x 32 patches of a tile, which shape covers it (or none) and its colour
+predicts, for every patch of a tile, which shape covers it (or none) and its colour
 (or none, or checkerboard). Dense labels come from the rendered pixels themselves. The head is discarded;
 only the vision tower's weights carry over into the InternVL model.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 
@@ -26,19 +27,45 @@ from services.demo.inputs import reference_pixels
 NUM_SHAPES = len(task.SHAPES)
 COLOUR_NAMES = list(task.COLOURS)
 CHECKER = len(COLOUR_NAMES) + 1  # the "colour" of a corner image's checkerboard shape
-PATCH_CENTRES = np.arange(7, 448, 14)  # the centre pixel of each 14-pixel patch of a 448 tile
-BATCH = 12
+BATCH = 16
+# a corners image gives four tiles, the others one: these weights give each kind about a third of the tiles
+KIND_WEIGHTS = {"single": 1.0, "multi": 1.0, "corners": 0.25}
 SHAPE_CLASS_WEIGHTS = (0.2, 1.0, 1.0, 1.0, 1.0)  # background patches are 80-95% of a tile
 
 
-def _at_patches(labels: np.ndarray) -> np.ndarray:
-    return labels[np.ix_(PATCH_CENTRES, PATCH_CENTRES)].reshape(-1).astype(np.int64)
+def sincos_position_embeddings(tower) -> None:
+    """Set ``tower``'s absolute position embeddings to a fixed 2-D sine-cosine table (they stay trainable).
+
+    transformers initialises InternViT's position embeddings to zeros (OpenGVLab's code: standard normal
+    noise): a tower trained from scratch then starts with no notion of where a patch is, and attention
+    cannot prefer a patch's neighbours until one is learned. This table gives every patch its row and
+    column from the first step, as MAE's fixed table does. The class token's row stays zero.
+    """
+    table = tower.embeddings.position_embeddings
+    n, dim = math.isqrt(table.shape[1] - 1), table.shape[2]
+    grid = torch.arange(n, dtype=torch.float32)
+    rows, cols = torch.meshgrid(grid, grid, indexing="ij")
+    quarter = dim // 4
+    freqs = 1.0 / 10_000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    parts = []
+    for coord in (rows.flatten(), cols.flatten()):
+        angles = coord[:, None] * freqs[None]
+        parts += [angles.sin(), angles.cos()]
+    values = torch.zeros(table.shape[1:])
+    values[1:, : 4 * quarter] = torch.cat(parts, dim=1)
+    with torch.no_grad():
+        table.copy_(values[None])
 
 
-def examples(rng: random.Random) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _at_patches(labels: np.ndarray, patch: int) -> np.ndarray:
+    centres = np.arange(patch // 2, 448, patch)  # the centre pixel of each patch of a 448 tile
+    return labels[np.ix_(centres, centres)].reshape(-1).astype(np.int64)
+
+
+def examples(rng: random.Random, patch: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(tile, shape label per patch, colour label per patch) from one generated image: a single tile, a
     multi-tile image's thumbnail, or the four tiles of a corners image."""
-    kind = rng.choice(task.KINDS)
+    kind = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
     if kind == "corners":
         img, shapes = task.corners(rng)
         tiles = reference_pixels(img)
@@ -47,7 +74,7 @@ def examples(rng: random.Random) -> list[tuple[np.ndarray, np.ndarray, np.ndarra
         for i in range(4):
             ox, oy = (i % 2) * 448, (i // 2) * 448
             inside = grey[oy : oy + 448, ox : ox + 448] != 128
-            shape = _at_patches(np.where(inside, 1 + task.SHAPES.index(shapes[i]), 0))
+            shape = _at_patches(np.where(inside, 1 + task.SHAPES.index(shapes[i]), 0), patch)
             out.append((tiles[i], shape, np.where(shape > 0, CHECKER, 0)))
         return out
     grid = (1, 1) if kind == "single" else rng.choice([(2, 2), (2, 1), (1, 2)])
@@ -62,15 +89,15 @@ def examples(rng: random.Random) -> list[tuple[np.ndarray, np.ndarray, np.ndarra
         colour_map[inside] = 1 + COLOUR_NAMES.index(colour)
 
     def view(labels: np.ndarray) -> np.ndarray:  # the 448 view: the tile of a 1x1 image, else the thumbnail
-        return _at_patches(np.asarray(Image.fromarray(labels).resize((448, 448), Image.NEAREST)))
+        return _at_patches(np.asarray(Image.fromarray(labels).resize((448, 448), Image.NEAREST)), patch)
 
     return [(tiles[-1], view(shape_map), view(colour_map))]
 
 
-def batch(rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch(rng: random.Random, patch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     items: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     while len(items) < BATCH:
-        items.extend(examples(rng))
+        items.extend(examples(rng, patch))
     items = items[:BATCH]
     return tuple(torch.from_numpy(np.stack([it[k] for it in items])) for k in range(3))  # type: ignore[return-value]
 
@@ -83,14 +110,16 @@ def pretrain_vision(vision_tower, steps: int, seed: int, lr: float = 3e-3, log=p
     params = [*vision_tower.parameters(), *shape_head.parameters(), *colour_head.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     weights = torch.tensor(SHAPE_CLASS_WEIGHTS)
+    patch = vision_tower.config.patch_size
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
     vision_tower.train()
     started = time.monotonic()
     recent: list[float] = []
     for step in range(steps):
-        x, shape, colour = batch(random.Random(f"{seed}:vision:{step}"))
+        x, shape, colour = batch(random.Random(f"{seed}:vision:{step}"), patch)
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 30) * (0.3 if step >= 0.8 * steps else 1.0)
-        feats = vision_tower(pixel_values=x).last_hidden_state[:, 1:]  # (B, 1024, hidden), CLS dropped
+        feats = vision_tower(pixel_values=x).last_hidden_state[:, 1:]  # (B, patches, hidden), CLS dropped
         shape_logits, colour_logits = shape_head(feats), colour_head(feats)
         loss = nn.functional.cross_entropy(
             shape_logits.flatten(0, 1), shape.flatten(), weight=weights

@@ -8,9 +8,10 @@ checkpoint) every ``save_every`` steps and at the end, and ``OUT.train_log.jsonl
 Stages (``docs/demo-model.md`` has the runs behind them):
 
 0. the vision tower alone, with dense per-patch shape and colour labels (``services.demo.pretrain``);
-1. the whole model on question answering, up to :data:`TURNS` questions per image as one conversation:
-   first single-tile images only (short sequences), then all three kinds, with more weight on corners,
-   whose answer needs the LLM to pick the right 256-token block by position.
+1. projector and language model on question answering (the tower frozen unless ``vision_lr_scale``),
+   up to :data:`TURNS` questions per image as one conversation: first single-tile images only (short
+   sequences), then all three kinds, with more weight on corners, whose answer needs the LLM to pick
+   the right 64-token block by position.
 """
 
 from __future__ import annotations
@@ -28,27 +29,30 @@ import torch
 
 from services.common.tiny_checkpoint import Preset, build_config, save_checkpoint, train_tokenizer
 from services.demo.inputs import PromptCodec, answer_matches, collate, encode_sample
-from services.demo.pretrain import pretrain_vision
+from services.demo.pretrain import pretrain_vision, sincos_position_embeddings
 from services.demo.task import HELDOUT_GROUPS, all_questions, heldout, make_sample
 
 # vision 96 wide x 3 layers; LLM 128 wide x 4 layers (4 query heads, 2 KV heads); ~1.8 M parameters
 DEMO_PRESET = Preset(96, 3, 3, 384, 128, 4, 4, 2, 512, 8192)
+DEMO_PATCH = 14  # InternViT's own: a 448 tile is 32 x 32 patches
+DEMO_DOWNSAMPLE = 0.25  # pixel shuffle merges 4 x 4 patches: 64 image tokens per tile (InternVL: 2 x 2, 256)
+DEMO_TOKENS_PER_TILE = int((448 // DEMO_PATCH * DEMO_DOWNSAMPLE) ** 2)
 DEMO_ROPE_THETA = 10_000.0  # positions of a few thousand tokens; the corner task addresses 256-token blocks
 
-BATCH_TILES = 16  # images per step: as many as fit in about this many 448 tiles
 TURNS = 8  # questions per image, as one conversation (the first is the one a request would ask)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    vision_steps: int = 250  # stage 0 (services.demo.pretrain)
+    steps: int = 2000
+    vision_steps: int = 300  # stage 0 (services.demo.pretrain)
     seed: int = 0
-    lr: float = 1.5e-3
-    vision_lr_scale: float = 0.5  # the pretrained tower moves more slowly in stage 1
+    lr: float = 2e-3
+    vision_lr_scale: float = 0.0  # the stage-0 tower's learning rate in stage 1, relative (0: frozen)
     warmup: int = 100
     weight_decay: float = 0.01
     single_only_steps: int = 150
+    batch_tiles: int = 24  # images per step: as many as fit in about this many 448 tiles
     save_every: int = 250
     eval_every: int = 250
     eval_per_group: int = 8
@@ -71,7 +75,7 @@ def batch_for(step: int, cfg: TrainConfig, codec: PromptCodec):
         more = [qa for qa in all_questions(sample) if qa[0] != sample.question]
         rng.shuffle(more)
         e = encode_sample(codec, sample, more[: TURNS - 1])
-        if encoded and tiles + len(e.tiles) > BATCH_TILES:
+        if encoded and tiles + len(e.tiles) > cfg.batch_tiles:
             break
         encoded.append(e)
         tiles += len(e.tiles)
@@ -82,13 +86,16 @@ def build_model(seed: int):
     from transformers import InternVLForConditionalGeneration
 
     tokenizer = train_tokenizer()
-    config = build_config(DEMO_PRESET, "qwen2", tokenizer)
+    config = build_config(
+        DEMO_PRESET, "qwen2", tokenizer, patch_size=DEMO_PATCH, downsample_ratio=DEMO_DOWNSAMPLE
+    )
     config.vision_config.layer_scale_init_value = 1.0  # residual branches at full strength from the start
     config.text_config.rope_theta = DEMO_ROPE_THETA
     if hasattr(config.text_config, "rope_parameters") and config.text_config.rope_parameters:
         config.text_config.rope_parameters["rope_theta"] = DEMO_ROPE_THETA
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+    sincos_position_embeddings(model.model.vision_tower)
     return model, tokenizer
 
 
@@ -117,10 +124,12 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, tokenizer = build_model(cfg.seed)
-    codec = PromptCodec(tokenizer)
+    codec = PromptCodec(tokenizer, model.config.image_seq_length)
     params = sum(p.numel() for p in model.parameters())
     groups: dict[tuple[bool, bool], list] = {}
     for n, p in model.named_parameters():
+        if "vision_tower" in n and not cfg.vision_lr_scale:
+            continue  # stage 1 keeps the stage-0 tower as it is (frozen below, after stage 0)
         groups.setdefault((p.dim() >= 2 and "embed" not in n, "vision_tower" in n), []).append(p)
     opt = torch.optim.AdamW(
         [
@@ -161,6 +170,8 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
             log=log,
             record=lambda r: log_file.write(json.dumps(r) + "\n"),
         )
+    if not cfg.vision_lr_scale:
+        model.model.vision_tower.requires_grad_(False)  # and autograd skips its backward
     ema: dict[str, float] = {}
     model.train()
     provenance = {"origin": "train-demo", "config": asdict(cfg), "parameters": params}

@@ -7,7 +7,14 @@ import torch
 
 from services.demo import pretrain
 from services.demo.inputs import PromptCodec
-from services.demo.train import TrainConfig, batch_for, train
+from services.demo.train import (
+    DEMO_PATCH,
+    DEMO_TOKENS_PER_TILE,
+    TrainConfig,
+    batch_for,
+    build_model,
+    train,
+)
 
 
 def test_a_few_steps_write_a_loadable_native_checkpoint(tmp_path):
@@ -26,27 +33,49 @@ def test_a_few_steps_write_a_loadable_native_checkpoint(tmp_path):
     assert "eval" in log[-1]
     model = InternVLForConditionalGeneration.from_pretrained(out)
     assert model.config.vision_config.num_hidden_layers == 3
+    assert model.config.image_seq_length == DEMO_TOKENS_PER_TILE
     assert Checkpoint.open(out).identity()
+    initial, _ = build_model(cfg.seed)
+    assert _changed(initial, model, "model.vision_tower.")  # stage 0 trains the tower
+    assert _changed(initial, model, "model.multi_modal_projector.")
+    assert _changed(initial, model, "model.language_model.")
+
+
+def _changed(before, after, prefix: str) -> bool:
+    old, new = before.state_dict(), after.state_dict()
+    names = [n for n in old if n.startswith(prefix)]
+    assert names, prefix
+    return any(not torch.equal(old[n], new[n]) for n in names)
+
+
+def test_stage_one_keeps_the_tower_frozen(tmp_path):
+    from transformers import InternVLForConditionalGeneration
+
+    cfg = TrainConfig(steps=2, vision_steps=0, save_every=2, eval_every=2, eval_per_group=1)
+    model = InternVLForConditionalGeneration.from_pretrained(train(tmp_path / "d", cfg, log=lambda _: None))
+    initial, _ = build_model(cfg.seed)
+    assert not _changed(initial, model, "model.vision_tower.")
+    assert _changed(initial, model, "model.language_model.")
 
 
 def test_batches_are_a_function_of_seed_and_step(tmp_path):
     from services.common.tiny_checkpoint import train_tokenizer
 
-    codec = PromptCodec(train_tokenizer())
+    codec = PromptCodec(train_tokenizer(), DEMO_TOKENS_PER_TILE)
     cfg = TrainConfig()
     (k1, b1), (k2, b2) = batch_for(400, cfg, codec), batch_for(400, cfg, codec)
     assert k1 == k2 and all(torch.equal(b1[k], b2[k]) for k in b1)
     _, b3 = batch_for(401, cfg, codec)
     assert not torch.equal(b1["pixel_values"][:1], b3["pixel_values"][:1])
-    x1, s1, _ = pretrain.batch(random.Random("a"))
-    x2, s2, _ = pretrain.batch(random.Random("a"))
+    x1, s1, _ = pretrain.batch(random.Random("a"), DEMO_PATCH)
+    x2, s2, _ = pretrain.batch(random.Random("a"), DEMO_PATCH)
     assert torch.equal(x1, x2) and torch.equal(s1, s2)
 
 
 def test_dense_labels_mark_the_shapes():
     rng = random.Random(3)
     for _ in range(6):
-        for _tile, shape, colour in pretrain.examples(rng):
-            assert shape.shape == (1024,) and colour.shape == (1024,)
+        for _tile, shape, colour in pretrain.examples(rng, DEMO_PATCH):
+            assert shape.shape == ((448 // DEMO_PATCH) ** 2,) == colour.shape
             assert ((shape > 0) == (colour > 0)).all()
-            assert 0 < (shape > 0).sum() < 600
+            assert 0 < (shape > 0).sum() < 0.6 * shape.size
