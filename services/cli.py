@@ -70,14 +70,7 @@ def serve_grpc_command(
     from services.standalone import StandaloneConfig, serve_standalone
 
     if model is None:
-        model = DEFAULT_MODEL_DIR
-        if not (model / "config.json").is_file():
-            from services.common.tiny_checkpoint import make_tiny_checkpoint
-
-            make_tiny_checkpoint(model)
-        typer.echo(
-            f"no --model given: serving the tiny RANDOM-WEIGHT checkpoint in {model} (answers are noise)"
-        )
+        _, model = _default_model()
     try:
         asyncio.run(
             serve_standalone(
@@ -109,8 +102,8 @@ def _mesh_config(
     if model is not None:
         data["models"] = [{"name": model.resolve().name, "path": str(model.resolve())}]
     elif not data.get("models"):
-        tiny = _default_model()
-        data["models"] = [{"name": "internvl-mesh-tiny", "path": str(tiny.resolve())}]
+        name, path = _default_model()
+        data["models"] = [{"name": name, "path": str(path.resolve())}]
     gateway = data.setdefault("gateway", {})
     if http_port is not None:
         gateway["http_port"] = http_port
@@ -123,14 +116,27 @@ def _mesh_config(
     return build(MeshConfig, data, str(config) if config else "flags")
 
 
-def _default_model() -> Path:
+def _default_model() -> tuple[str, Path]:
+    """(name, path) of what runs when no model is given: the shipped demo model (``services.demo``),
+    or, in a checkout without one, a tiny random-weight checkpoint made in :data:`DEFAULT_MODEL_DIR`."""
+    from services.demo import DEMO_MODEL_NAME, demo_model_path
+
+    try:
+        path = demo_model_path()
+    except MeshError:
+        pass
+    else:
+        typer.echo(
+            f"no model given: serving the embedded demo model {DEMO_MODEL_NAME} ({path}); see docs/demo-model.md"
+        )
+        return DEMO_MODEL_NAME, path
     model = DEFAULT_MODEL_DIR
     if not (model / "config.json").is_file():
         from services.common.tiny_checkpoint import make_tiny_checkpoint
 
         make_tiny_checkpoint(model)
     typer.echo(f"no model given: serving the tiny RANDOM-WEIGHT checkpoint in {model} (answers are noise)")
-    return model
+    return "internvl-mesh-tiny", model
 
 
 @app.command("serve")
