@@ -147,9 +147,11 @@ def _place(rng: random.Random, n: int, propose) -> list[tuple[float, float, floa
     raise RuntimeError(f"could not place {n} shapes")
 
 
-def scene(rng: random.Random, grid: tuple[int, int]) -> tuple[Image.Image, list[tuple]]:
+def scene(
+    rng: random.Random, grid: tuple[int, int], max_shapes: int | None = None
+) -> tuple[Image.Image, list[tuple]]:
     w, h = _size_for_grid(rng, grid)
-    n = rng.randint(1, 4 if grid in ((1, 1), (2, 2)) else 2)
+    n = rng.randint(1, min(4 if grid in ((1, 1), (2, 2)) else 2, max_shapes or 4))
     # One size for every shape: the same area in the 448 view of every grid (the tile of a 1x1 image, the
     # thumbnail of the others), so area tells shapes apart as well as outline does.
     r = SHAPE_RADIUS * math.sqrt(w * h)
@@ -205,8 +207,11 @@ def corners(rng: random.Random) -> tuple[Image.Image, list[str]]:
     return Image.fromarray(np.repeat(pixels[:, :, None], 3, axis=2), "RGB"), shapes
 
 
-def make_sample(rng: random.Random, kind: str, qtype: str | None = None) -> Sample:
-    """One image with one question of ``qtype`` (random among the kind's types when None)."""
+def make_sample(
+    rng: random.Random, kind: str, qtype: str | None = None, max_shapes: int | None = None
+) -> Sample:
+    """One image with one question of ``qtype`` (random among the kind's types when None); scenes have at
+    most ``max_shapes`` shapes when given (a training curriculum)."""
     if kind == "corners":
         img, shapes = corners(rng)
         i = rng.randrange(4)
@@ -217,7 +222,7 @@ def make_sample(rng: random.Random, kind: str, qtype: str | None = None) -> Samp
         grid = rng.choice([(2, 2), (2, 2), (2, 1), (1, 2)])
     else:
         raise ValueError(f"unknown kind {kind!r}")
-    img, items = scene(rng, grid)
+    img, items = scene(rng, grid, max_shapes)
     qtype = qtype or rng.choice(("colour", "shape", "count"))
     layout = tuple(items)
     if qtype == "count":

@@ -9,8 +9,8 @@ Stages (``docs/demo-model.md`` has the runs behind them):
 
 0. the vision tower alone, with dense per-patch shape and colour labels (``services.demo.pretrain``);
 1. projector and language model on question answering (the tower frozen unless ``vision_lr_scale``),
-   up to :data:`TURNS` questions per image as one conversation: first single-tile images only (short
-   sequences), then all three kinds, with more weight on corners, whose answer needs the LLM to pick
+   up to :data:`TURNS` questions per image as one conversation: first single-tile images of one shape
+   (short sequences, nothing to bind), then at most two shapes, then all three kinds, with more weight on corners, whose answer needs the LLM to pick
    the right 64-token block by position.
 """
 
@@ -45,13 +45,15 @@ TURNS = 8  # questions per image, as one conversation (the first is the one a re
 @dataclass
 class TrainConfig:
     steps: int = 2000
-    vision_steps: int = 300  # stage 0 (services.demo.pretrain)
+    vision_steps: int = 400  # stage 0 (services.demo.pretrain)
     seed: int = 0
     lr: float = 2e-3
     vision_lr_scale: float = 0.0  # the stage-0 tower's learning rate in stage 1, relative (0: frozen)
     warmup: int = 100
     weight_decay: float = 0.01
-    single_only_steps: int = 150
+    single_only_steps: int = 200
+    one_shape_steps: int = 200  # scenes of one shape first: reading a shape before binding it to a colour
+    two_shape_steps: int = 500  # then at most two
     batch_tiles: int = 24  # images per step: as many as fit in about this many 448 tiles
     save_every: int = 250
     eval_every: int = 250
@@ -65,13 +67,19 @@ def kind_weights(step: int, cfg: TrainConfig) -> dict[str, float]:
     return {"single": 0.3, "multi": 0.3, "corners": 0.4}
 
 
+def max_shapes_at(step: int, cfg: TrainConfig) -> int | None:
+    if step < cfg.one_shape_steps:
+        return 1
+    return 2 if step < cfg.two_shape_steps else None
+
+
 def batch_for(step: int, cfg: TrainConfig, codec: PromptCodec):
     rng = random.Random(f"{cfg.seed}:{step}")
     weights = kind_weights(step, cfg)
     kind = rng.choices(list(weights), weights=list(weights.values()))[0]
     encoded, tiles = [], 0
     while True:
-        sample = make_sample(rng, kind)
+        sample = make_sample(rng, kind, max_shapes=max_shapes_at(step, cfg))
         more = [qa for qa in all_questions(sample) if qa[0] != sample.question]
         rng.shuffle(more)
         e = encode_sample(codec, sample, more[: TURNS - 1])

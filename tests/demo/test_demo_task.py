@@ -60,3 +60,10 @@ def test_multi_tile_shapes_are_cut_by_tile_boundaries():
 def test_heldout_groups_are_balanced():
     samples = heldout(4)
     assert [(s.kind, s.qtype) for s in samples[::4]] == list(HELDOUT_GROUPS)
+
+
+@pytest.mark.parametrize("cap", [1, 2])
+def test_training_curriculum_caps_the_shapes(cap):
+    rng = random.Random(cap)
+    counts = {len(make_sample(rng, kind, max_shapes=cap).layout) for kind in ("single", "multi") * 20}
+    assert counts == set(range(1, cap + 1))
