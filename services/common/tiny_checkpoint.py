@@ -131,6 +131,11 @@ def train_tokenizer(vocab_size: int = VOCAB_SIZE):
     return fast
 
 
+def image_seq_length(patch_size: int, downsample_ratio: float) -> int:
+    """Image tokens per 448 tile: the patch grid, reduced by pixel shuffle per side."""
+    return (448 // patch_size // round(1 / downsample_ratio)) ** 2
+
+
 def build_config(
     preset: Preset,
     llm: str,
@@ -185,7 +190,7 @@ def build_config(
         vision_config=vision_config,
         text_config=text_config,
         image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
-        image_seq_length=(448 // patch_size // factor) ** 2,
+        image_seq_length=image_seq_length(patch_size, downsample_ratio),
         downsample_ratio=downsample_ratio,
         projector_hidden_act="gelu",
         vision_feature_layer=-1,

@@ -1,9 +1,10 @@
 """Model inputs for the demo task, built the way transformers' ``InternVLProcessor`` builds them.
 
 The chat template renders the image part as ``<IMG_CONTEXT>``; that one token becomes ``<img>`` +
-``<IMG_CONTEXT>`` x (``image_seq_length`` x tiles) + ``</img>``. Pixels come from the reference tiling and the reference
-``ToTensor`` + ``Normalize`` (``services.demo.reference``). Nothing here uses the mesh's own preprocessing
-or prompt code: training and the ``generate`` baseline are independent of what they are compared with.
+``<IMG_CONTEXT>`` x (``image_seq_length`` x tiles) + ``</img>``. Pixels come from the reference tiling
+and the reference ``ToTensor`` + ``Normalize`` (``services.demo.reference``). Nothing here uses the
+mesh's own preprocessing or prompt code: training and the ``generate`` baseline are independent of what
+they are compared with.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ shapes not at all in a thousand: the answer's gradient reaches it diluted by att
 image tokens, and a shape is a property of a region of 10-15 patches, not of one patch. A linear probe
 on mean-pooled features learned shapes slowly too. So, as real vision encoders are pretrained before they
 meet a language model, this stage trains the InternViT alone with a throwaway per-patch linear head that
-predicts, for every patch of a tile, which shape covers it (or none) and its colour
-(or none, or checkerboard). Dense labels come from the rendered pixels themselves. The head is discarded;
-only the vision tower's weights carry over into the InternVL model.
+predicts, for every patch of a tile, which shape covers it (or none) and its colour (or none, or
+checkerboard). Dense labels come from the rendered pixels themselves. The head is discarded; only the
+vision tower's weights carry over into the InternVL model.
 """
 
 from __future__ import annotations

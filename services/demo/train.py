@@ -10,8 +10,8 @@ Stages (``docs/demo-model.md`` has the runs behind them):
 0. the vision tower alone, with dense per-patch shape and colour labels (``services.demo.pretrain``);
 1. projector and language model on question answering (the tower frozen unless ``vision_lr_scale``),
    up to :data:`TURNS` questions per image as one conversation: first single-tile images of one shape
-   (short sequences, nothing to bind), then at most two shapes, then all three kinds, with more weight on corners, whose answer needs the LLM to pick
-   the right 64-token block by position.
+   (short sequences, nothing to bind), then at most two shapes, then all three kinds, with more weight
+   on corners, whose answer needs the LLM to pick the right 64-token block by position.
 """
 
 from __future__ import annotations
@@ -27,16 +27,22 @@ from pathlib import Path
 
 import torch
 
-from services.common.tiny_checkpoint import Preset, build_config, save_checkpoint, train_tokenizer
+from services.common.tiny_checkpoint import (
+    Preset,
+    build_config,
+    image_seq_length,
+    save_checkpoint,
+    train_tokenizer,
+)
 from services.demo.inputs import PromptCodec, answer_matches, collate, encode_sample
 from services.demo.pretrain import pretrain_vision, sincos_position_embeddings
 from services.demo.task import HELDOUT_GROUPS, all_questions, heldout, make_sample
 
-# vision 96 wide x 3 layers; LLM 128 wide x 4 layers (4 query heads, 2 KV heads); ~1.8 M parameters
+# vision 96 wide x 3 layers; LLM 128 wide x 4 layers (4 query heads, 2 KV heads); ~1.95 M parameters
 DEMO_PRESET = Preset(96, 3, 3, 384, 128, 4, 4, 2, 512, 8192)
 DEMO_PATCH = 14  # InternViT's own: a 448 tile is 32 x 32 patches
 DEMO_DOWNSAMPLE = 0.25  # pixel shuffle merges 4 x 4 patches: 64 image tokens per tile (InternVL: 2 x 2, 256)
-DEMO_TOKENS_PER_TILE = int((448 // DEMO_PATCH * DEMO_DOWNSAMPLE) ** 2)
+DEMO_TOKENS_PER_TILE = image_seq_length(DEMO_PATCH, DEMO_DOWNSAMPLE)
 DEMO_ROPE_THETA = 10_000.0  # positions of a few thousand tokens; the corner task addresses 256-token blocks
 
 TURNS = 8  # questions per image, as one conversation (the first is the one a request would ask)
