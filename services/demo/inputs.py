@@ -26,6 +26,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]  # the token to learn at each position (the answers and their <|im_end|>), else -100
     tiles: np.ndarray  # (T, 3, 448, 448) float32, reference-normalised, thumbnail last when T > 1
+    # (or, in stage 1 of training, the frozen vision tower's output for those tiles)
 
 
 def messages_for(question: str) -> list[dict]:
@@ -86,9 +87,16 @@ def encode_sample(codec: PromptCodec, sample: Sample, more: list[tuple[str, str]
     same image as further turns of the same conversation (training packs several questions per image:
     the image tokens are paid for once, and every answer is supervised)."""
     tiles = reference_pixels(sample.image)
-    ids = codec.prompt_ids(sample.question, len(tiles))
+    ids, labels = encode_turns(codec, len(tiles), [(sample.question, sample.answer), *more])
+    return Encoded(ids, labels, tiles)
+
+
+def encode_turns(codec: PromptCodec, num_tiles: int, turns: list[tuple[str, str]]) -> tuple[list, list]:
+    """Token ids and labels of a conversation about one image of ``num_tiles`` tiles: the first
+    (question, answer) with the image, the others as further turns."""
+    ids = codec.prompt_ids(turns[0][0], num_tiles)
     labels = [-100] * len(ids)
-    for k, (question, answer) in enumerate([(sample.question, sample.answer), *more]):
+    for k, (question, answer) in enumerate(turns):
         if k:
             turn = codec.next_turn_ids(question)
             ids += turn
@@ -96,7 +104,7 @@ def encode_sample(codec: PromptCodec, sample: Sample, more: list[tuple[str, str]
         answer_ids = codec.answer_ids(answer)
         ids += answer_ids
         labels += answer_ids
-    return Encoded(ids, labels, tiles)
+    return ids, labels
 
 
 def collate(codec: PromptCodec, batch: list[Encoded]) -> dict[str, torch.Tensor]:

@@ -18,15 +18,12 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from services.demo import task
+from services.demo.grounding import CHECKER, NUM_SHAPES, tile_label_maps
 from services.demo.inputs import reference_pixels
 
-NUM_SHAPES = len(task.SHAPES)
-COLOUR_NAMES = list(task.COLOURS)
-CHECKER = len(COLOUR_NAMES) + 1  # the "colour" of a corner image's checkerboard shape
 BATCH = 16
 # a corners image gives four tiles, the others one: these weights give each kind about a third of the tiles
 KIND_WEIGHTS = {"single": 1.0, "multi": 1.0, "corners": 0.25}
@@ -68,30 +65,16 @@ def examples(rng: random.Random, patch: int) -> list[tuple[np.ndarray, np.ndarra
     kind = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
     if kind == "corners":
         img, shapes = task.corners(rng)
-        tiles = reference_pixels(img)
-        grey = np.asarray(img)[:, :, 0]
-        out = []
-        for i in range(4):
-            ox, oy = (i % 2) * 448, (i // 2) * 448
-            inside = grey[oy : oy + 448, ox : ox + 448] != 128
-            shape = _at_patches(np.where(inside, 1 + task.SHAPES.index(shapes[i]), 0), patch)
-            out.append((tiles[i], shape, np.where(shape > 0, CHECKER, 0)))
-        return out
-    grid = (1, 1) if kind == "single" else rng.choice([(2, 2), (2, 1), (1, 2)])
-    img, items = task.scene(rng, grid)
+        sample = task.Sample(img, "", "", kind, "corner", tuple(shapes))
+        keep = range(4)  # the thumbnail shows none of them
+    else:
+        grid = (1, 1) if kind == "single" else rng.choice([(2, 2), (2, 1), (1, 2)])
+        img, items = task.scene(rng, grid)
+        sample = task.Sample(img, "", "", kind, "", tuple(items))
+        keep = (-1,)  # the 448 view of the whole image: the tile of a 1x1 image, else the thumbnail
     tiles = reference_pixels(img)
-    pixels = np.asarray(img).astype(np.int16)
-    shape_map = np.zeros(pixels.shape[:2], np.uint8)
-    colour_map = np.zeros(pixels.shape[:2], np.uint8)
-    for shape, colour, *_ in items:  # shapes are drawn without antialiasing: exact colours
-        inside = (pixels == np.array(task.COLOURS[colour])).all(-1)
-        shape_map[inside] = 1 + task.SHAPES.index(shape)
-        colour_map[inside] = 1 + COLOUR_NAMES.index(colour)
-
-    def view(labels: np.ndarray) -> np.ndarray:  # the 448 view: the tile of a 1x1 image, else the thumbnail
-        return _at_patches(np.asarray(Image.fromarray(labels).resize((448, 448), Image.NEAREST)), patch)
-
-    return [(tiles[-1], view(shape_map), view(colour_map))]
+    shape_maps, colour_maps = tile_label_maps(sample)
+    return [(tiles[i], _at_patches(shape_maps[i], patch), _at_patches(colour_maps[i], patch)) for i in keep]
 
 
 def batch(rng: random.Random, patch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

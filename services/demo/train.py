@@ -8,10 +8,13 @@ checkpoint) every ``save_every`` steps and at the end, and ``OUT.train_log.jsonl
 Stages (``docs/demo-model.md`` has the runs behind them):
 
 0. the vision tower alone, with dense per-patch shape and colour labels (``services.demo.pretrain``);
-1. projector and language model on question answering (the tower frozen unless ``vision_lr_scale``),
-   up to :data:`TURNS` questions per image as one conversation: first single-tile images of one shape
-   (short sequences, nothing to bind), then at most two shapes, then all three kinds, with more weight
-   on corners, whose answer needs the LLM to pick the right 64-token block by position.
+1. the tower frozen, a seeded pool of images (``f"{seed}:pool:{i}"``) goes through it once
+   (``services.demo.pool``); then the projector and the language model learn from the stored output
+   to answer up to :data:`TURNS` questions per image as one conversation, and to ground every image
+   token (``services.demo.grounding``): its shape, colour and tile, read by a throwaway head from the
+   hidden states after :data:`GROUNDING_LAYER` layers. First single-tile images of one shape (short
+   sequences, nothing to bind), then at most two shapes, then all three kinds, with more weight on
+   corners, whose answer needs the LLM to pick the right 64-token block by position.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from services.common.tiny_checkpoint import (
@@ -34,9 +38,11 @@ from services.common.tiny_checkpoint import (
     save_checkpoint,
     train_tokenizer,
 )
-from services.demo.inputs import PromptCodec, answer_matches, collate, encode_sample
+from services.demo.grounding import CHECKER, NUM_SHAPES, SLOTS
+from services.demo.inputs import Encoded, PromptCodec, answer_matches, collate, encode_sample, encode_turns
+from services.demo.pool import PoolImage, build_pool, stored_features
 from services.demo.pretrain import pretrain_vision, sincos_position_embeddings
-from services.demo.task import HELDOUT_GROUPS, all_questions, heldout, make_sample
+from services.demo.task import HELDOUT_GROUPS, heldout
 
 # vision 96 wide x 3 layers; LLM 128 wide x 4 layers (4 query heads, 2 KV heads); ~1.95 M parameters
 DEMO_PRESET = Preset(96, 3, 3, 384, 128, 4, 4, 2, 512, 8192)
@@ -46,23 +52,26 @@ DEMO_TOKENS_PER_TILE = image_seq_length(DEMO_PATCH, DEMO_DOWNSAMPLE)
 DEMO_ROPE_THETA = 10_000.0  # positions of a few thousand tokens; the corner task addresses 256-token blocks
 
 TURNS = 8  # questions per image, as one conversation (the first is the one a request would ask)
+GROUNDING_LAYER = 2  # the grounding head reads the language model's hidden states after this many layers
+GROUNDING_SHAPE_WEIGHTS = (0.2, 1.0, 1.0, 1.0, 1.0)  # most image tokens show background
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000
+    steps: int = 10_000
     vision_steps: int = 400  # stage 0 (services.demo.pretrain)
     seed: int = 0
     lr: float = 2e-3
-    vision_lr_scale: float = 0.0  # the stage-0 tower's learning rate in stage 1, relative (0: frozen)
     warmup: int = 100
     weight_decay: float = 0.01
-    single_only_steps: int = 200
-    one_shape_steps: int = 200  # scenes of one shape first: reading a shape before binding it to a colour
-    two_shape_steps: int = 500  # then at most two
+    pool_tiles: int = 20_000  # stage 1's images, through the frozen tower once (services.demo.pool)
+    grounding_weight: float = 0.5  # of the grounding objective (services.demo.grounding); 0: answers only
+    single_only_steps: int = 300
+    one_shape_steps: int = 300  # scenes of one shape first: reading a shape before binding it to a colour
+    two_shape_steps: int = 1200  # then at most two
     batch_tiles: int = 24  # images per step: as many as fit in about this many 448 tiles
-    save_every: int = 250
-    eval_every: int = 250
+    save_every: int = 500
+    eval_every: int = 500
     eval_per_group: int = 8
     threads: int = 0  # 0: torch's default
 
@@ -73,27 +82,65 @@ def kind_weights(step: int, cfg: TrainConfig) -> dict[str, float]:
     return {"single": 0.3, "multi": 0.3, "corners": 0.4}
 
 
-def max_shapes_at(step: int, cfg: TrainConfig) -> int | None:
+def max_shapes_at(step: int, cfg: TrainConfig) -> int:
     if step < cfg.one_shape_steps:
         return 1
-    return 2 if step < cfg.two_shape_steps else None
+    return 2 if step < cfg.two_shape_steps else 4
 
 
-def batch_for(step: int, cfg: TrainConfig, codec: PromptCodec):
+class PoolIndex:
+    """The pool's images by kind and shape count, for the curriculum's draws."""
+
+    def __init__(self, pool: list[PoolImage]):
+        self.pool = pool
+        self._by: dict[tuple[str, int], list[int]] = {}
+        for i, image in enumerate(pool):
+            for limit in (1, 2, 4):
+                if image.kind == "corners" or image.shapes <= limit:
+                    self._by.setdefault((image.kind, limit), []).append(i)
+
+    def choices(self, kind: str, max_shapes: int) -> list[int]:
+        return self._by.get((kind, max_shapes)) or self._by[(kind, 4)]
+
+
+def batch_for(step: int, cfg: TrainConfig, codec: PromptCodec, index: PoolIndex):
+    """Step ``step``'s batch: pooled images of one kind, up to :data:`TURNS` fresh questions each, with
+    the stored tower output as ``pixel_values`` and the grounding labels of every image token."""
     rng = random.Random(f"{cfg.seed}:{step}")
     weights = kind_weights(step, cfg)
     kind = rng.choices(list(weights), weights=list(weights.values()))[0]
-    encoded, tiles = [], 0
+    candidates = index.choices(kind, max_shapes_at(step, cfg))
+    encoded: list[Encoded] = []
+    grounding: list = []
+    tiles = 0
     while True:
-        sample = make_sample(rng, kind, max_shapes=max_shapes_at(step, cfg))
-        more = [qa for qa in all_questions(sample) if qa[0] != sample.question]
-        rng.shuffle(more)
-        e = encode_sample(codec, sample, more[: TURNS - 1])
-        if encoded and tiles + len(e.tiles) > cfg.batch_tiles:
+        image = index.pool[rng.choice(candidates)]
+        turns = list(image.questions)
+        rng.shuffle(turns)
+        ids, labels = encode_turns(codec, len(image.features), turns[:TURNS])
+        if encoded and tiles + len(image.features) > cfg.batch_tiles:
             break
-        encoded.append(e)
-        tiles += len(e.tiles)
-    return kind, collate(codec, encoded)
+        encoded.append(Encoded(ids, labels, image.features))
+        grounding.append(image.grounding.reshape(3, -1))
+        tiles += len(image.features)
+    batch = collate(codec, encoded)
+    batch["grounding"] = torch.from_numpy(np.concatenate(grounding, axis=1).astype(np.int64))
+    return kind, batch
+
+
+class GroundingHead(torch.nn.Module):
+    """Throwaway linear readout of every image token's shape, colour and tile slot (not saved)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.sizes = (NUM_SHAPES + 1, CHECKER + 1, SLOTS)
+        self.linear = torch.nn.Linear(hidden, sum(self.sizes))
+        self.register_buffer("shape_weights", torch.tensor(GROUNDING_SHAPE_WEIGHTS))
+
+    def forward(self, states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        shape, colour, slot = self.linear(states).split(self.sizes, dim=-1)
+        ce = torch.nn.functional.cross_entropy
+        return ce(shape, labels[0], weight=self.shape_weights) + ce(colour, labels[1]) + ce(slot, labels[2])
 
 
 def build_model(seed: int):
@@ -140,20 +187,13 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
     model, tokenizer = build_model(cfg.seed)
     codec = PromptCodec(tokenizer, model.config.image_seq_length)
     params = sum(p.numel() for p in model.parameters())
-    groups: dict[tuple[bool, bool], list] = {}
-    for n, p in model.named_parameters():
-        if "vision_tower" in n and not cfg.vision_lr_scale:
-            continue  # stage 1 keeps the stage-0 tower as it is (frozen below, after stage 0)
-        groups.setdefault((p.dim() >= 2 and "embed" not in n, "vision_tower" in n), []).append(p)
+    head = GroundingHead(model.config.text_config.hidden_size)
+    groups: dict[bool, list] = {}
+    for n, p in [*model.named_parameters(), *head.named_parameters(prefix="grounding")]:
+        if "vision_tower" not in n:  # stage 1 keeps the stage-0 tower as it is (frozen below)
+            groups.setdefault(p.dim() >= 2 and "embed" not in n, []).append(p)
     opt = torch.optim.AdamW(
-        [
-            {
-                "params": ps,
-                "weight_decay": cfg.weight_decay if decay else 0.0,
-                "scale": cfg.vision_lr_scale if vision else 1.0,
-            }
-            for (decay, vision), ps in groups.items()
-        ],
+        [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0} for decay, ps in groups.items()],
         lr=cfg.lr,
         betas=(0.9, 0.98),
     )
@@ -163,15 +203,6 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
             return cfg.lr * (step + 1) / cfg.warmup
         t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
-
-    # batches are built on a thread (Pillow and numpy release the GIL) while the model trains
-    batches: queue.Queue = queue.Queue(maxsize=4)
-
-    def produce():
-        for step in range(cfg.steps):
-            batches.put(batch_for(step, cfg, codec))
-
-    threading.Thread(target=produce, daemon=True, name="demo-batches").start()
 
     log_path = out.parent / f"{out.name}.train_log.jsonl"
     log_file = log_path.open("w")
@@ -184,22 +215,41 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
             log=log,
             record=lambda r: log_file.write(json.dumps(r) + "\n"),
         )
-    if not cfg.vision_lr_scale:
-        model.model.vision_tower.requires_grad_(False)  # and autograd skips its backward
+    model.model.vision_tower.requires_grad_(False)
+    side = math.isqrt(model.config.image_seq_length)
+    index = PoolIndex(build_pool(model.model.vision_tower, cfg.seed, cfg.pool_tiles, side, log=log))
+    pool_seconds = round(time.monotonic() - started)
+
+    # batches are assembled on a thread while the model trains
+    batches: queue.Queue = queue.Queue(maxsize=4)
+
+    def produce():
+        for step in range(cfg.steps):
+            batches.put(batch_for(step, cfg, codec, index))
+
+    threading.Thread(target=produce, daemon=True, name="demo-batches").start()
+    image_token = model.config.image_token_id
     ema: dict[str, float] = {}
     model.train()
     provenance = {"origin": "train-demo", "config": asdict(cfg), "parameters": params}
     log(f"training {params / 1e6:.2f} M parameters for {cfg.steps} steps; log {log_path}")
     for step in range(cfg.steps):
         kind, batch = batches.get()
+        grounding = batch.pop("grounding")
         for group in opt.param_groups:
-            group["lr"] = lr_at(step) * group["scale"]
-        loss = model(**batch).loss
+            group["lr"] = lr_at(step)
+        with stored_features(model):
+            result = model(**batch, output_hidden_states=cfg.grounding_weight > 0)
+        loss = result.loss
+        if cfg.grounding_weight:
+            states = result.hidden_states[GROUNDING_LAYER][batch["input_ids"] == image_token]
+            aux = head(states, grounding)
+            loss = loss + cfg.grounding_weight * aux
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for ps in groups.values() for p in ps], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        value = loss.item()
+        value = result.loss.item()
         ema[kind] = 0.95 * ema.get(kind, value) + 0.05 * value
         record = {
             "step": step,
@@ -207,6 +257,9 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
             "loss": round(value, 4),
             "elapsed_s": round(time.monotonic() - started, 1),
         }
+        if cfg.grounding_weight:
+            record["grounding_loss"] = round(aux.item(), 4)
+            ema["grounding"] = 0.95 * ema.get("grounding", record["grounding_loss"]) + 0.05 * aux.item()
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             record["eval"] = quick_eval(model, codec, cfg.eval_per_group)
         log_file.write(json.dumps(record) + "\n")
@@ -217,6 +270,7 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             provenance["steps_done"] = step + 1
             provenance["train_seconds"] = round(time.monotonic() - started)
+            provenance["pool_seconds"] = pool_seconds
             save_checkpoint(model.eval(), tokenizer, out, provenance)
             model.train()
     log_file.close()

@@ -4,6 +4,7 @@ computed once per session and shared by the accuracy, mutation and end-to-end te
 from __future__ import annotations
 
 import base64
+import math
 
 import pytest
 
@@ -60,6 +61,26 @@ def generate_answers(demo, heldout_set):
 
     samples, pixels = heldout_set
     return answers(demo, samples, pixels=pixels)
+
+
+@pytest.fixture(scope="session")
+def demo_untrained():
+    """The demo architecture with its initial weights, and its codec."""
+    from services.demo.inputs import PromptCodec
+    from services.demo.train import build_model
+
+    model, tokenizer = build_model(0)
+    return model.eval(), PromptCodec(tokenizer, model.config.image_seq_length)
+
+
+@pytest.fixture(scope="session")
+def demo_pool(demo_untrained):
+    """A small stage-1 pool: images through the (untrained) tower."""
+    from services.demo.pool import build_pool
+    from services.demo.train import DEMO_TOKENS_PER_TILE
+
+    model, _ = demo_untrained
+    return build_pool(model.model.vision_tower, 0, 60, math.isqrt(DEMO_TOKENS_PER_TILE), log=lambda _: None)
 
 
 def ask(client, png: bytes, question: str, *, with_usage: bool = False):

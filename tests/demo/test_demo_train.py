@@ -10,9 +10,12 @@ from services.demo.inputs import PromptCodec
 from services.demo.train import (
     DEMO_PATCH,
     DEMO_TOKENS_PER_TILE,
+    PoolIndex,
     TrainConfig,
     batch_for,
     build_model,
+    kind_weights,
+    max_shapes_at,
     train,
 )
 
@@ -23,7 +26,13 @@ def test_a_few_steps_write_a_loadable_native_checkpoint(tmp_path):
     from services.common.checkpoint import Checkpoint
 
     cfg = TrainConfig(
-        steps=2, vision_steps=2, single_only_steps=1, save_every=2, eval_every=2, eval_per_group=1
+        steps=2,
+        vision_steps=2,
+        pool_tiles=8,
+        single_only_steps=1,
+        save_every=2,
+        eval_every=2,
+        eval_per_group=1,
     )
     out = train(tmp_path / "demo", cfg, log=lambda _: None)
     provenance = json.loads((out / "mesh_checkpoint.json").read_text())
@@ -51,25 +60,40 @@ def _changed(before, after, prefix: str) -> bool:
 def test_stage_one_keeps_the_tower_frozen(tmp_path):
     from transformers import InternVLForConditionalGeneration
 
-    cfg = TrainConfig(steps=2, vision_steps=0, save_every=2, eval_every=2, eval_per_group=1)
+    cfg = TrainConfig(steps=2, vision_steps=0, pool_tiles=8, save_every=2, eval_every=2, eval_per_group=1)
     model = InternVLForConditionalGeneration.from_pretrained(train(tmp_path / "d", cfg, log=lambda _: None))
     initial, _ = build_model(cfg.seed)
     assert not _changed(initial, model, "model.vision_tower.")
     assert _changed(initial, model, "model.language_model.")
 
 
-def test_batches_are_a_function_of_seed_and_step(tmp_path):
+def test_batches_are_a_function_of_seed_and_step(demo_pool):
     from services.common.tiny_checkpoint import train_tokenizer
 
     codec = PromptCodec(train_tokenizer(), DEMO_TOKENS_PER_TILE)
     cfg = TrainConfig()
-    (k1, b1), (k2, b2) = batch_for(400, cfg, codec), batch_for(400, cfg, codec)
+    index = PoolIndex(demo_pool)
+    (k1, b1), (k2, b2) = batch_for(1400, cfg, codec, index), batch_for(1400, cfg, codec, index)
     assert k1 == k2 and all(torch.equal(b1[k], b2[k]) for k in b1)
-    _, b3 = batch_for(401, cfg, codec)
-    assert not torch.equal(b1["pixel_values"][:1], b3["pixel_values"][:1])
+    _, b3 = batch_for(1401, cfg, codec, index)
+    assert not torch.equal(b1["input_ids"], b3["input_ids"])
+    # one grounding label triple per image token, in the order the image tokens are filled
+    image_tokens = int((b1["input_ids"] == codec.context_id).sum())
+    assert b1["grounding"].shape == (3, image_tokens) == (3, len(b1["pixel_values"]) * DEMO_TOKENS_PER_TILE)
     x1, s1, _ = pretrain.batch(random.Random("a"), DEMO_PATCH)
     x2, s2, _ = pretrain.batch(random.Random("a"), DEMO_PATCH)
     assert torch.equal(x1, x2) and torch.equal(s1, s2)
+
+
+def test_the_curriculum_draws_few_shapes_first(demo_pool):
+    cfg = TrainConfig()
+    index = PoolIndex(demo_pool)
+    assert kind_weights(0, cfg) == {"single": 1.0} and max_shapes_at(0, cfg) == 1
+    assert max_shapes_at(cfg.one_shape_steps, cfg) == 2 and max_shapes_at(cfg.two_shape_steps, cfg) == 4
+    for limit in (1, 2):
+        chosen = [demo_pool[i] for i in index.choices("single", limit)]
+        assert chosen and all(image.shapes <= limit for image in chosen)
+    assert any(image.shapes > 2 for image in (demo_pool[i] for i in index.choices("single", 4)))
 
 
 def test_dense_labels_mark_the_shapes():
