@@ -3,7 +3,9 @@
 Stage 1 trains the language model on answers, and beside them on a throwaway linear head that reads,
 from the language model's hidden state at every image token (after :data:`GROUNDING_LAYER` layers),
 which shape covers that token's 56 x 56 pixel block, its colour, and which tile of the request the token
-belongs to. Answers alone taught the model to read an image of one shape, but not to bind: asked for
+belongs to. The grid tiles of a multi-tile scene get a tile slot but no shape or colour label: they
+show pieces of shapes, and which shape a piece belongs to is the thumbnail's to say (the mutation
+tests drop the thumbnail and expect those answers to go). Answers alone taught the model to read an image of one shape, but not to bind: asked for
 the colour of the triangle among two shapes it answered at chance. With these labels every image token
 carries its own shape and colour together (the binding), and its tile (the corner questions' address),
 and the answer only has to look them up.
@@ -28,6 +30,7 @@ CHECKER = len(COLOUR_NAMES) + 1  # the "colour" of a corners image's checkerboar
 WHOLE = 12  # the tile slot of a view of the whole image: the one tile of a 1x1 image, or the thumbnail
 SLOTS = WHOLE + 1
 MIN_COVER = 0.2  # a block shows a shape when the shape covers at least this share of it
+UNLABELLED = -1  # no shape or colour label (the tile slot is always labelled)
 
 
 def label_maps(sample: task.Sample) -> tuple[Image.Image, Image.Image]:
@@ -100,6 +103,8 @@ def token_labels(sample: task.Sample, side: int) -> tuple[np.ndarray, np.ndarray
             colour[mine] = hits[mine]
     if sample.kind == "corners":  # the thumbnail averages the checkerboard to the background's grey
         shape[-1] = colour[-1] = 0
+    elif t > 1:  # a scene's grid tiles show pieces of shapes: what they are is for the thumbnail to say
+        shape[:-1] = colour[:-1] = UNLABELLED
     slot = np.repeat(np.arange(t)[:, None], side * side, axis=1)
     slot[-1] = WHOLE  # the thumbnail, or the only tile
     return shape.astype(np.int64), colour.astype(np.int64), slot.astype(np.int64)

@@ -19,6 +19,7 @@ Stages (``docs/demo-model.md`` has the runs behind them):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import queue
@@ -38,7 +39,7 @@ from services.common.tiny_checkpoint import (
     save_checkpoint,
     train_tokenizer,
 )
-from services.demo.grounding import CHECKER, NUM_SHAPES, SLOTS
+from services.demo.grounding import CHECKER, NUM_SHAPES, SLOTS, UNLABELLED
 from services.demo.inputs import Encoded, PromptCodec, answer_matches, collate, encode_sample, encode_turns
 from services.demo.pool import PoolImage, build_pool, stored_features
 from services.demo.pretrain import pretrain_vision, sincos_position_embeddings
@@ -58,7 +59,7 @@ GROUNDING_SHAPE_WEIGHTS = (0.2, 1.0, 1.0, 1.0, 1.0)  # most image tokens show ba
 
 @dataclass
 class TrainConfig:
-    steps: int = 10_000
+    steps: int = 9000
     vision_steps: int = 400  # stage 0 (services.demo.pretrain)
     seed: int = 0
     lr: float = 2e-3
@@ -139,7 +140,7 @@ class GroundingHead(torch.nn.Module):
 
     def forward(self, states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         shape, colour, slot = self.linear(states).split(self.sizes, dim=-1)
-        ce = torch.nn.functional.cross_entropy
+        ce = functools.partial(torch.nn.functional.cross_entropy, ignore_index=UNLABELLED)
         return ce(shape, labels[0], weight=self.shape_weights) + ce(colour, labels[1]) + ce(slot, labels[2])
 
 

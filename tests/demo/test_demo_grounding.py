@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from services.demo import task
-from services.demo.grounding import CHECKER, WHOLE, tile_label_maps, token_labels
+from services.demo.grounding import CHECKER, UNLABELLED, WHOLE, tile_label_maps, token_labels
 from services.demo.inputs import collate, encode_sample, reference_pixels
 from services.demo.pool import stored_features
 from services.demo.reference import dynamic_preprocess
@@ -37,10 +37,20 @@ def test_labelled_blocks_show_that_colour_and_the_others_do_not(kind):
                     c: float((np.abs(blocks[t, k] - rgb).sum(-1) < 40).mean())
                     for c, rgb in task.COLOURS.items()
                 }
-                if shape[t, k]:
+                if shape[t, k] == UNLABELLED:
+                    assert kind == "multi" and t < len(tiles) - 1  # a scene's grid tiles: pieces
+                elif shape[t, k]:
                     assert near[names[colour[t, k] - 1]] >= 0.15, (t, k, near)
                 else:
                     assert max(near.values()) < 0.3, (t, k, near)
+
+
+def test_scene_grid_tiles_are_left_to_the_thumbnail():
+    for sample in _samples("multi", 4):
+        shape, colour, slot = token_labels(sample, SIDE)
+        assert (shape[:-1] == UNLABELLED).all() and (colour[:-1] == UNLABELLED).all()
+        assert (shape[-1] >= 0).all() and shape[-1].any()
+        assert slot[:, 0].tolist() == [*range(len(shape) - 1), WHOLE]
 
 
 def test_corner_tiles_carry_their_shape_and_the_thumbnail_nothing():
@@ -68,7 +78,7 @@ def test_token_order_is_the_order_of_transformers_pixel_shuffle(demo_untrained):
         most = (counts.argmax(-1) + 1).numpy()
         on = shape > 0
         assert (most[on] == shape[on]).mean() > 0.95
-        assert (counts.sum(-1).numpy()[~on] <= 8).all()  # unlabelled blocks are mostly background
+        assert (counts.sum(-1).numpy()[shape == 0] <= 8).all()  # unlabelled blocks are mostly background
         checked += int(on.sum())
     assert checked > 50
 
