@@ -4,7 +4,8 @@ After stage 0 the tower is frozen, so what it makes of an image never changes. S
 a fixed, seeded pool of images once, runs the tower over their reference tiles once, keeps its output
 (float16), and trains the projector and the language model on the stored output: a step then costs the
 language model alone (about 0.5 s instead of 1.3 s for 24 tiles on two CPU cores), so the same hours
-buy more than twice the steps. The questions about a pooled image are drawn afresh each time it is used.
+buy more than twice the steps. The questions about a pooled image are drawn afresh each time it is used
+(``task.training_questions``).
 While training, :func:`stored_features` stands in for the tower: the stored output goes in where pixels
 would, and transformers' own code does the rest (pixel shuffle, projector, placement of the image
 tokens), so what is trained is what ``generate`` runs.
@@ -12,6 +13,7 @@ tokens), so what is trained is what ``generate`` runs.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import random
 import threading
@@ -27,7 +29,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from services.demo.grounding import token_labels
 from services.demo.inputs import reference_pixels
-from services.demo.task import all_questions, make_sample
+from services.demo.task import Sample, make_sample
 
 # the share of the pool's tiles per kind, and each kind's tiles per image (multi: 5 or 3, on average 4)
 TILE_SHARE = {"single": 0.4, "multi": 0.3, "corners": 0.3}
@@ -37,20 +39,18 @@ TOWER_BATCH = 32  # tiles per forward pass of the tower
 
 @dataclass
 class PoolImage:
-    kind: str
-    shapes: int  # how many shapes the image shows (the curriculum's filter)
-    questions: list[tuple[str, str]]  # every (question, answer) about it
+    sample: Sample  # without its image: what it shows (``task.training_questions`` asks about it)
     features: np.ndarray  # (T, 1 + patches, hidden) float16: the tower's last hidden state, CLS first
     grounding: np.ndarray  # (3, T, tokens per tile) int8: shape, colour and tile slot of every image token
 
 
 def render(rng: random.Random, side: int):
-    """One pool image: its kind, questions, reference tiles and grounding labels."""
+    """One pool image: the sample (without its image), its reference tiles and grounding labels."""
     weights = {k: TILE_SHARE[k] / TILES_PER_IMAGE[k] for k in TILE_SHARE}
     kind = rng.choices(list(weights), weights=list(weights.values()))[0]
     sample = make_sample(rng, kind)
     grounding = np.stack(token_labels(sample, side)).astype(np.int8)
-    return kind, len(sample.layout), all_questions(sample), reference_pixels(sample.image), grounding
+    return dataclasses.replace(sample, image=None), reference_pixels(sample.image), grounding
 
 
 @torch.no_grad()
@@ -80,12 +80,12 @@ def build_pool(tower, seed: int, tiles: int, side: int, log=print) -> list[PoolI
             pending, count = [], 0
             while count < min(TOWER_BATCH, tiles - total):
                 pending.append(rendered.get())
-                count += len(pending[-1][3])
-            pixels = torch.from_numpy(np.concatenate([p[3] for p in pending]))
+                count += len(pending[-1][1])
+            pixels = torch.from_numpy(np.concatenate([p[1] for p in pending]))
             out = tower(pixel_values=pixels).last_hidden_state.to(torch.float16).numpy()
             at = 0
-            for kind, shapes, questions, px, grounding in pending:
-                pool.append(PoolImage(kind, shapes, questions, out[at : at + len(px)].copy(), grounding))
+            for sample, px, grounding in pending:
+                pool.append(PoolImage(sample, out[at : at + len(px)].copy(), grounding))
                 at += len(px)
             total += at
             if total >= next_log:

@@ -245,6 +245,27 @@ def all_questions(sample: Sample) -> list[tuple[str, str]]:
     return qa
 
 
+CORNER_TURNS = 2  # corner questions per training conversation: with all four, the last is the one left over
+
+
+def training_questions(sample: Sample, rng: random.Random) -> list[tuple[str, str]]:
+    """Questions about the sample's image for one training conversation, none answerable from the text
+    of the others: per shape either its colour or its shape question (asked both, the second answer
+    would be the first question's subject), the count, and two of the four corners. In random order."""
+    if sample.kind == "corners":
+        picks = rng.sample(range(len(CORNERS)), CORNER_TURNS)
+        qa = [(question_for("corner", CORNERS[i]), sample.layout[i]) for i in picks]
+    else:
+        qa = [(question_for("count"), COUNT_WORDS[len(sample.layout) - 1])]
+        for shape, colour, *_ in sample.layout:
+            if rng.random() < 0.5:
+                qa.append((question_for("colour", shape), colour))
+            else:
+                qa.append((question_for("shape", colour), shape))
+    rng.shuffle(qa)
+    return qa
+
+
 # The held-out set: its own seed, never used in training, the same on every machine.
 HELDOUT_SEED = 20261130
 HELDOUT_GROUPS = (

@@ -10,7 +10,8 @@ Stages (``docs/demo-model.md`` has the runs behind them):
 0. the vision tower alone, with dense per-patch shape and colour labels (``services.demo.pretrain``);
 1. the tower frozen, a seeded pool of images (``f"{seed}:pool:{i}"``) goes through it once
    (``services.demo.pool``); then the projector and the language model learn from the stored output
-   to answer up to :data:`TURNS` questions per image as one conversation, and to ground every image
+   to answer several questions per image as one conversation (``task.training_questions``: none
+   answerable from the others' text), and to ground every image
    token (``services.demo.grounding``): its shape, colour and tile, read by a throwaway head from the
    hidden states after :data:`GROUNDING_LAYER` layers. First single-tile images of one shape (short
    sequences, nothing to bind), then at most two shapes, then all three kinds, with more weight on
@@ -43,7 +44,7 @@ from services.demo.grounding import CHECKER, NUM_SHAPES, SLOTS, UNLABELLED
 from services.demo.inputs import Encoded, PromptCodec, answer_matches, collate, encode_sample, encode_turns
 from services.demo.pool import PoolImage, build_pool, stored_features
 from services.demo.pretrain import pretrain_vision, sincos_position_embeddings
-from services.demo.task import HELDOUT_GROUPS, heldout
+from services.demo.task import HELDOUT_GROUPS, heldout, training_questions
 
 # vision 96 wide x 3 layers; LLM 128 wide x 4 layers (4 query heads, 2 KV heads); ~1.95 M parameters
 DEMO_PRESET = Preset(96, 3, 3, 384, 128, 4, 4, 2, 512, 8192)
@@ -52,15 +53,15 @@ DEMO_DOWNSAMPLE = 0.25  # pixel shuffle merges 4 x 4 patches: 64 image tokens pe
 DEMO_TOKENS_PER_TILE = image_seq_length(DEMO_PATCH, DEMO_DOWNSAMPLE)
 DEMO_ROPE_THETA = 10_000.0  # positions of a few thousand tokens; the corner task addresses 256-token blocks
 
-TURNS = 8  # questions per image, as one conversation (the first is the one a request would ask)
 GROUNDING_LAYER = 2  # the grounding head reads the language model's hidden states after this many layers
 GROUNDING_SHAPE_WEIGHTS = (0.2, 1.0, 1.0, 1.0, 1.0)  # most image tokens show background
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 9000
+    steps: int = 8000
     vision_steps: int = 400  # stage 0 (services.demo.pretrain)
+    vision_from: str = ""  # a train-demo output of the same seed and vision_steps: its tower, stage 0 skipped
     seed: int = 0
     lr: float = 2e-3
     warmup: int = 100
@@ -96,16 +97,17 @@ class PoolIndex:
         self.pool = pool
         self._by: dict[tuple[str, int], list[int]] = {}
         for i, image in enumerate(pool):
+            kind = image.sample.kind
             for limit in (1, 2, 4):
-                if image.kind == "corners" or image.shapes <= limit:
-                    self._by.setdefault((image.kind, limit), []).append(i)
+                if kind == "corners" or len(image.sample.layout) <= limit:
+                    self._by.setdefault((kind, limit), []).append(i)
 
     def choices(self, kind: str, max_shapes: int) -> list[int]:
         return self._by.get((kind, max_shapes)) or self._by[(kind, 4)]
 
 
 def batch_for(step: int, cfg: TrainConfig, codec: PromptCodec, index: PoolIndex):
-    """Step ``step``'s batch: pooled images of one kind, up to :data:`TURNS` fresh questions each, with
+    """Step ``step``'s batch: pooled images of one kind, fresh questions about each, with
     the stored tower output as ``pixel_values`` and the grounding labels of every image token."""
     rng = random.Random(f"{cfg.seed}:{step}")
     weights = kind_weights(step, cfg)
@@ -116,9 +118,8 @@ def batch_for(step: int, cfg: TrainConfig, codec: PromptCodec, index: PoolIndex)
     tiles = 0
     while True:
         image = index.pool[rng.choice(candidates)]
-        turns = list(image.questions)
-        rng.shuffle(turns)
-        ids, labels = encode_turns(codec, len(image.features), turns[:TURNS])
+        turns = training_questions(image.sample, rng)
+        ids, labels = encode_turns(codec, len(image.features), turns)
         if encoded and tiles + len(image.features) > cfg.batch_tiles:
             break
         encoded.append(Encoded(ids, labels, image.features))
@@ -180,6 +181,19 @@ def quick_eval(model, codec: PromptCodec, per_group: int) -> dict[str, float]:
     return out
 
 
+def reuse_stage0(model, cfg: TrainConfig) -> None:
+    """Load the vision tower of an earlier run: what stage 0 would compute again (it is seeded and the
+    tower is frozen after it), so only that run's seed and stage-0 steps must match."""
+    from transformers import InternVLForConditionalGeneration
+
+    source = Path(cfg.vision_from)
+    done = json.loads((source / "mesh_checkpoint.json").read_text())["config"]
+    if (done["seed"], done["vision_steps"]) != (cfg.seed, cfg.vision_steps):
+        raise ValueError(f"{source} ran stage 0 with seed {done['seed']}, {done['vision_steps']} steps")
+    earlier = InternVLForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
+    model.model.vision_tower.load_state_dict(earlier.model.vision_tower.state_dict(), strict=True)
+
+
 def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -208,7 +222,9 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
     log_path = out.parent / f"{out.name}.train_log.jsonl"
     log_file = log_path.open("w")
     started = time.monotonic()
-    if cfg.vision_steps:
+    if cfg.vision_from:
+        reuse_stage0(model, cfg)
+    elif cfg.vision_steps:
         pretrain_vision(
             model.model.vision_tower,
             cfg.vision_steps,

@@ -101,12 +101,12 @@ def test_stored_tower_output_gives_the_logits_of_the_pixels(demo_untrained):
 
 def test_the_pool_keeps_one_label_per_image_token(demo_pool):
     assert sum(len(image.features) for image in demo_pool) >= 60
-    assert {image.kind for image in demo_pool} == {"single", "multi", "corners"}
+    assert {image.sample.kind for image in demo_pool} == {"single", "multi", "corners"}
     for image in demo_pool:
         t = len(image.features)
         assert image.features.dtype == np.float16 and image.features.shape[1] == 1 + 32 * 32
         assert image.grounding.shape == (3, t, DEMO_TOKENS_PER_TILE)
-        assert image.questions and all(isinstance(a, str) for _, a in image.questions)
-    single = next(image for image in demo_pool if image.kind == "single")
+        assert image.sample.image is None and image.sample.layout
+    single = next(image for image in demo_pool if image.sample.kind == "single")
     assert len(reference_pixels(task.make_sample(random.Random(0), "single").image)) == 1
     assert len(single.features) == 1

@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 
 from services.demo.reference import dynamic_preprocess, reference_grid
-from services.demo.task import ANSWERS, CORNER_SIZE, HELDOUT_GROUPS, KINDS, heldout, make_sample
+from services.demo.task import (
+    ANSWERS,
+    CORNER_SIZE,
+    CORNER_TURNS,
+    HELDOUT_GROUPS,
+    KINDS,
+    heldout,
+    make_sample,
+    training_questions,
+)
 
 
 def test_same_seed_same_samples():
@@ -67,3 +76,23 @@ def test_training_curriculum_caps_the_shapes(cap):
     rng = random.Random(cap)
     counts = {len(make_sample(rng, kind, max_shapes=cap).layout) for kind in ("single", "multi") * 20}
     assert counts == set(range(1, cap + 1))
+
+
+def test_no_training_answer_can_be_read_off_another_turn():
+    """Asked both "what colour is the circle?" and "what shape is the red one?", a model could copy the
+    second answer from the first question's text; training conversations never pair them."""
+    rng = random.Random(4)
+    for kind in KINDS:
+        for _ in range(30):
+            sample = make_sample(rng, kind)
+            turns = training_questions(sample, rng)
+            assert len({q for q, _ in turns}) == len(turns)
+            for i, (question, answer) in enumerate(turns):
+                if question.startswith("How many"):
+                    continue  # "one" is also a word of "the red one?"
+                others = " ".join(f"{q} {a}" for j, (q, a) in enumerate(turns) if j != i)
+                assert answer not in others.replace("?", "").split(" "), (answer, others)
+            if kind == "corners":
+                assert len(turns) == CORNER_TURNS
+            else:
+                assert len(turns) == 1 + len(sample.layout)

@@ -92,8 +92,8 @@ def test_the_curriculum_draws_few_shapes_first(demo_pool):
     assert max_shapes_at(cfg.one_shape_steps, cfg) == 2 and max_shapes_at(cfg.two_shape_steps, cfg) == 4
     for limit in (1, 2):
         chosen = [demo_pool[i] for i in index.choices("single", limit)]
-        assert chosen and all(image.shapes <= limit for image in chosen)
-    assert any(image.shapes > 2 for image in (demo_pool[i] for i in index.choices("single", 4)))
+        assert chosen and all(len(image.sample.layout) <= limit for image in chosen)
+    assert any(len(demo_pool[i].sample.layout) > 2 for i in index.choices("single", 4))
 
 
 def test_dense_labels_mark_the_shapes():
