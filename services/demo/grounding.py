@@ -108,3 +108,21 @@ def token_labels(sample: task.Sample, side: int) -> tuple[np.ndarray, np.ndarray
     slot = np.repeat(np.arange(t)[:, None], side * side, axis=1)
     slot[-1] = WHOLE  # the thumbnail, or the only tile
     return shape.astype(np.int64), colour.astype(np.int64), slot.astype(np.int64)
+
+
+def pointer_targets(question: str, labels: np.ndarray) -> np.ndarray | None:
+    """The image tokens that hold the answer to ``question``, given the image's grounding ``labels``
+    ((3, tokens): shape, colour, slot per image token): the named shape's tokens for a colour question,
+    the named colour's for a shape question, the shape's in the named corner's tile. None for a count
+    (every shape counts) or when no token is labelled with the subject."""
+    qtype, subject = task.parse_question(question)
+    shape, colour, slot = labels
+    if qtype == "colour":
+        hit = shape == 1 + task.SHAPES.index(subject)
+    elif qtype == "shape":
+        hit = colour == 1 + COLOUR_NAMES.index(subject)
+    elif qtype == "corner":
+        hit = (slot == task.CORNERS.index(subject)) & (shape > 0)
+    else:
+        return None
+    return hit if hit.any() else None

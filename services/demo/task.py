@@ -74,6 +74,17 @@ def question_for(qtype: str, subject: str = "") -> str:
     raise ValueError(f"unknown question type {qtype!r}")
 
 
+def parse_question(question: str) -> tuple[str, str]:
+    """(question type, subject) of a question :func:`question_for` wrote."""
+    for qtype in QUESTION_TYPES:
+        parts = question_for(qtype, "\0").split("\0")
+        if len(parts) == 1 and question == parts[0]:
+            return qtype, ""
+        if len(parts) == 2 and question.startswith(parts[0]) and question.endswith(parts[1]):
+            return qtype, question[len(parts[0]) : len(question) - len(parts[1])]
+    raise ValueError(f"not a question of the task: {question!r}")
+
+
 def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
     """The outline of ``shape`` inside the circle (cx, cy, r); None for a circle (drawn as an ellipse)."""
     if shape == "circle":

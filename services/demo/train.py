@@ -40,7 +40,7 @@ from services.common.tiny_checkpoint import (
     save_checkpoint,
     train_tokenizer,
 )
-from services.demo.grounding import CHECKER, NUM_SHAPES, SLOTS, UNLABELLED
+from services.demo.grounding import CHECKER, NUM_SHAPES, SLOTS, UNLABELLED, pointer_targets
 from services.demo.inputs import Encoded, PromptCodec, answer_matches, collate, encode_sample, encode_turns
 from services.demo.pool import PoolImage, build_pool, stored_features
 from services.demo.pretrain import pretrain_vision, sincos_position_embeddings
@@ -55,11 +55,13 @@ DEMO_ROPE_THETA = 10_000.0  # positions of a few thousand tokens; the corner tas
 
 GROUNDING_LAYER = 2  # the grounding head reads the language model's hidden states after this many layers
 GROUNDING_SHAPE_WEIGHTS = (0.2, 1.0, 1.0, 1.0, 1.0)  # most image tokens show background
+# the attention head taught to point from an answer's position at the image tokens that hold it
+POINTER_LAYER, POINTER_HEAD = 2, 0
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 8000
+    steps: int = 6000
     vision_steps: int = 400  # stage 0 (services.demo.pretrain)
     vision_from: str = ""  # a train-demo output of the same seed and vision_steps: its tower, stage 0 skipped
     seed: int = 0
@@ -68,6 +70,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     pool_tiles: int = 20_000  # stage 1's images, through the frozen tower once (services.demo.pool)
     grounding_weight: float = 0.5  # of the grounding objective (services.demo.grounding); 0: answers only
+    pointer_weight: float = 0.5  # of the pointer objective (POINTER_HEAD's attention); 0: none
     single_only_steps: int = 300
     one_shape_steps: int = 300  # scenes of one shape first: reading a shape before binding it to a colour
     two_shape_steps: int = 1200  # then at most two
@@ -115,6 +118,7 @@ def batch_for(step: int, cfg: TrainConfig, codec: PromptCodec, index: PoolIndex)
     candidates = index.choices(kind, max_shapes_at(step, cfg))
     encoded: list[Encoded] = []
     grounding: list = []
+    pointers: list[tuple[int, int, np.ndarray]] = []  # (row, query position, target positions)
     tiles = 0
     while True:
         image = index.pool[rng.choice(candidates)]
@@ -122,12 +126,29 @@ def batch_for(step: int, cfg: TrainConfig, codec: PromptCodec, index: PoolIndex)
         ids, labels = encode_turns(codec, len(image.features), turns)
         if encoded and tiles + len(image.features) > cfg.batch_tiles:
             break
+        labels_here = image.grounding.reshape(3, -1)
+        image_positions = np.flatnonzero(np.asarray(ids) == codec.context_id)
+        for (question, _), query in zip(turns, answer_queries(labels), strict=True):
+            hit = pointer_targets(question, labels_here)
+            if hit is not None:
+                pointers.append((len(encoded), query, image_positions[hit]))
         encoded.append(Encoded(ids, labels, image.features))
-        grounding.append(image.grounding.reshape(3, -1))
+        grounding.append(labels_here)
         tiles += len(image.features)
     batch = collate(codec, encoded)
     batch["grounding"] = torch.from_numpy(np.concatenate(grounding, axis=1).astype(np.int64))
+    targets = torch.zeros((len(pointers), batch["input_ids"].shape[1]), dtype=torch.bool)
+    for q, (_, _, positions) in enumerate(pointers):
+        targets[q, torch.from_numpy(positions)] = True
+    batch["pointer_rows"] = torch.tensor([p[0] for p in pointers], dtype=torch.long)
+    batch["pointer_queries"] = torch.tensor([p[1] for p in pointers], dtype=torch.long)
+    batch["pointer_targets"] = targets
     return kind, batch
+
+
+def answer_queries(labels: list[int]) -> list[int]:
+    """The position whose next-token prediction is each answer's first token, in turn order."""
+    return [p - 1 for p in range(1, len(labels)) if labels[p] != -100 and labels[p - 1] == -100]
 
 
 class GroundingHead(torch.nn.Module):
@@ -246,6 +267,8 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
 
     threading.Thread(target=produce, daemon=True, name="demo-batches").start()
     image_token = model.config.image_token_id
+    if cfg.pointer_weight:
+        model.set_attn_implementation("eager")  # attention probabilities come back, and carry gradients
     ema: dict[str, float] = {}
     model.train()
     provenance = {"origin": "train-demo", "config": asdict(cfg), "parameters": params}
@@ -253,15 +276,26 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
     for step in range(cfg.steps):
         kind, batch = batches.get()
         grounding = batch.pop("grounding")
+        rows, queries, targets = (
+            batch.pop(k) for k in ("pointer_rows", "pointer_queries", "pointer_targets")
+        )
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         with stored_features(model):
-            result = model(**batch, output_hidden_states=cfg.grounding_weight > 0)
+            result = model(
+                **batch,
+                output_hidden_states=cfg.grounding_weight > 0,
+                output_attentions=cfg.pointer_weight > 0,
+            )
         loss = result.loss
         if cfg.grounding_weight:
             states = result.hidden_states[GROUNDING_LAYER][batch["input_ids"] == image_token]
             aux = head(states, grounding)
             loss = loss + cfg.grounding_weight * aux
+        if cfg.pointer_weight and len(rows):
+            attention = result.attentions[POINTER_LAYER][rows, POINTER_HEAD, queries]  # (pointers, positions)
+            pointer = -torch.log((attention * targets).sum(-1).clamp_min(1e-6)).mean()
+            loss = loss + cfg.pointer_weight * pointer
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for ps in groups.values() for p in ps], 1.0)
         opt.step()
@@ -274,6 +308,9 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
             "loss": round(value, 4),
             "elapsed_s": round(time.monotonic() - started, 1),
         }
+        if cfg.pointer_weight and len(rows):
+            record["pointer_loss"] = round(pointer.item(), 4)
+            ema["pointer"] = 0.95 * ema.get("pointer", record["pointer_loss"]) + 0.05 * pointer.item()
         if cfg.grounding_weight:
             record["grounding_loss"] = round(aux.item(), 4)
             ema["grounding"] = 0.95 * ema.get("grounding", record["grounding_loss"]) + 0.05 * aux.item()

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from services.demo import task
-from services.demo.grounding import CHECKER, UNLABELLED, WHOLE, tile_label_maps, token_labels
+from services.demo.grounding import (
+    CHECKER,
+    UNLABELLED,
+    WHOLE,
+    pointer_targets,
+    tile_label_maps,
+    token_labels,
+)
 from services.demo.inputs import collate, encode_sample, reference_pixels
 from services.demo.pool import stored_features
 from services.demo.reference import dynamic_preprocess
@@ -110,3 +117,36 @@ def test_the_pool_keeps_one_label_per_image_token(demo_pool):
     single = next(image for image in demo_pool if image.sample.kind == "single")
     assert len(reference_pixels(task.make_sample(random.Random(0), "single").image)) == 1
     assert len(single.features) == 1
+
+
+def test_questions_parse_back_to_type_and_subject():
+    for qtype, subjects in (
+        ("colour", task.SHAPES),
+        ("shape", list(task.COLOURS)),
+        ("corner", task.CORNERS),
+        ("count", [""]),
+    ):
+        for subject in subjects:
+            assert task.parse_question(task.question_for(qtype, subject)) == (qtype, subject)
+    with pytest.raises(ValueError):
+        task.parse_question("What is the meaning of this?")
+
+
+def test_pointers_aim_at_the_tokens_that_hold_the_answer():
+    for kind in ("single", "corners"):
+        for sample in _samples(kind, 4, seed=3):
+            labels = np.stack(token_labels(sample, SIDE)).reshape(3, -1)
+            for question, answer in task.all_questions(sample):
+                hit = pointer_targets(question, labels)
+                qtype, subject = task.parse_question(question)
+                if qtype == "count":
+                    assert hit is None
+                    continue
+                assert hit is not None and hit.any()
+                if qtype == "colour":
+                    assert set(labels[1][hit].tolist()) == {1 + list(task.COLOURS).index(answer)}
+                elif qtype == "shape":
+                    assert set(labels[0][hit].tolist()) == {1 + task.SHAPES.index(answer)}
+                else:
+                    assert set(labels[0][hit].tolist()) == {1 + task.SHAPES.index(answer)}
+                    assert set(labels[2][hit].tolist()) == {task.CORNERS.index(subject)}

@@ -80,6 +80,12 @@ def test_batches_are_a_function_of_seed_and_step(demo_pool):
     # one grounding label triple per image token, in the order the image tokens are filled
     image_tokens = int((b1["input_ids"] == codec.context_id).sum())
     assert b1["grounding"].shape == (3, image_tokens) == (3, len(b1["pixel_values"]) * DEMO_TOKENS_PER_TILE)
+    # each pointer goes from the position before an answer to image tokens of its own row
+    rows, queries, targets = b1["pointer_rows"], b1["pointer_queries"], b1["pointer_targets"]
+    assert len(rows) > 0 and targets.shape == (len(rows), b1["input_ids"].shape[1])
+    for r, q, t in zip(rows, queries, targets, strict=True):
+        assert b1["labels"][r, q] == -100 and b1["labels"][r, q + 1] != -100
+        assert t.any() and (b1["input_ids"][r][t] == codec.context_id).all()
     x1, s1, _ = pretrain.batch(random.Random("a"), DEMO_PATCH)
     x2, s2, _ = pretrain.batch(random.Random("a"), DEMO_PATCH)
     assert torch.equal(x1, x2) and torch.equal(s1, s2)
