@@ -4,11 +4,10 @@ After stage 0 the tower is frozen, so what it makes of an image never changes. S
 a fixed, seeded pool of images once, runs the tower over their reference tiles once, keeps its output
 (float16), and trains the projector and the language model on the stored output: a step then costs the
 language model alone (about 0.25 s instead of 1.3 s for 24 tiles on two CPU cores), so the same hours
-buy more than twice the steps. The questions about a pooled image are drawn afresh each time it is used
-(``task.training_questions``).
-While training, :func:`stored_features` stands in for the tower: the stored output goes in where pixels
-would, and transformers' own code does the rest (pixel shuffle, projector, placement of the image
-tokens), so what is trained is what ``generate`` runs.
+buy about five times the steps. The questions about a pooled image are drawn afresh each time it is
+used (``task.training_questions``). While training, :func:`stored_features` stands in for the tower:
+the stored output goes in where pixels would, and transformers' own code does the rest (pixel shuffle,
+projector, placement of the image tokens), so what is trained is what ``generate`` runs.
 """
 
 from __future__ import annotations

@@ -255,8 +255,9 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
         )
     model.model.vision_tower.requires_grad_(False)
     side = math.isqrt(model.config.image_seq_length)
+    pool_started = time.monotonic()
     index = PoolIndex(build_pool(model.model.vision_tower, cfg.seed, cfg.pool_tiles, side, log=log))
-    pool_seconds = round(time.monotonic() - started)
+    pool_seconds = round(time.monotonic() - pool_started)
 
     # batches are assembled on a thread while the model trains
     batches: queue.Queue = queue.Queue(maxsize=4)
