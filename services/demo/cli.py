@@ -14,7 +14,7 @@ def train_demo_command(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write the trained checkpoint into.")],
     steps: Annotated[int, typer.Option(help="Steps of stage 1 (about 0.26 s each on two CPU cores).")] = 6000,
     seed: Annotated[int, typer.Option(help="Seed of the weights and of every step's data.")] = 0,
-    vision_steps: Annotated[int, typer.Option(help="Steps of stage 0, the vision tower alone.")] = 400,
+    vision_steps: Annotated[int, typer.Option(help="Steps of stage 0, the vision tower alone.")] = 800,
     threads: Annotated[int, typer.Option(help="torch threads; 0: torch's default.")] = 0,
     vision_from: Annotated[
         Path | None,

@@ -257,6 +257,8 @@ def all_questions(sample: Sample) -> list[tuple[str, str]]:
 
 
 CORNER_TURNS = 2  # corner questions per training conversation: with all four, the last is the one left over
+SHAPE_TURN_SHARE = 0.65  # per shape, how often its shape question is asked rather than its colour's: the
+# shape lookup (find a colour, read the shape there) is the slower of the two to learn
 
 
 def training_questions(sample: Sample, rng: random.Random) -> list[tuple[str, str]]:
@@ -269,10 +271,10 @@ def training_questions(sample: Sample, rng: random.Random) -> list[tuple[str, st
     else:
         qa = [(question_for("count"), COUNT_WORDS[len(sample.layout) - 1])]
         for shape, colour, *_ in sample.layout:
-            if rng.random() < 0.5:
-                qa.append((question_for("colour", shape), colour))
-            else:
+            if rng.random() < SHAPE_TURN_SHARE:
                 qa.append((question_for("shape", colour), shape))
+            else:
+                qa.append((question_for("colour", shape), colour))
     rng.shuffle(qa)
     return qa
 

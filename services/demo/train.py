@@ -57,12 +57,15 @@ GROUNDING_LAYER = 2  # the grounding head reads the language model's hidden stat
 GROUNDING_SHAPE_WEIGHTS = (0.2, 1.0, 1.0, 1.0, 1.0)  # most image tokens show background
 # the attention head taught to point from an answer's position at the image tokens that hold it
 POINTER_LAYER, POINTER_HEAD = 2, 0
+# the readout objective: the answer read through the final norm and the LM head from the hidden state
+# at the answer's position right after the pointer's layer (what the pointer fetched must be the answer)
+READOUT_STATES = POINTER_LAYER + 1
 
 
 @dataclass
 class TrainConfig:
     steps: int = 6000
-    vision_steps: int = 400  # stage 0 (services.demo.pretrain)
+    vision_steps: int = 800  # stage 0 (services.demo.pretrain)
     vision_from: str = ""  # a train-demo output of the same seed and vision_steps: its tower, stage 0 skipped
     seed: int = 0
     lr: float = 2e-3
@@ -71,6 +74,8 @@ class TrainConfig:
     pool_tiles: int = 20_000  # stage 1's images, through the frozen tower once (services.demo.pool)
     grounding_weight: float = 0.5  # of the grounding objective (services.demo.grounding); 0: answers only
     pointer_weight: float = 0.5  # of the pointer objective (POINTER_HEAD's attention); 0: none
+    readout_weight: float = 0.5  # of the readout objective (READOUT_STATES); 0: none
+    grid_swap: float = 0.5  # share of multi-tile scenes whose grid tiles come from another scene
     single_only_steps: int = 300
     one_shape_steps: int = 300  # scenes of one shape first: reading a shape before binding it to a colour
     two_shape_steps: int = 1200  # then at most two
@@ -99,8 +104,11 @@ class PoolIndex:
     def __init__(self, pool: list[PoolImage]):
         self.pool = pool
         self._by: dict[tuple[str, int], list[int]] = {}
+        self.scenes_by_tiles: dict[int, list[int]] = {}  # multi-tile scenes by tile count
         for i, image in enumerate(pool):
             kind = image.sample.kind
+            if kind == "multi":
+                self.scenes_by_tiles.setdefault(len(image.features), []).append(i)
             for limit in (1, 2, 4):
                 if kind == "corners" or len(image.sample.layout) <= limit:
                     self._by.setdefault((kind, limit), []).append(i)
@@ -120,19 +128,30 @@ def batch_for(step: int, cfg: TrainConfig, codec: PromptCodec, index: PoolIndex)
     grounding: list = []
     pointers: list[tuple[int, int, np.ndarray]] = []  # (row, query position, target positions)
     tiles = 0
+    answers: list[tuple[int, int]] = []  # (row, query position) of every answer token
     while True:
-        image = index.pool[rng.choice(candidates)]
+        chosen = rng.choice(candidates)
+        image = index.pool[chosen]
         turns = training_questions(image.sample, rng)
         ids, labels = encode_turns(codec, len(image.features), turns)
         if encoded and tiles + len(image.features) > cfg.batch_tiles:
             break
         labels_here = image.grounding.reshape(3, -1)
         image_positions = np.flatnonzero(np.asarray(ids) == codec.context_id)
-        for (question, _), query in zip(turns, answer_queries(labels), strict=True):
+        for (question, _), queries in zip(turns, answer_positions(labels), strict=True):
+            answers += [(len(encoded), q) for q in queries]
             hit = pointer_targets(question, labels_here)
             if hit is not None:
-                pointers.append((len(encoded), query, image_positions[hit]))
-        encoded.append(Encoded(ids, labels, image.features))
+                pointers += [(len(encoded), q, image_positions[hit]) for q in queries]
+        features = image.features
+        if kind == "multi" and rng.random() < cfg.grid_swap:
+            # The grid tiles of another scene with the same tiling: their pieces of shapes say nothing
+            # about this scene, so the answers must come from the thumbnail (the drop_thumbnail mutation
+            # then leaves nothing to answer from). Grid tokens have no shape or colour labels to change.
+            others = [i for i in index.scenes_by_tiles[len(features)] if i != chosen]
+            if others:
+                features = np.concatenate([index.pool[rng.choice(others)].features[:-1], features[-1:]])
+        encoded.append(Encoded(ids, labels, features))
         grounding.append(labels_here)
         tiles += len(image.features)
     batch = collate(codec, encoded)
@@ -143,12 +162,24 @@ def batch_for(step: int, cfg: TrainConfig, codec: PromptCodec, index: PoolIndex)
     batch["pointer_rows"] = torch.tensor([p[0] for p in pointers], dtype=torch.long)
     batch["pointer_queries"] = torch.tensor([p[1] for p in pointers], dtype=torch.long)
     batch["pointer_targets"] = targets
+    batch["answer_rows"] = torch.tensor([a[0] for a in answers], dtype=torch.long)
+    batch["answer_queries"] = torch.tensor([a[1] for a in answers], dtype=torch.long)
     return kind, batch
 
 
-def answer_queries(labels: list[int]) -> list[int]:
-    """The position whose next-token prediction is each answer's first token, in turn order."""
-    return [p - 1 for p in range(1, len(labels)) if labels[p] != -100 and labels[p - 1] == -100]
+def answer_positions(labels: list[int]) -> list[list[int]]:
+    """Per answer, in turn order, the positions whose next-token predictions are the answer's tokens
+    (its closing ``<|im_end|>`` left out). Every one of them needs the image: answers share first
+    tokens ("c" of circle and cross, "t" of triangle, two and three), so the choice is made again at
+    later positions."""
+    spans: list[list[int]] = []
+    for p in range(1, len(labels)):
+        if labels[p] == -100:
+            continue
+        if labels[p - 1] == -100:
+            spans.append([])
+        spans[-1].append(p - 1)
+    return [span[:-1] for span in spans]
 
 
 class GroundingHead(torch.nn.Module):
@@ -280,12 +311,13 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
         rows, queries, targets = (
             batch.pop(k) for k in ("pointer_rows", "pointer_queries", "pointer_targets")
         )
+        answer_rows, answer_at = batch.pop("answer_rows"), batch.pop("answer_queries")
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         with stored_features(model):
             result = model(
                 **batch,
-                output_hidden_states=cfg.grounding_weight > 0,
+                output_hidden_states=cfg.grounding_weight > 0 or cfg.readout_weight > 0,
                 output_attentions=cfg.pointer_weight > 0,
             )
         loss = result.loss
@@ -297,6 +329,11 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
             attention = result.attentions[POINTER_LAYER][rows, POINTER_HEAD, queries]  # (pointers, positions)
             pointer = -torch.log((attention * targets).sum(-1).clamp_min(1e-6)).mean()
             loss = loss + cfg.pointer_weight * pointer
+        if cfg.readout_weight:
+            early = result.hidden_states[READOUT_STATES][answer_rows, answer_at]
+            logits = model.lm_head(model.model.language_model.norm(early))
+            readout = torch.nn.functional.cross_entropy(logits, batch["labels"][answer_rows, answer_at + 1])
+            loss = loss + cfg.readout_weight * readout
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for ps in groups.values() for p in ps], 1.0)
         opt.step()
@@ -312,6 +349,9 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
         if cfg.pointer_weight and len(rows):
             record["pointer_loss"] = round(pointer.item(), 4)
             ema["pointer"] = 0.95 * ema.get("pointer", record["pointer_loss"]) + 0.05 * pointer.item()
+        if cfg.readout_weight:
+            record["readout_loss"] = round(readout.item(), 4)
+            ema["readout"] = 0.95 * ema.get("readout", record["readout_loss"]) + 0.05 * readout.item()
         if cfg.grounding_weight:
             record["grounding_loss"] = round(aux.item(), 4)
             ema["grounding"] = 0.95 * ema.get("grounding", record["grounding_loss"]) + 0.05 * aux.item()

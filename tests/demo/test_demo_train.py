@@ -80,12 +80,16 @@ def test_batches_are_a_function_of_seed_and_step(demo_pool):
     # one grounding label triple per image token, in the order the image tokens are filled
     image_tokens = int((b1["input_ids"] == codec.context_id).sum())
     assert b1["grounding"].shape == (3, image_tokens) == (3, len(b1["pixel_values"]) * DEMO_TOKENS_PER_TILE)
-    # each pointer goes from the position before an answer to image tokens of its own row
+    # each pointer goes from a position that predicts an answer token (not the closing <|im_end|>) to
+    # image tokens of its own row; every answer token's position is a readout position
     rows, queries, targets = b1["pointer_rows"], b1["pointer_queries"], b1["pointer_targets"]
     assert len(rows) > 0 and targets.shape == (len(rows), b1["input_ids"].shape[1])
     for r, q, t in zip(rows, queries, targets, strict=True):
-        assert b1["labels"][r, q] == -100 and b1["labels"][r, q + 1] != -100
+        assert b1["labels"][r, q + 1] not in (-100, codec.eos_id)
         assert t.any() and (b1["input_ids"][r][t] == codec.context_id).all()
+    predicted = b1["labels"][b1["answer_rows"], b1["answer_queries"] + 1]
+    answer_tokens = (b1["labels"] != -100) & (b1["labels"] != codec.eos_id)
+    assert len(predicted) == int(answer_tokens.sum()) and not (predicted == codec.eos_id).any()
     x1, s1, _ = pretrain.batch(random.Random("a"), DEMO_PATCH)
     x2, s2, _ = pretrain.batch(random.Random("a"), DEMO_PATCH)
     assert torch.equal(x1, x2) and torch.equal(s1, s2)
@@ -109,3 +113,30 @@ def test_dense_labels_mark_the_shapes():
             assert shape.shape == ((448 // DEMO_PATCH) ** 2,) == colour.shape
             assert ((shape > 0) == (colour > 0)).all()
             assert 0 < (shape > 0).sum() < 0.6 * shape.size
+
+
+def test_swapped_grid_tiles_keep_the_scene_thumbnail(demo_pool):
+    """With ``grid_swap`` 1 every multi-tile scene of a batch keeps its own thumbnail (what its answers
+    and labels describe) and gets the grid tiles of another scene with the same tiling."""
+    from services.common.tiny_checkpoint import train_tokenizer
+
+    codec = PromptCodec(train_tokenizer(), DEMO_TOKENS_PER_TILE)
+    index = PoolIndex(demo_pool)
+    thumbnails = {image.features[-1].tobytes(): image for image in demo_pool if image.sample.kind == "multi"}
+    seen = 0
+    for step in range(1400, 1600):
+        kind, batch = batch_for(step, TrainConfig(grid_swap=1.0), codec, index)
+        if kind != "multi":
+            continue
+        tiles = (batch["input_ids"] == codec.context_id).sum(1) // DEMO_TOKENS_PER_TILE
+        start = 0
+        for n in tiles.tolist():
+            features = batch["pixel_values"][start : start + n].numpy()
+            start += n
+            own = thumbnails[features[-1].tobytes()]
+            assert len(own.features) == n
+            assert not (features[:-1] == own.features[:-1]).all()
+            seen += 1
+        if seen >= 4:
+            break
+    assert seen >= 4
