@@ -104,7 +104,10 @@ class LocalEncoderClient:
         from services.encoder.core import ImageInput
 
         return await self.core.embed_images(
-            [ImageInput(d, t) for d, t in images], namespace=ctx.cache_namespace, priority=ctx.priority
+            [ImageInput(d, t) for d, t in images],
+            namespace=ctx.cache_namespace,
+            priority=ctx.priority,
+            inline=inline,
         )
 
 

@@ -198,10 +198,14 @@ class EncoderCore:
         namespace: str,
         priority: int = 0,
         deadline: float | None = None,
+        inline: bool = False,
     ) -> list[EmbeddingRef]:
         """Embed images given as encoded bytes; tiles are fetched from the tile source for misses only.
 
         ``deadline`` is a ``time.monotonic()`` instant (the servicer converts the RPC's deadline).
+        ``inline`` answers with the tensors themselves, whatever the cache holds: the gateway asks for
+        that when the decoder could not read a first set of references (a cache entry gone, or a cache
+        the decoder cannot reach while this replica can).
         """
         validate_namespace(namespace)
         if self.tile_source is None:
@@ -223,7 +227,7 @@ class EncoderCore:
                     deadline,
                 )
             )
-        return await self._run_jobs(jobs, deadline)
+        return await self._run_jobs(jobs, deadline, inline)
 
     async def embed_tiles(
         self,
@@ -232,11 +236,13 @@ class EncoderCore:
         tiling: TilingParams | Sequence[TilingParams] = TilingParams(),
         priority: int = 0,
         deadline: float | None = None,
+        inline: bool = False,
     ) -> list[EmbeddingRef]:
         """Embed already-made uint8 tiles (N, S, S, 3) per image.
 
         An image's cache address uses the SHA-256 of its original bytes when ``TiledImage.sha256`` is set
-        (then tiles and bytes share cache entries), else of its tile bytes.
+        (then tiles and bytes share cache entries), else of its tile bytes. ``inline``: as in
+        :meth:`embed_images`.
         """
         validate_namespace(namespace)
         tilings = [tiling] * len(images) if isinstance(tiling, TilingParams) else list(tiling)
@@ -255,24 +261,28 @@ class EncoderCore:
                     deadline,
                 )
             )
-        return await self._run_jobs(jobs, deadline)
+        return await self._run_jobs(jobs, deadline, inline)
 
     # -- per image ----------------------------------------------------------------------------------
-    async def _run_jobs(self, jobs: list[_Job], deadline: float | None) -> list[EmbeddingRef]:
+    async def _run_jobs(self, jobs: list[_Job], deadline: float | None, inline: bool) -> list[EmbeddingRef]:
         self.stats.images += len(jobs)
         coro = asyncio.gather(*(self._embed_one(job) for job in jobs))
         if deadline is None:
-            return list(await coro)
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise DeadlineExceeded("deadline passed before the images were embedded")
-        try:
-            async with asyncio.timeout(left):
-                return list(await coro)
-        except TimeoutError as exc:
-            raise DeadlineExceeded("deadline passed while embedding images") from exc
+            results = await coro
+        else:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded("deadline passed before the images were embedded")
+            try:
+                async with asyncio.timeout(left):
+                    results = await coro
+            except TimeoutError as exc:
+                raise DeadlineExceeded("deadline passed while embedding images") from exc
+        return [_inlined(ref, entry) if inline else ref for ref, entry in results]
 
-    async def _embed_one(self, job: _Job) -> EmbeddingRef:
+    async def _embed_one(self, job: _Job) -> tuple[EmbeddingRef, StoredEmbedding]:
+        """The image's reference and its entry (requests joining one encode share both; each makes
+        its own kind of reference from them)."""
         task = self._inflight.get(job.key)
         if task is not None:
             self.stats.joined += 1
@@ -290,7 +300,7 @@ class EncoderCore:
         if not task.cancelled():
             task.exception()  # retrieved here so an encode nobody awaits any more is not reported as lost
 
-    async def _resolve(self, job: _Job) -> EmbeddingRef:
+    async def _resolve(self, job: _Job) -> tuple[EmbeddingRef, StoredEmbedding]:
         degraded: str | None = None
         if self.store is not None:
             with tracing.span(tracing.SPAN_CACHE_LOOKUP) as lookup_span:
@@ -304,7 +314,9 @@ class EncoderCore:
                 self._count_hit(level)
                 if not found.shared and self.shared is not None:
                     degraded = degraded or "cache_unavailable"
-                return self._reference(job, found.entry, shared=found.shared, hit=True, degraded=degraded)
+                return self._reference(
+                    job, found.entry, shared=found.shared, hit=True, degraded=degraded
+                ), found.entry
             self.metrics.cache_lookups.labels(self.label, "all", "miss").inc()
         self.stats.misses += 1
 
@@ -315,7 +327,7 @@ class EncoderCore:
                 if token is None:
                     entry, token = await self._await_other_replica(job)
                     if entry is not None:
-                        return self._reference(job, entry, shared=True, hit=True, degraded=None)
+                        return self._reference(job, entry, shared=True, hit=True, degraded=None), entry
             except StoreUnavailable as exc:
                 degraded = exc.reason
         try:
@@ -329,7 +341,7 @@ class EncoderCore:
                     degraded = exc.reason
                 except StoreUnavailable as exc:
                     degraded = exc.reason
-            return self._reference(job, entry, shared=shared, hit=False, degraded=degraded)
+            return self._reference(job, entry, shared=shared, hit=False, degraded=degraded), entry
         finally:
             if token is not None:
                 try:
@@ -453,6 +465,12 @@ class EncoderCore:
         available = self.shared is not None and await self.shared.healthy()
         self.metrics.cache_available.labels(self.label).set(int(available))
         return available
+
+
+def _inlined(ref: EmbeddingRef, entry: StoredEmbedding) -> EmbeddingRef:
+    if ref.kind == KIND_INLINE:
+        return ref
+    return ref.with_kind(KIND_INLINE, tensor=entry.concat(), object_ref=None)
 
 
 def _ready(image: TiledImage) -> Callable[[], Awaitable[TiledImage]]:

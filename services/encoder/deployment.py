@@ -15,9 +15,8 @@ from typing import Any
 
 from services.common import tracing
 from services.common.pb import RequestContext
-from services.common.refs import KIND_INLINE, KIND_OBJECT
+from services.common.refs import KIND_OBJECT
 from services.common.serve_args import common_config, redis_url_with_password, resolve_device
-from services.common.tensors import WireTensor
 from services.common.types import TilingParams
 from services.encoder.config import EncoderConfig, RedisStoreConfig
 from services.encoder.core import EncoderCore, ImageInput
@@ -70,8 +69,8 @@ class EncoderDeployment:
     async def embed(
         self, images: Sequence[tuple[bytes, TilingParams]], ctx: RequestContext, inline: bool = False
     ):
-        """References for the images. ``inline`` returns Ray-object references as tensors instead: the
-        gateway asks for that when a first set of references could not be read by the decoder."""
+        """References for the images. ``inline`` returns the tensors themselves instead: the gateway
+        asks for that when a first set of references could not be read by the decoder."""
         import time
 
         remaining = ctx.remaining()
@@ -79,11 +78,9 @@ class EncoderDeployment:
         inputs = [ImageInput(data, tiling) for data, tiling in images]
         with tracing.span_from(ctx.trace, tracing.SPAN_ENCODER, {tracing.ATTR_IMAGES: len(inputs)}) as span:
             refs = await self.core.embed_images(
-                inputs, namespace=ctx.cache_namespace, priority=ctx.priority, deadline=deadline
+                inputs, namespace=ctx.cache_namespace, priority=ctx.priority, deadline=deadline, inline=inline
             )
             span.set_attribute(tracing.ATTR_CACHE_HIT, all(r.cache_hit for r in refs))
-            if inline:
-                refs = [await _inlined(r) for r in refs]
             self._hold([r.object_ref for r in refs if r.kind == KIND_OBJECT])
             return refs
 
@@ -106,13 +103,6 @@ class EncoderDeployment:
 
     async def check_health(self) -> None:
         return None
-
-
-async def _inlined(ref):
-    if ref.kind != KIND_OBJECT:
-        return ref
-    array = await ref.object_ref  # put by this replica a moment ago: local and alive
-    return ref.with_kind(KIND_INLINE, tensor=WireTensor.from_numpy(array, dtype=ref.dtype), object_ref=None)
 
 
 def build_app(args: dict[str, Any]):

@@ -107,6 +107,31 @@ async def test_ttl_expiry(make_core):
     assert not again.cache_hit and core.stats.encodes == 2
 
 
+async def test_inline_answers_tensors_even_for_cache_hits(make_core, sync_redis):
+    """The gateway's second attempt (the decoder could not read the first references) asks for the
+    tensors: a cache hit, an LRU hit and a request that joins another's encode all come back inline,
+    equal to what the cache holds, while a plain request still gets a cache reference."""
+    ns = namespace("inline")
+    core = make_core(lru=True)
+    (first,) = await core.embed_images([ImageInput(WIDE)], ns)
+    assert first.kind == KIND_CACHE
+    (again,) = await core.embed_images([ImageInput(WIDE)], ns, inline=True)
+    assert again.kind == KIND_INLINE and again.cache_hit and again.key == first.key
+    assert torch.equal(again.tensor.to_torch(), read_back(sync_redis, first.key))
+
+    other = make_core()  # no LRU: the entry comes from Redis
+    (shared,) = await other.embed_images([ImageInput(WIDE)], ns, inline=True)
+    assert shared.kind == KIND_INLINE and other.stats.hits_shared == 1 and other.stats.encodes == 0
+    assert torch.equal(shared.tensor.to_torch(), again.tensor.to_torch())
+
+    plain, inline = await asyncio.gather(
+        core.embed_images([ImageInput(SQUARE)], ns), core.embed_images([ImageInput(SQUARE)], ns, inline=True)
+    )
+    assert core.stats.joined == 1
+    assert plain[0].kind == KIND_CACHE and inline[0].kind == KIND_INLINE
+    assert torch.equal(inline[0].tensor.to_torch(), read_back(sync_redis, plain[0].key))
+
+
 async def test_namespace_isolation(make_core):
     core = make_core()
     (a,) = await core.embed_images([ImageInput(SQUARE)], namespace("tenantA"))

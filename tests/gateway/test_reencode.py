@@ -1,0 +1,80 @@
+"""The gateway's second attempt: when the decoder cannot read the references the encoder gave (a cache
+entry gone, or a cache the decoder cannot reach while the encoder can), the gateway asks the encoder
+again for the tensors themselves, and the request succeeds with the same answer. Real cores, a real
+Redis for the encoder, a closed port for the decoder, the official client over HTTP."""
+
+import asyncio
+import base64
+
+import openai
+import pytest
+import redis
+
+from tests.gateway.conftest import MODEL
+from tests.gateway.harness import UvicornThread, png, reference_answer
+from tests.own_redis import OwnRedis, free_port
+
+
+@pytest.fixture(scope="module")
+def split_cache_gateway(cores, tiny_checkpoint):
+    from gateway.clients import LocalDecoderClient, LocalEncoderClient
+    from gateway.core import Gateway, GatewayLimits, ModelRoute
+    from gateway.http_api import create_http_app
+    from gateway.tenancy.keys import KeyStore
+    from gateway.tenancy.limiter import LocalLimiter
+    from services.common.resolver import EmbeddingResolver
+    from services.decoder.server import DecoderFrontend
+    from services.encoder.config import EncoderConfig, RedisStoreConfig
+    from services.encoder.core import EncoderCore, PreprocessorTileSource
+    from services.encoder.redis_store import RedisEmbeddingStore
+    from services.preprocess.pipeline import Preprocessor
+
+    own = OwnRedis().start()
+    preprocessor = Preprocessor()
+    encoder = EncoderCore.from_config(
+        EncoderConfig(
+            checkpoint=str(tiny_checkpoint),
+            device="cpu",
+            dtype="float32",
+            fallback="inline",
+            redis=RedisStoreConfig(url=own.url),
+        ),
+        tile_source=PreprocessorTileSource(preprocessor),
+    )
+    unreachable = RedisEmbeddingStore(RedisStoreConfig(url=f"redis://127.0.0.1:{free_port()}/0"))
+    frontend = DecoderFrontend(cores["decoder"], EmbeddingResolver(unreachable))
+    route = ModelRoute(
+        MODEL, LocalEncoderClient(encoder), LocalDecoderClient(frontend), 12, cores["decoder"].max_model_len
+    )
+    gateway = Gateway([route], KeyStore(None), LocalLimiter(), GatewayLimits())
+    try:
+        with UvicornThread(create_http_app(gateway)) as server:
+            yield {"server": server, "encoder": encoder, "redis": own}
+    finally:
+        asyncio.run(encoder.close())
+        preprocessor.close()
+        own.kill()
+
+
+def test_unreadable_references_are_answered_with_tensors(split_cache_gateway, reference_model):
+    model, tokenizer = reference_model
+    client = openai.OpenAI(base_url=split_cache_gateway["server"].base_url, api_key="unused", max_retries=0)
+    img = png(700, 350, seed=31)
+    uri = "data:image/png;base64," + base64.b64encode(img).decode()
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "What?"}],
+        }
+    ]
+    want = reference_answer(
+        model, tokenizer, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}],
+        [img], 12, 6,
+    )  # fmt: skip
+    for _ in range(2):  # a miss (encoded, written to Redis), then a cache hit: both re-asked
+        got = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+        assert got.choices[0].message.content == want
+    stats = split_cache_gateway["encoder"].stats
+    assert stats.encodes == 1 and stats.shared_writes == 1
+    assert stats.hits_lru + stats.hits_shared == 3  # the re-asks and the second request's first ask
+    assert redis.Redis(port=split_cache_gateway["redis"].port).dbsize() > 0
