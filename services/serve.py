@@ -44,6 +44,27 @@ def deploy(serve_config: dict[str, Any]) -> None:
         serve.run(builder(app["args"]), name=app["name"], route_prefix=app.get("route_prefix"))
 
 
+def first_replicas_cpus(serve_config: dict[str, Any]) -> float:
+    """The CPUs that the first replicas of every deployment ask Ray for (``min_replicas``, at least one,
+    times ``num_cpus``, which Ray defaults to one)."""
+    total = 0.0
+    for app in serve_config["applications"]:
+        options = app["args"].get("deployment_options") or {}
+        scaling = options.get("autoscaling_config") or {}
+        replicas = max(1, int(scaling.get("min_replicas", options.get("num_replicas", 1)) or 1))
+        total += replicas * float((options.get("ray_actor_options") or {}).get("num_cpus", 1.0))
+    return total
+
+
+def local_num_cpus(serve_config: dict[str, Any], cores: int | None = None) -> int:
+    """Logical CPUs for a Ray that ``serve`` starts on this machine: its cores, or, where the first
+    replicas ask for more (four deployments of one CPU each on a two-core laptop), that many, so the
+    whole mesh is scheduled and shares the cores instead of waiting forever for a CPU."""
+    cores = cores or os.cpu_count() or 1
+    needed = first_replicas_cpus(serve_config)
+    return max(cores, int(needed) + (needed % 1 > 0))
+
+
 def start_ray(
     cfg: MeshConfig, *, num_cpus: int | None = None, num_gpus: int | None = None, address: str | None = None
 ) -> None:
@@ -54,6 +75,16 @@ def start_ray(
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
     serve_config = render_serve_config(cfg)
+    if address is None and num_cpus is None:
+        num_cpus = local_num_cpus(serve_config)
+        if num_cpus > (os.cpu_count() or 1):
+            log.warning(
+                "the deployments' first replicas ask for %.1f CPUs and this machine has %d cores: "
+                "the local Ray is given %d logical CPUs and they share the cores",
+                first_replicas_cpus(serve_config),
+                os.cpu_count() or 1,
+                num_cpus,
+            )
     if not ray.is_initialized():
         ray.init(
             address=address,

@@ -29,13 +29,15 @@ SMALL_CPU = [
 
 
 @contextlib.contextmanager
-def serve_process(log: Path, *args: str, ready_timeout_s: float = 240):
+def serve_process(log: Path, *args: str, ready_timeout_s: float = 240, small_cpu: bool = True):
+    """``small_cpu`` False runs the deployments with their default CPU requests, as a user's ``serve``
+    does (the local Ray then gets more logical CPUs than the machine has cores)."""
     http_port, grpc_port = free_port(), free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     command = [
         sys.executable, "-m", "services.cli", "serve",
         "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-        "--set", "gateway.serve_grpc_port=0", *SMALL_CPU, *args,
+        "--set", "gateway.serve_grpc_port=0", *(SMALL_CPU if small_cpu else ()), *args,
     ]  # fmt: skip
     with open(log, "w") as out:
         proc = subprocess.Popen(
