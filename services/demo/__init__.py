@@ -1,7 +1,7 @@
 """The demo model: a small InternVL trained here on a synthetic shapes task (``services.demo.task``).
 
-Once a checkpoint that meets the accuracy bar ships in ``services/demo/model``, ``serve`` is meant to use
-it when no model is given, so the first answer a newcomer sees can be checked by eye.
+The checkpoint shipped in ``services/demo/model`` (package data) is what ``serve`` runs when no model is
+given, so the first answer a newcomer sees can be checked by eye (``docs/demo-model.md``).
 """
 
 from __future__ import annotations

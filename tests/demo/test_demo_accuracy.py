@@ -45,13 +45,18 @@ def test_permuted_tiles_break_corner_questions(demo, heldout_set):
     assert acc["corner"] < BROKEN, _report(acc)
 
 
-def test_dropped_thumbnail_breaks_multi_tile_questions(demo, heldout_set):
+def test_dropped_thumbnail_breaks_the_questions_that_need_it(demo, heldout_set):
+    """Without the thumbnail, the shape questions about multi-tile scenes lose the only view of whole
+    shapes, and the corner questions lose their address (every tile moves one place relative to the
+    image's end). The colour and count questions about multi-tile scenes are not asserted: the last grid
+    tile then stands where the thumbnail stood, and its pieces of shapes show their colours and often
+    how many there are (docs/demo-model.md has the figures)."""
     samples, pixels = heldout_set
-    idx = [i for i, s in enumerate(samples) if s.kind == "multi"]
+    idx = [i for i, s in enumerate(samples) if s.kind in ("multi", "corners")]
     got = answers(demo, [samples[i] for i in idx], "drop_thumbnail", pixels=[pixels[i] for i in idx])
     acc = accuracy([samples[i] for i in idx], got)
-    for qtype in ("colour", "shape", "count"):
-        assert acc[f"multi/{qtype}"] < BROKEN, _report(acc)
+    assert acc["multi/shape"] < BROKEN, _report(acc)
+    assert acc["corners/corner"] < BROKEN, _report(acc)
 
 
 @pytest.mark.parametrize("qtype", QUESTION_TYPES)

@@ -28,7 +28,9 @@ def mesh(demo_path):
     from gateway.tenancy.keys import KeyStore
     from gateway.tenancy.limiter import LocalLimiter
 
-    with local_cores(demo_path) as cores:
+    # Without the KV prefix cache: with it, the second pass's prompts (the same images, the same
+    # questions) would reuse the first pass's image KV and never read the embedding entries at all.
+    with local_cores(demo_path, cache={"enable_prefix_caching": False}) as cores:
         gateway = make_gateway(cores, KeyStore(None), LocalLimiter(), model=DEMO_MODEL_NAME)
         with UvicornThread(create_http_app(gateway)) as server:
             client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)

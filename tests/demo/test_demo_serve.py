@@ -28,7 +28,7 @@ CONCURRENCY = 8
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-demo") / "serve.log"
-    with serve_process(log) as proc:  # no --model: the default
+    with serve_process(log, small_cpu=False) as proc:  # no --model, default resources: the README's command
         yield proc
 
 

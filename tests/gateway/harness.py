@@ -84,9 +84,10 @@ def run(coro):
 
 
 @contextlib.contextmanager
-def local_cores(checkpoint):
+def local_cores(checkpoint, **decoder_settings):
     """Real encoder (in-process preprocess, LRU only, inline references) and decoder cores of one
-    checkpoint: what a gateway in process talks to through ``LocalEncoderClient`` / ``LocalDecoderClient``."""
+    checkpoint: what a gateway in process talks to through ``LocalEncoderClient`` / ``LocalDecoderClient``.
+    ``decoder_settings`` are more ``DecoderConfig`` fields."""
     from services.common.resolver import EmbeddingResolver
     from services.decoder.config import DecoderConfig
     from services.decoder.engine.async_engine import DecoderCore
@@ -100,7 +101,7 @@ def local_cores(checkpoint):
         EncoderConfig(checkpoint=str(checkpoint), device="cpu", dtype="float32", fallback="inline"),
         tile_source=PreprocessorTileSource(preprocessor),
     )
-    decoder = DecoderCore(DecoderConfig(model=str(checkpoint), dtype="float32"))
+    decoder = DecoderCore(DecoderConfig(model=str(checkpoint), dtype="float32", **decoder_settings))
     frontend = DecoderFrontend(decoder, EmbeddingResolver(None))
     try:
         yield {"encoder": encoder, "decoder": decoder, "frontend": frontend}
