@@ -235,9 +235,12 @@ class Gateway:
                         record.ttft_s = time.monotonic() - record.started
                     started = True
                     chunk = _chunk(req.request_id, event)
-                    # Counted as they arrive so a cancelled request still accounts for what it generated;
-                    # the final event's usage replaces the count.
+                    # Counted as they arrive so a cancelled request still accounts for its prompt (sent
+                    # with the first token) and what it generated; the final event's usage replaces them.
                     usage.completion_tokens += len(event.get("token_ids") or ())
+                    if event.get("prompt_tokens") is not None:
+                        usage.prompt_tokens = event["prompt_tokens"]
+                        usage.image_tokens = event.get("image_tokens", 0)
                     if chunk.finish_reason == "deadline":
                         raise DeadlineExceeded(
                             f"request {req.request_id} reached its deadline in the decoder"

@@ -15,7 +15,8 @@ written before its first reader started.
 
 A record carries the usage the client was told: ``prompt_tokens`` (image tokens included),
 ``image_tokens`` and ``completion_tokens`` as in the response's ``usage``. A cancelled request (client
-gone mid-stream) has status ``cancelled`` and the completion tokens generated up to then.
+gone mid-stream) has status ``cancelled``, its prompt's tokens and the completion tokens generated up to
+then.
 """
 
 from __future__ import annotations

@@ -115,6 +115,9 @@ class DecoderFrontend:
                     "completion_tokens": event.usage.completion_tokens,
                     "cached_prompt_tokens": event.usage.cached_prompt_tokens,
                 }
+        if event.prompt_tokens is not None:
+            out["prompt_tokens"] = event.prompt_tokens
+            out["image_tokens"] = event.image_tokens or 0
         if event.error:
             out["error"] = event.error
         return out

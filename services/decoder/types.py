@@ -82,6 +82,10 @@ class GenerationEvent:
     finish_reason: str | None = None
     usage: Usage | None = None
     error: str | None = None
+    # On the first event: the prompt's size, so a request cancelled before its last event still
+    # accounts for the prompt it was given (the last event's ``usage`` says it again).
+    prompt_tokens: int | None = None
+    image_tokens: int | None = None
 
     @property
     def finished(self) -> bool:

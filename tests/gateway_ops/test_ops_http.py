@@ -186,7 +186,7 @@ def test_streamed_usage_record_equals_the_final_usage_chunk(ops):
     assert record.status == "ok" and usage["completion_tokens"] > 0
 
 
-def test_cancelled_stream_records_the_tokens_generated_until_then(ops):
+def test_cancelled_stream_records_its_prompt_and_the_tokens_generated_until_then(ops):
     seen_tokens, request_id = 0, None
     with httpx.stream(
         "POST",
@@ -209,6 +209,10 @@ def test_cancelled_stream_records_the_tokens_generated_until_then(ops):
     generated = ops["decoder"].generated[request_id]
     assert record.completion_tokens == generated
     assert seen_tokens <= generated < 2000
+    # the prompt is accounted for too: what the same prompt costs in a request that finishes
+    finished = _post(ops, ops["keys"]["alpha"], _body(max_tokens=1)).json()["usage"]
+    assert record.prompt_tokens == finished["prompt_tokens"] > 0
+    assert record.total_tokens == finished["prompt_tokens"] + generated
 
 
 def test_usage_command_summarises_the_stream_and_the_file(ops):

@@ -218,7 +218,10 @@ class LLMEngine:
             self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
         if req.is_finished:
             return self._final_event(req, text, [token], lps)
-        return GenerationEvent(req.request_id, text, [token], lps)
+        event = GenerationEvent(req.request_id, text, [token], lps)
+        if req.num_output_tokens == 1:
+            event.prompt_tokens, event.image_tokens = req.num_prompt_tokens, req.num_image_tokens
+        return event
 
     def _final_event(self, req: Request, text: str, token_ids: list[int], lps) -> GenerationEvent:
         state = self.states.pop(req.request_id, None)
