@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import signal
 import tempfile
@@ -60,9 +61,7 @@ def local_num_cpus(serve_config: dict[str, Any], cores: int | None = None) -> in
     """Logical CPUs for a Ray that ``serve`` starts on this machine: its cores, or, where the first
     replicas ask for more (four deployments of one CPU each on a two-core laptop), that many, so the
     whole mesh is scheduled and shares the cores instead of waiting forever for a CPU."""
-    cores = cores or os.cpu_count() or 1
-    needed = first_replicas_cpus(serve_config)
-    return max(cores, int(needed) + (needed % 1 > 0))
+    return max(cores or os.cpu_count() or 1, math.ceil(first_replicas_cpus(serve_config)))
 
 
 def start_ray(
@@ -79,9 +78,8 @@ def start_ray(
         num_cpus = local_num_cpus(serve_config)
         if num_cpus > (os.cpu_count() or 1):
             log.warning(
-                "the deployments' first replicas ask for %.1f CPUs and this machine has %d cores: "
+                "the deployments' first replicas ask for more CPUs than this machine's %d cores: "
                 "the local Ray is given %d logical CPUs and they share the cores",
-                first_replicas_cpus(serve_config),
                 os.cpu_count() or 1,
                 num_cpus,
             )

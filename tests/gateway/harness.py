@@ -84,28 +84,44 @@ def run(coro):
 
 
 @contextlib.contextmanager
-def local_cores(checkpoint, **decoder_settings):
-    """Real encoder (in-process preprocess, LRU only, inline references) and decoder cores of one
-    checkpoint: what a gateway in process talks to through ``LocalEncoderClient`` / ``LocalDecoderClient``.
-    ``decoder_settings`` are more ``DecoderConfig`` fields."""
-    from services.common.resolver import EmbeddingResolver
-    from services.decoder.config import DecoderConfig
-    from services.decoder.engine.async_engine import DecoderCore
-    from services.decoder.server import DecoderFrontend
+def local_encoder(checkpoint, **encoder_settings):
+    """A real encoder core of ``checkpoint`` with its own in-process preprocessor (LRU only, inline
+    references); ``encoder_settings`` are more ``EncoderConfig`` fields (``redis=...`` for a cache)."""
     from services.encoder.config import EncoderConfig
     from services.encoder.core import EncoderCore, PreprocessorTileSource
     from services.preprocess.pipeline import Preprocessor
 
     preprocessor = Preprocessor()
     encoder = EncoderCore.from_config(
-        EncoderConfig(checkpoint=str(checkpoint), device="cpu", dtype="float32", fallback="inline"),
+        EncoderConfig(
+            checkpoint=str(checkpoint), device="cpu", dtype="float32", fallback="inline", **encoder_settings
+        ),
         tile_source=PreprocessorTileSource(preprocessor),
     )
-    decoder = DecoderCore(DecoderConfig(model=str(checkpoint), dtype="float32", **decoder_settings))
-    frontend = DecoderFrontend(decoder, EmbeddingResolver(None))
     try:
-        yield {"encoder": encoder, "decoder": decoder, "frontend": frontend}
+        yield encoder
     finally:
-        decoder.shutdown()
         asyncio.run(encoder.close())
         preprocessor.close()
+
+
+@contextlib.contextmanager
+def local_cores(checkpoint, **decoder_settings):
+    """Real encoder (:func:`local_encoder`) and decoder cores of one checkpoint: what a gateway in
+    process talks to through ``LocalEncoderClient`` / ``LocalDecoderClient``. ``decoder_settings`` are
+    more ``DecoderConfig`` fields."""
+    from services.common.resolver import EmbeddingResolver
+    from services.decoder.config import DecoderConfig
+    from services.decoder.engine.async_engine import DecoderCore
+    from services.decoder.server import DecoderFrontend
+
+    with local_encoder(checkpoint) as encoder:
+        decoder = DecoderCore(DecoderConfig(model=str(checkpoint), dtype="float32", **decoder_settings))
+        try:
+            yield {
+                "encoder": encoder,
+                "decoder": decoder,
+                "frontend": DecoderFrontend(decoder, EmbeddingResolver(None)),
+            }
+        finally:
+            decoder.shutdown()

@@ -3,56 +3,40 @@ entry gone, or a cache the decoder cannot reach while the encoder can), the gate
 again for the tensors themselves, and the request succeeds with the same answer. Real cores, a real
 Redis for the encoder, a closed port for the decoder, the official client over HTTP."""
 
-import asyncio
 import base64
 
 import openai
 import pytest
 import redis
 
-from tests.gateway.conftest import MODEL
-from tests.gateway.harness import UvicornThread, png, reference_answer
+from tests.gateway.conftest import MODEL, make_gateway
+from tests.gateway.harness import UvicornThread, local_encoder, png, reference_answer
 from tests.own_redis import OwnRedis, free_port
 
 
 @pytest.fixture(scope="module")
 def split_cache_gateway(cores, tiny_checkpoint):
-    from gateway.clients import LocalDecoderClient, LocalEncoderClient
-    from gateway.core import Gateway, GatewayLimits, ModelRoute
     from gateway.http_api import create_http_app
     from gateway.tenancy.keys import KeyStore
     from gateway.tenancy.limiter import LocalLimiter
     from services.common.resolver import EmbeddingResolver
     from services.decoder.server import DecoderFrontend
-    from services.encoder.config import EncoderConfig, RedisStoreConfig
-    from services.encoder.core import EncoderCore, PreprocessorTileSource
+    from services.encoder.config import RedisStoreConfig
     from services.encoder.redis_store import RedisEmbeddingStore
-    from services.preprocess.pipeline import Preprocessor
 
     own = OwnRedis().start()
-    preprocessor = Preprocessor()
-    encoder = EncoderCore.from_config(
-        EncoderConfig(
-            checkpoint=str(tiny_checkpoint),
-            device="cpu",
-            dtype="float32",
-            fallback="inline",
-            redis=RedisStoreConfig(url=own.url),
-        ),
-        tile_source=PreprocessorTileSource(preprocessor),
-    )
     unreachable = RedisEmbeddingStore(RedisStoreConfig(url=f"redis://127.0.0.1:{free_port()}/0"))
-    frontend = DecoderFrontend(cores["decoder"], EmbeddingResolver(unreachable))
-    route = ModelRoute(
-        MODEL, LocalEncoderClient(encoder), LocalDecoderClient(frontend), 12, cores["decoder"].max_model_len
-    )
-    gateway = Gateway([route], KeyStore(None), LocalLimiter(), GatewayLimits())
     try:
-        with UvicornThread(create_http_app(gateway)) as server:
-            yield {"server": server, "encoder": encoder, "redis": own}
+        with local_encoder(tiny_checkpoint, redis=RedisStoreConfig(url=own.url)) as encoder:
+            split = {
+                "encoder": encoder,
+                "decoder": cores["decoder"],
+                "frontend": DecoderFrontend(cores["decoder"], EmbeddingResolver(unreachable)),
+            }
+            gateway = make_gateway(split, KeyStore(None), LocalLimiter())
+            with UvicornThread(create_http_app(gateway)) as server:
+                yield {"server": server, "encoder": encoder, "redis": own}
     finally:
-        asyncio.run(encoder.close())
-        preprocessor.close()
         own.kill()
 
 
