@@ -50,17 +50,23 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.mesh_peers import (  # noqa: E402
+    KV_CACHE,
+    MAX_NUM,
+    MAX_TOKENS,
+    InProcess,
+    Monolith,
+    decoder_payload,
+    ms,
+)
 from services.common.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 from services.common.types import TilingParams  # noqa: E402
 from services.preprocess.tiling import count_tiles  # noqa: E402
 from tests.gateway.harness import png  # noqa: E402
-from tests.preprocess.reference import reference_load_image  # noqa: E402
 
 MODEL = "small-mesh"
 MISS_SIZE = (1344, 1008)  # 4x3 grid + thumbnail = 13 tiles at max_num 12
 CONC_SIZE = (448, 448)  # 1 tile
-MAX_NUM = 12
-MAX_TOKENS = 16
 QUESTIONS = [
     "What is shown in this picture?",
     "Describe the colours you can see.",
@@ -77,16 +83,9 @@ RAY_ENV = {
     "RAY_SERVE_LOG_TO_STDERR": "0",
 }
 DEPLOYMENT = {"autoscaling": {"min_replicas": 1, "max_replicas": 1}, "num_cpus": 0.5}
-# An explicit KV cache (1280 blocks x 16 tokens, ~250 MB for this preset): the decoder's default on CPU
-# budgets 90% of the machine's memory, which two decoders (replica + in-process) on a shared box cannot have.
-KV_CACHE = {"num_blocks": 1280}
 
 
 # -- small helpers ---------------------------------------------------------------------------------
-def ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 1)
-
-
 def med(values: list[float]) -> float:
     return round(statistics.median(values), 1) if values else float("nan")
 
@@ -133,10 +132,6 @@ def chat_messages(question: str, data: bytes) -> list[dict[str, Any]]:
     ]
 
 
-def template_messages(question: str) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image"}]}]
-
-
 def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
     """pid -> (name, CPU seconds user + system) of this process and of every Ray process."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -167,161 +162,6 @@ def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
     for pid, (name, secs) in after.items():
         delta[name] = delta.get(name, 0.0) + secs - before.get(pid, (name, 0.0))[1]
     return dict(sorted(((k, round(v, 2)) for k, v in delta.items() if v >= 0.05), key=lambda kv: -kv[1]))
-
-
-# -- the monolith ---------------------------------------------------------------------------------
-class _FirstToken:
-    """A ``generate`` streamer: the first ``put`` is the prompt, the second the first new token."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.at: float | None = None
-
-    def put(self, value) -> None:
-        self.calls += 1
-        if self.calls == 2:
-            self.at = time.perf_counter()
-
-    def end(self) -> None:
-        pass
-
-
-class Monolith:
-    """The reference in one process: PIL/numpy tiling, chat template, ``generate(pixel_values=...)``."""
-
-    def __init__(self, ckpt: Path):
-        from transformers import AutoTokenizer, InternVLForConditionalGeneration
-
-        self.model = InternVLForConditionalGeneration.from_pretrained(ckpt).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(ckpt)
-
-    def run(self, question: str, data: bytes, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        pixels = torch.from_numpy(reference_load_image(data, max_num=MAX_NUM))
-        t_tiles = time.perf_counter()
-        prompt = self.tokenizer.apply_chat_template(
-            template_messages(question), tokenize=False, add_generation_prompt=True
-        )
-        before, after = prompt.split("<IMG_CONTEXT>")
-        expanded = before + "<img>" + "<IMG_CONTEXT>" * (256 * pixels.shape[0]) + "</img>" + after
-        ids = self.tokenizer(expanded, add_special_tokens=False, return_tensors="pt").input_ids
-        streamer = _FirstToken()
-        with torch.no_grad():
-            out = self.model.generate(
-                input_ids=ids,
-                pixel_values=pixels,
-                max_new_tokens=max_tokens,
-                do_sample=False,
-                streamer=streamer,
-            )
-        t_end = time.perf_counter()
-        return {
-            "tiles": int(pixels.shape[0]),
-            "prompt_tokens": int(ids.shape[1]),
-            "completion_tokens": int(out.shape[1] - ids.shape[1]),
-            "tiling_ms": ms(t_tiles - t0),
-            "ttft_ms": ms((streamer.at or t_end) - t0),
-            "total_ms": ms(t_end - t0),
-            "text": self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True),
-        }
-
-
-# -- the mesh's cores in this process -------------------------------------------------------------
-class InProcess:
-    """Preprocessor -> EncoderCore (inline refs, no cache) -> DecoderFrontend: the mesh minus its hops."""
-
-    def __init__(self, ckpt: Path, loop: asyncio.AbstractEventLoop):
-        from services.common.resolver import EmbeddingResolver
-        from services.decoder.config import CacheConfig, DecoderConfig
-        from services.decoder.engine.async_engine import DecoderCore
-        from services.decoder.server import DecoderFrontend
-        from services.encoder.config import EncoderConfig
-        from services.encoder.core import EncoderCore, PreprocessorTileSource
-        from services.preprocess.config import PreprocessConfig
-        from services.preprocess.pipeline import Preprocessor
-
-        self.loop = loop
-        self.pre = Preprocessor(PreprocessConfig())
-        self.encoder = EncoderCore.from_config(
-            EncoderConfig(
-                checkpoint=str(ckpt),
-                device="cpu",
-                dtype="float32",
-                fallback="inline",
-                max_tiles_per_image=MAX_NUM + 1,
-            ),
-            tile_source=PreprocessorTileSource(self.pre),
-        )
-        self.decoder = DecoderCore(
-            DecoderConfig(model=str(ckpt), dtype="float32", device="cpu", cache=CacheConfig(**KV_CACHE))
-        )
-        self.frontend = DecoderFrontend(self.decoder, EmbeddingResolver(None))
-
-    def run(self, question: str, data: bytes, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
-        return self.loop.run_until_complete(self._run(question, data, max_tokens))
-
-    async def _run(self, question: str, data: bytes, max_tokens: int) -> dict[str, Any]:
-        from services.common.pb import RequestContext
-
-        params = TilingParams(max_num=MAX_NUM)
-        t0 = time.perf_counter()
-        tiled = await self.pre.atile_images([(data, params)])
-        t1 = time.perf_counter()
-        refs = await self.encoder.embed_tiles(tiled, "default", params)
-        t2 = time.perf_counter()
-        payload = _payload(question, max_tokens)
-        ctx = RequestContext(request_id=f"inproc-{uuid.uuid4().hex[:12]}", cache_namespace="default")
-        first, tokens = None, 0
-        async for event in self.frontend.generate(payload, refs, ctx):
-            first = first or time.perf_counter()
-            tokens += len(event.get("token_ids", []))
-        t3 = time.perf_counter()
-        return {
-            "preprocess_ms": ms(t1 - t0),
-            "encode_ms": ms(t2 - t1),
-            "decode_ttft_ms": ms(first - t2),
-            "decode_total_ms": ms(t3 - t2),
-            "ttft_ms": ms(first - t0),
-            "total_ms": ms(t3 - t0),
-            "completion_tokens": tokens,
-        }
-
-    def cached(self, question: str, data: bytes, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
-        """The same image and question again: an embedding (LRU) hit and a KV prefix hit."""
-        return self.loop.run_until_complete(self._cached(question, data, max_tokens))
-
-    async def _cached(self, question: str, data: bytes, max_tokens: int) -> dict[str, Any]:
-        from services.common.pb import RequestContext
-        from services.encoder.core import ImageInput
-
-        t0 = time.perf_counter()
-        refs = await self.encoder.embed_images([ImageInput(data, TilingParams(max_num=MAX_NUM))], "default")
-        t1 = time.perf_counter()
-        ctx = RequestContext(request_id=f"inproc-{uuid.uuid4().hex[:12]}", cache_namespace="default")
-        first = None
-        async for _event in self.frontend.generate(_payload(question, max_tokens), refs, ctx):
-            first = first or time.perf_counter()
-        t2 = time.perf_counter()
-        return {
-            "embed_ms": ms(t1 - t0),
-            "decode_ttft_ms": ms(first - t1),
-            "ttft_ms": ms(first - t0),
-            "total_ms": ms(t2 - t0),
-            "embedding_hit": refs[0].cache_hit,
-        }
-
-    def close(self) -> None:
-        self.decoder.shutdown()
-        self.loop.run_until_complete(self.encoder.close())
-        self.pre.close()
-
-
-def _payload(question: str, max_tokens: int) -> dict[str, Any]:
-    return {
-        "messages": [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image"}]}],
-        "sampling": {"temperature": 0.0},
-        "max_tokens": max_tokens,
-    }
 
 
 # -- the mesh on Ray Serve ------------------------------------------------------------------------
@@ -427,7 +267,7 @@ class Mesh:
         t2 = time.perf_counter()
         first, tokens = None, 0
         for event in self.decoder.options(stream=True).generate.remote(
-            _payload(question, max_tokens), refs, ctx
+            decoder_payload(question, max_tokens), refs, ctx
         ):
             first = first or time.perf_counter()
             tokens += len(event.get("token_ids", []))
@@ -463,7 +303,7 @@ class Mesh:
         t1 = time.perf_counter()
         first = None
         for _event in self.decoder.options(stream=True).generate.remote(
-            _payload(question, max_tokens), refs, ctx
+            decoder_payload(question, max_tokens), refs, ctx
         ):
             first = first or time.perf_counter()
         t2 = time.perf_counter()
