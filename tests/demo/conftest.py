@@ -14,24 +14,6 @@ from services.demo import DEMO_MODEL_NAME
 PER_GROUP = 30
 
 
-def _shipped() -> bool:
-    from services.common.errors import MeshError
-    from services.demo import demo_model_path
-
-    try:
-        demo_model_path()
-    except MeshError:
-        return False
-    return True
-
-
-# The accuracy, mutation and end-to-end tests need the trained model; until one that meets the bar is
-# shipped in services/demo/model they are reported as skipped, with this reason.
-requires_shipped_model = pytest.mark.skipif(
-    not _shipped(), reason="no trained demo model is shipped yet (services/demo/model)"
-)
-
-
 @pytest.fixture(scope="session")
 def demo_path():
     from services.demo import demo_model_path

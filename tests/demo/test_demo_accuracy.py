@@ -9,9 +9,6 @@ import pytest
 
 from services.demo.evaluate import accuracy, answers
 from services.demo.task import QUESTION_TYPES
-from tests.demo.conftest import requires_shipped_model
-
-pytestmark = requires_shipped_model
 
 THRESHOLD = 0.9
 BROKEN = 0.5

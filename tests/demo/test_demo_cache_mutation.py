@@ -14,12 +14,11 @@ from services.common.types import TilingParams
 from services.demo import DEMO_MODEL_NAME
 from services.demo.evaluate import accuracy, swap_partners
 from services.demo.task import QUESTION_TYPES
-from tests.demo.conftest import ask, requires_shipped_model
+from tests.demo.conftest import ask
 from tests.gateway.conftest import make_gateway
 from tests.gateway.harness import UvicornThread, local_cores
 
 PER_TYPE = 10
-pytestmark = requires_shipped_model
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import pytest
 
 from services.demo import DEMO_MODEL_NAME
 from services.demo.evaluate import accuracy
-from tests.demo.conftest import ask, requires_shipped_model
+from tests.demo.conftest import ask
 from tests.serve_process import serve_process
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, requires_shipped_model]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "docs" / "demo" / "sample.png"

@@ -21,7 +21,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "internvl-mesh"
 EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
-CRD = Path(os.environ.get("KUBERAY_CRD", ROOT.parent / "shared" / "kuberay-crds" / "ray.io_rayservices.yaml"))
+# KubeRay's RayService CRD, vendored with its origin and licence in tests/helm/crds/README.md.
+CRD = Path(
+    os.environ.get("KUBERAY_CRD", Path(__file__).resolve().parent / "crds" / "ray.io_rayservices.yaml")
+)
 HELM_DEFAULT = ROOT / ".tools" / "kubectl-layer" / "layer" / "helm" / "helm"
 KUBERNETES_VERSION = "1.33.0"
 RELEASE = "mesh"
