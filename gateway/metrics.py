@@ -1,9 +1,10 @@
 """The gateway's Prometheus metrics, with the names people know from vLLM under ``internvl_mesh_``.
 
-Served on the gateway's ``GET /metrics``. The decoder's and encoder's own gauges (running and waiting
-requests, KV-cache usage, batch sizes) live in their replicas and are exported through Ray's metrics
-agent on every node (``ray_internvl_mesh_*``); see the README's "Metrics" section. Tenant labels are
-bounded: tenants outside ``tenant_labels`` (when given) are counted as ``other``.
+Served on the gateway's ``GET /metrics``. The decoder's gauges (running and waiting requests, KV-cache
+usage, preemptions) live in its replicas and are exported through Ray's metrics agent on every node
+(``ray_internvl_mesh_*``); the encoder's (``internvl_mesh_encoder_*``) are registered in its own
+process. See the README's "Observability" section. Tenant labels are bounded: tenants outside
+``tenant_labels`` (when given) are counted as ``other``.
 """
 
 from __future__ import annotations

@@ -479,8 +479,8 @@ class FallbackLimiter:
     """Redis limits while Redis answers; a replica-local limiter (or a refusal) while it does not.
 
     Every Redis call is bounded by ``op_timeout_s``. On a connection error or timeout the limiter turns
-    degraded: it logs once, counts ``ivm_tenancy_limiter_degradations_total``, sets the
-    ``ivm_tenancy_limiter_degraded`` gauge, calls ``on_degraded(reason)`` and from then on admits
+    degraded: it logs once, counts ``internvl_mesh_tenancy_limiter_degradations_total``, sets the
+    ``internvl_mesh_tenancy_limiter_degraded`` gauge, calls ``on_degraded(reason)`` and from then on admits
     through ``local`` (or raises ``Unavailable`` with ``fail_closed``), trying Redis again with one request
     every ``reprobe_interval_s``. The first answer from Redis ends the degraded state; the counters in
     Redis then apply again. Admissions settle where they were taken.
@@ -516,17 +516,17 @@ class FallbackLimiter:
         self._next_probe = 0.0
         self._probing = False
         self.degradations = Counter(
-            "ivm_tenancy_limiter_degradations_total",
+            "internvl_mesh_tenancy_limiter_degradations_total",
             "Times the rate limiter lost Redis and fell back to per-replica limits (or fail-closed).",
             registry=registry,
         )
         self.local_admissions = Counter(
-            "ivm_tenancy_limiter_local_admissions_total",
+            "internvl_mesh_tenancy_limiter_local_admissions_total",
             "Admissions decided by the per-replica limiter because Redis was unreachable.",
             registry=registry,
         )
         self.degraded_gauge = Gauge(
-            "ivm_tenancy_limiter_degraded",
+            "internvl_mesh_tenancy_limiter_degraded",
             "1 while the rate limiter runs without Redis, else 0.",
             registry=registry,
         )

@@ -92,11 +92,13 @@ class DecoderDeployment:
 def _ray_gauges(model: str) -> dict[str, Any]:
     from ray.util.metrics import Gauge
 
+    # vLLM's names under our prefix. The preemption count is the engine's running total, pushed as a
+    # gauge like the others; PromQL's rate() reads it as it reads vLLM's counter.
     described = {
-        "running": ("internvl_mesh_decoder_num_requests_running", "Requests in the running batch."),
-        "waiting": ("internvl_mesh_decoder_num_requests_waiting", "Requests waiting to be scheduled."),
-        "kv_usage": ("internvl_mesh_decoder_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use."),
-        "preemptions": ("internvl_mesh_decoder_num_preemptions", "Preemptions since start."),
+        "running": ("internvl_mesh_num_requests_running", "Requests in the running batch."),
+        "waiting": ("internvl_mesh_num_requests_waiting", "Requests waiting to be scheduled."),
+        "kv_usage": ("internvl_mesh_kv_cache_usage_perc", "Fraction of KV-cache blocks in use."),
+        "preemptions": ("internvl_mesh_num_preemptions_total", "Preemptions since start."),
     }
     gauges = {}
     for key, (name, doc) in described.items():

@@ -25,65 +25,65 @@ class EncoderMetrics:
     def __init__(self, registry: CollectorRegistry):
         r = registry
         self.batch_tiles = Histogram(
-            "internvl_encoder_batch_tiles",
+            "internvl_mesh_encoder_batch_tiles",
             "Tiles per vision forward.",
             ["model"],
             buckets=_TILE_BUCKETS,
             registry=r,
         )
         self.batch_requests = Histogram(
-            "internvl_encoder_batch_requests",
+            "internvl_mesh_encoder_batch_requests",
             "Requests whose tiles share one vision forward.",
             ["model"],
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
             registry=r,
         )
         self.queue_seconds = Histogram(
-            "internvl_encoder_queue_seconds",
+            "internvl_mesh_encoder_queue_seconds",
             "Time from submission to the start of a request's first forward.",
             ["model"],
             buckets=_SECONDS_BUCKETS,
             registry=r,
         )
         self.forward_seconds = Histogram(
-            "internvl_encoder_forward_seconds",
+            "internvl_mesh_encoder_forward_seconds",
             "Duration of one vision forward.",
             ["model"],
             buckets=_SECONDS_BUCKETS,
             registry=r,
         )
         self.queued_tiles = Gauge(
-            "internvl_encoder_queued_tiles", "Tiles waiting for a forward.", ["model"], registry=r
+            "internvl_mesh_encoder_queued_tiles", "Tiles waiting for a forward.", ["model"], registry=r
         )
         self.images = Counter(
-            "internvl_encoder_images",
+            "internvl_mesh_encoder_images",
             "Images answered, by outcome: hit (cache), encoded, joined (another request's encode).",
             ["model", "outcome"],
             registry=r,
         )
         self.tiles_encoded = Counter(
-            "internvl_encoder_tiles_encoded", "Tiles run through the ViT.", ["model"], registry=r
+            "internvl_mesh_encoder_tiles_encoded", "Tiles run through the ViT.", ["model"], registry=r
         )
         self.cache_lookups = Counter(
-            "internvl_encoder_cache_lookups",
+            "internvl_mesh_encoder_cache_lookups",
             "Cache lookups by level and result.",
             ["model", "level", "result"],
             registry=r,
         )
         self.store_events = Counter(
-            "internvl_encoder_store_events",
+            "internvl_mesh_encoder_store_events",
             "Redis store events: corrupt, error, timeout, oom, breaker_open, breaker_closed, skipped.",
             ["model", "event"],
             registry=r,
         )
         self.degraded = Counter(
-            "internvl_encoder_degraded",
+            "internvl_mesh_encoder_degraded",
             "Images answered without the shared cache because it failed (reference kind object or inline).",
             ["model", "reason"],
             registry=r,
         )
         self.cache_available = Gauge(
-            "internvl_encoder_cache_available",
+            "internvl_mesh_encoder_cache_available",
             "1 while the shared cache is usable, 0 while its breaker is open.",
             ["model"],
             registry=r,

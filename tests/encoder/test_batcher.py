@@ -120,6 +120,6 @@ async def test_batch_sizes_are_in_the_histogram(vision_encoder):
     )
     await asyncio.gather(b.submit(tiles(2)), b.submit(tiles(3)))
     await b.close()
-    count = registry.get_sample_value("internvl_encoder_batch_tiles_count", {"model": "m"})
-    total = registry.get_sample_value("internvl_encoder_batch_tiles_sum", {"model": "m"})
+    count = registry.get_sample_value("internvl_mesh_encoder_batch_tiles_count", {"model": "m"})
+    total = registry.get_sample_value("internvl_mesh_encoder_batch_tiles_sum", {"model": "m"})
     assert count >= 1 and total == 5

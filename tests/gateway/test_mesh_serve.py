@@ -229,8 +229,13 @@ def test_metrics_with_documented_names(mesh, ray_serve):
     deadline = time.monotonic() + 60
     while True:
         exported = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        if "ray_internvl_mesh_decoder_kv_cache_usage_ratio" in exported or time.monotonic() > deadline:
+        if "ray_internvl_mesh_kv_cache_usage_perc" in exported or time.monotonic() > deadline:
             break
         time.sleep(1)
-    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_ratio"):
-        assert f"ray_internvl_mesh_decoder_{name}" in exported
+    for name in (
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+        "num_preemptions_total",
+    ):
+        assert f"ray_internvl_mesh_{name}" in exported

@@ -54,12 +54,12 @@ async def test_redis_down_falls_back_to_local_then_resumes(own_redis, caplog):
         assert adm.backend == "local" and limiter.degraded
         assert "lost Redis" in caplog.text and "per replica" in caplog.text
         assert len(events) == 1
-        assert metric(registry, "ivm_tenancy_limiter_degradations_total") == 1
-        assert metric(registry, "ivm_tenancy_limiter_degraded") == 1
+        assert metric(registry, "internvl_mesh_tenancy_limiter_degradations_total") == 1
+        assert metric(registry, "internvl_mesh_tenancy_limiter_degraded") == 1
         # The local limiter enforces the tenant's limits on its own counters.
         await limiter.admit(tenant, 10)
         assert (await _refused(limiter, tenant)).reason == REASON_CONCURRENCY
-        assert metric(registry, "ivm_tenancy_limiter_local_admissions_total") == 2
+        assert metric(registry, "internvl_mesh_tenancy_limiter_local_admissions_total") == 2
         # Settling Redis admissions while Redis is down does not raise (their leases lapse by themselves).
         await on_redis[0].complete(10)
         await adm.release()
@@ -68,12 +68,13 @@ async def test_redis_down_falls_back_to_local_then_resumes(own_redis, caplog):
         await asyncio.sleep(0.35)  # one re-probe interval
         await admit_on_redis(limiter, tenant)
         assert not limiter.degraded
-        assert metric(registry, "ivm_tenancy_limiter_degraded") == 0
+        assert metric(registry, "internvl_mesh_tenancy_limiter_degraded") == 0
         assert "reached Redis again" in caplog.text
         # Redis counters apply again: one more fits in Redis although the local limiter still holds one.
         await limiter.admit(tenant, 10)
         assert (await _refused(limiter, tenant)).reason == REASON_CONCURRENCY
-        assert metric(registry, "ivm_tenancy_limiter_degradations_total") == 1  # one outage, counted once
+        # one outage, counted once
+        assert metric(registry, "internvl_mesh_tenancy_limiter_degradations_total") == 1
     finally:
         await limiter.close()
 
@@ -107,8 +108,8 @@ async def test_fail_closed_refuses_while_redis_is_down(own_redis):
             with pytest.raises(Unavailable) as err:
                 await limiter.admit(tenant, 1)
             assert err.value.http_status == 503 and err.value.reason == "limiter_unavailable"
-        assert metric(registry, "ivm_tenancy_limiter_degradations_total") == 1
-        assert metric(registry, "ivm_tenancy_limiter_local_admissions_total") == 0
+        assert metric(registry, "internvl_mesh_tenancy_limiter_degradations_total") == 1
+        assert metric(registry, "internvl_mesh_tenancy_limiter_local_admissions_total") == 0
         own_redis.start()
         await asyncio.sleep(0.25)
         await admit_on_redis(limiter, tenant)
