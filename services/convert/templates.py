@@ -8,11 +8,14 @@ prompt exactly as the reference does (``ConversationTemplate.render``), and emit
 source (``chat_template_jinja``) so that ``AutoTokenizer.apply_chat_template`` reproduces the reference
 prompt string.
 
-Image convention of the emitted Jinja: a content part ``{"type": "image"}`` renders the ``<image>``
-placeholder followed by a newline, which is what ``chat()`` prepends to the first question when it is
-given pixel values and the question has no placeholder. Several images in one message render as
-``Image-1: <image>`` newline ``Image-2: <image>`` newline, the reference's multi-image convention. The caller
-replaces each ``<image>`` with ``<img>`` + ``<IMG_CONTEXT>`` x (256 x tiles) + ``</img>`` in order.
+Image convention: a content part ``{"type": "image"}`` renders an image placeholder followed by a newline,
+which is what ``chat()`` prepends to the first question when it is given pixel values and the question
+has no placeholder. Several images in one message render as ``Image-1: <ph>`` newline ``Image-2: <ph>``
+newline, the reference's multi-image convention. The placeholder is a parameter: ``<image>`` (the
+default, the reference's own text) or ``<IMG_CONTEXT>``, which the converter writes into converted
+checkpoints (transformers' -hf convention). The decoder then replaces each ``<IMG_CONTEXT>`` with
+``<img>`` + ``<IMG_CONTEXT>`` x (``image_seq_length`` x tiles) + ``</img>`` in order, as ``chat()``
+replaces each ``<image>``.
 """
 
 from __future__ import annotations

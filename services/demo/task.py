@@ -44,7 +44,8 @@ ANSWERS = (*COLOURS, *SHAPES, *COUNT_WORDS)
 KINDS = ("single", "multi", "corners")
 QUESTION_TYPES = ("colour", "shape", "count", "corner")
 CORNER_SIZE = 896  # 2 x 448: the reference tiling crops it without resampling
-SHAPE_RADIUS = 0.13  # of sqrt(width x height)
+SHAPE_RADIUS = 0.13  # of sqrt(width x height): the shapes of single and multi scenes
+CORNER_SHAPE_RADIUS = 0.36  # of a quadrant's side: the shapes of corners images
 
 
 @dataclass
@@ -207,7 +208,7 @@ def corners(rng: random.Random) -> tuple[Image.Image, list[str]]:
     q = half // 2  # a quadrant at half resolution
     for i, shape in enumerate(shapes):
         ox, oy = (i % 2) * q, (i // 2) * q
-        r = q * 0.36
+        r = q * CORNER_SHAPE_RADIUS
         cx = ox + q / 2 + rng.uniform(-0.06, 0.06) * q
         cy = oy + q / 2 + rng.uniform(-0.06, 0.06) * q
         draw_shape(draw, shape, cx, cy, r, 255)
