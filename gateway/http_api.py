@@ -33,8 +33,9 @@ def _error_response(exc: MeshError) -> JSONResponse:
     headers = {}
     if isinstance(exc, ResourceExhausted) and exc.retry_after is not None:
         headers["retry-after"] = str(max(1, round(exc.retry_after)))
-    status = exc.http_status if exc.http_status != 499 else 400
-    return JSONResponse(error_body(exc.message, status, exc.reason), status_code=status, headers=headers)
+    return JSONResponse(
+        error_body(exc.message, exc.http_status, exc.reason), status_code=exc.http_status, headers=headers
+    )
 
 
 def _api_key(request: Request) -> str | None:
@@ -185,16 +186,12 @@ async def _collect(first, stream: AsyncIterator[ChatChunk], model: str, created:
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": "".join(text)},
-                "finish_reason": _finish(last.finish_reason if last else "stop"),
+                "finish_reason": (last.finish_reason if last else None) or "stop",
                 "logprobs": {"content": lps} if logprobs else None,
             }
         ],
         "usage": _usage(last.usage if last else None),
     }
-
-
-def _finish(reason: str | None) -> str:
-    return {"stop": "stop", "length": "length"}.get(reason or "stop", reason or "stop")
 
 
 async def _sse(first, stream, model: str, created: int, include_usage: bool, logprobs: bool | None):
@@ -223,7 +220,7 @@ async def _sse(first, stream, model: str, created: int, include_usage: bool, log
                 yield event([choice])
             if chunk.finish_reason is not None:
                 usage = chunk.usage
-                yield event([{"index": 0, "delta": {}, "finish_reason": _finish(chunk.finish_reason)}])
+                yield event([{"index": 0, "delta": {}, "finish_reason": chunk.finish_reason or "stop"}])
             chunk = await anext(stream, None)
     except MeshError as exc:  # after the stream started: an error event, then the end
         yield f"data: {json.dumps(error_body(exc.message, exc.http_status, exc.reason))}\n\n"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,7 +230,3 @@ def _read_weight_map(path: Path) -> dict[str, str]:
     raise NotFound(
         f"{path} has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE})", reason="checkpoint_missing"
     )
-
-
-def tensors_of(checkpoint: Checkpoint, components: Iterable[str], dtype=None) -> dict[str, dict[str, Any]]:
-    return {c: checkpoint.load_component(c, dtype=dtype) for c in components}

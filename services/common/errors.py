@@ -73,12 +73,6 @@ class DeadlineExceeded(MeshError):
     reason = "deadline_exceeded"
 
 
-class Cancelled(MeshError):
-    code = "CANCELLED"
-    http_status = 499
-    reason = "cancelled"
-
-
 class FailedPrecondition(MeshError):
     """The system is not in a state to serve this (e.g. a checkpoint that cannot be loaded)."""
 

@@ -7,7 +7,7 @@ protobuf out.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from internvl.common.v1 import common_pb2
 
@@ -34,10 +34,6 @@ _KIND_TO_PB = {
     KIND_INLINE: common_pb2.EMBEDDING_REF_KIND_INLINE,
 }
 _PB_TO_KIND = {v: k for k, v in _KIND_TO_PB.items()}
-
-
-def dtype_to_pb(name: str) -> int:
-    return _DTYPE_TO_PB[name]
 
 
 def dtype_from_pb(value: int) -> str:
@@ -79,12 +75,6 @@ class RequestContext:
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.time()
-
-    def traced(self) -> RequestContext:
-        """A copy carrying the current span's trace context (for the next hop)."""
-        from services.common.tracing import current_carrier
-
-        return replace(self, trace=current_carrier())
 
 
 def context_from_pb(pb: common_pb2.RequestContext) -> RequestContext:

@@ -56,11 +56,6 @@ def register_backend(
     _AVAILABLE[name] = available
 
 
-def backend_names() -> list[str]:
-    _load_builtin()
-    return sorted(_BACKENDS)
-
-
 def is_backend_available(name: str, device: str) -> bool:
     _load_builtin()
     return name in _AVAILABLE and _AVAILABLE[name](device)

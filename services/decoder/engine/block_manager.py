@@ -164,9 +164,3 @@ class BlockManager:
                     self.free_queue[block_id] = None
         req.block_ids = []
         req.num_hashed_cached_blocks = 0
-
-    def reset_prefix_cache(self) -> None:
-        for block_id in range(self.num_blocks):
-            if self.ref_cnt[block_id] == 0:
-                self.block_hash[block_id] = None
-        self.hash_to_block = {h: b for h, b in self.hash_to_block.items() if self.ref_cnt[b] > 0}

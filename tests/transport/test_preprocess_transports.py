@@ -1,6 +1,6 @@
-"""The preprocess client interface over both transports gives what the in-process pipeline gives:
-a Serve DeploymentHandle (numpy through Ray's object store) and real gRPC (standalone server, and
-Serve's gRPC proxy routed by the `application` metadata)."""
+"""The preprocess service over each transport gives what the in-process pipeline gives: real gRPC
+(standalone server, and Serve's gRPC proxy routed by the `application` metadata) and a Serve
+DeploymentHandle (numpy through Ray's object store, as the encoder's ``HandleTileSource`` calls it)."""
 
 import io
 
@@ -11,9 +11,8 @@ from PIL import Image
 
 from services.common.errors import InvalidArgument
 from services.common.grpc_server import open_channel, start_server
-from services.common.pb import RequestContext
+from services.common.pb import RequestContext, tensor_from_pb, tiling_to_pb
 from services.common.types import TilingParams
-from services.preprocess.client import GrpcPreprocessClient, HandlePreprocessClient, LocalPreprocessClient
 from services.preprocess.pipeline import Preprocessor
 from services.preprocess.server import PreprocessServicer
 
@@ -29,6 +28,9 @@ def _jpeg(w, h, seed=0) -> bytes:
 
 
 ITEMS = [(_jpeg(1280, 720, 1), TilingParams(max_num=6)), (_jpeg(300, 900, 2), TilingParams())]
+REQUEST = preprocess_pb2.TileImagesRequest(
+    images=[preprocess_pb2.ImageInput(data=data, tiling=tiling_to_pb(p)) for data, p in ITEMS]
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +46,22 @@ def _same(got, want):
         assert np.array_equal(g.tiles, w.tiles)
 
 
-async def test_local_and_grpc_clients_agree(expected):
+def _same_pb(reply: preprocess_pb2.TileImagesResponse, want):
+    assert len(reply.images) == len(want)
+    for g, w in zip(reply.images, want):
+        assert (g.grid_cols, g.grid_rows) == w.grid and g.image_sha256 == w.sha256
+        assert (g.width, g.height) == (w.width, w.height)
+        assert np.array_equal(tensor_from_pb(g.tiles).to_numpy(), w.tiles)
+
+
+async def test_grpc_server_gives_the_pipelines_tiles(expected):
     pre = Preprocessor()
     server = await start_server([PreprocessServicer(pre).registration()])
-    client = GrpcPreprocessClient(f"127.0.0.1:{server.port}")
     try:
-        _same(await LocalPreprocessClient(pre).tile(ITEMS, RequestContext()), expected)
-        _same(await client.tile(ITEMS, RequestContext()), expected)
+        async with open_channel(f"127.0.0.1:{server.port}") as channel:
+            reply = await preprocess_pb2_grpc.PreprocessServiceStub(channel).TileImages(REQUEST)
+        _same_pb(reply, expected)
     finally:
-        await client.close()
         await server.stop(0)
         pre.close()
 
@@ -72,20 +81,14 @@ def preprocess_app(ray_serve):
     serve.delete("preprocess")
 
 
-async def test_serve_handle_client(preprocess_app, expected):
-    client = HandlePreprocessClient(preprocess_app)
-    _same(await client.tile(ITEMS, RequestContext(request_id="r1")), expected)
+async def test_serve_handle_tile(preprocess_app, expected):
+    _same(await preprocess_app.tile.remote(list(ITEMS), RequestContext(request_id="r1")), expected)
     with pytest.raises(InvalidArgument):
-        await client.tile([(b"garbage", TilingParams())], RequestContext())
+        await preprocess_app.tile.remote([(b"garbage", TilingParams())], RequestContext())
 
 
 async def test_serve_grpc_proxy_routes_by_application(preprocess_app, ray_serve, expected):
-    request = preprocess_pb2.TileImagesRequest(
-        images=[preprocess_pb2.ImageInput(data=d, tiling={"max_num": p.max_num}) for d, p in ITEMS]
-    )
     async with open_channel(f"127.0.0.1:{ray_serve['grpc_port']}") as channel:
         stub = preprocess_pb2_grpc.PreprocessServiceStub(channel)
-        reply = await stub.TileImages(request, metadata=(("application", "preprocess"),))
-    from services.preprocess.client import tiled_from_pb
-
-    _same([tiled_from_pb(i) for i in reply.images], expected)
+        reply = await stub.TileImages(REQUEST, metadata=(("application", "preprocess"),))
+    _same_pb(reply, expected)
