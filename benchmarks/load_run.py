@@ -298,8 +298,8 @@ def report(results: Results, *, clients: int, duration_s: float, cache: dict[str
 
 
 def mesh_config(checkpoint: str, http_port: int, *, autoscale: bool):
+    from mesh.topology import MeshConfig
     from services.common.config import build
-    from services.topology import MeshConfig
 
     pools = {} if autoscale else {"encoder": ONE_REPLICA, "decoder": ONE_REPLICA}
     doc: dict[str, Any] = {
@@ -333,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from mesh.serve import deploy, start_ray
+    from mesh.topology import render_serve_config
     from services.common.tiny_checkpoint import make_tiny_checkpoint
-    from services.serve import deploy, start_ray
-    from services.topology import render_serve_config
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     log = lambda msg: print(f"[load_run] {msg}", file=sys.stderr, flush=True)  # noqa: E731

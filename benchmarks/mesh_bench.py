@@ -173,9 +173,9 @@ class Mesh:
         from ray import serve
         from ray.serve.config import HTTPOptions
 
+        from mesh.serve import deploy
+        from mesh.topology import MeshConfig, render_serve_config
         from services.common.config import build
-        from services.serve import deploy
-        from services.topology import MeshConfig, render_serve_config
 
         self.temp_dir = tempfile.mkdtemp(prefix="ivm-bench-ray-", dir="/tmp")
         env = {"RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": str(threads)}

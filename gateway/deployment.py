@@ -14,12 +14,12 @@ from typing import Any
 
 from gateway.audit import AuditedKeyStore, AuditLog
 from gateway.clients import HandleDecoderClient, HandleEncoderClient
+from gateway.config import GatewaySettings
 from gateway.core import Gateway, GatewayLimits, ModelRoute
 from gateway.metrics import GatewayMetrics
 from gateway.usage import UsageRecorder
 from services.common import tracing
 from services.common.serve_args import common_config, redis_url_with_password
-from services.topology import GatewaySettings
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 #   helm lint --strict and helm template (default values + helm/internvl-mesh/examples/*.yaml),
 #   every rendered object against the Kubernetes schemas (strict) and the RayService against KubeRay's
 #   CRD (unknown fields refused), serveConfigV2 option names against Ray Serve's, serveConfigV2 equal
-#   to services/topology.py's render, a secret scan, broken values failing with clear messages,
+#   to mesh/topology.py's render, a secret scan, broken values failing with clear messages,
 #   hadolint and COPY sources of docker/, every Serve import_path importing without CUDA.
 #
 #   scripts/ci_chart.sh            install the tools if missing, then run every check (tests/helm)

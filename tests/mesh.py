@@ -16,8 +16,8 @@ def one_model_mesh_config(
 ):
     """A MeshConfig for one tiny model, fp32 on CPU, one replica each; ``sections`` add or override
     top-level sections (``gateway`` entries are merged into the test defaults)."""
+    from mesh.topology import MeshConfig
     from services.common.config import build
-    from services.topology import MeshConfig
 
     gateway = {"http_port": http_port, "grpc_port": 0, "serve_grpc_port": 0, **sections.pop("gateway", {})}
     data: dict[str, Any] = {
@@ -45,8 +45,8 @@ def deployed(cfg) -> Iterator[dict[str, Any]]:
     """Deploy every application of ``cfg``; delete them, gateway first, on exit."""
     from ray import serve
 
-    from services.serve import deploy
-    from services.topology import render_serve_config
+    from mesh.serve import deploy
+    from mesh.topology import render_serve_config
 
     config = render_serve_config(cfg)
     deploy(config)

@@ -35,7 +35,7 @@ def serve_process(log: Path, *args: str, ready_timeout_s: float = 240, small_cpu
     http_port, grpc_port = free_port(), free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     command = [
-        sys.executable, "-m", "services.cli", "serve",
+        sys.executable, "-m", "mesh.cli", "serve",
         "--http-port", str(http_port), "--grpc-port", str(grpc_port),
         "--set", "gateway.serve_grpc_port=0", *(SMALL_CPU if small_cpu else ()), *args,
     ]  # fmt: skip

@@ -1,7 +1,7 @@
 """What ``serve`` runs when no model is given: the shipped demo model, else a tiny random checkpoint."""
 
 import services.demo
-from services.cli import DEFAULT_MODEL_DIR, _default_model
+from mesh.cli import DEFAULT_MODEL_DIR, _default_model
 from services.common.checkpoint import Checkpoint
 from services.common.errors import MeshError
 from services.demo import DEMO_MODEL_NAME, demo_model_path

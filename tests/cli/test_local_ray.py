@@ -1,9 +1,9 @@
 """The Ray that `serve` starts on the machine it runs on has room for the first replica of every
 deployment, however few cores the machine has (the README's `make serve` on a two-core laptop)."""
 
-from services.cli import _mesh_config
-from services.serve import first_replicas_cpus, local_num_cpus
-from services.topology import render_serve_config
+from mesh.cli import _mesh_config
+from mesh.serve import first_replicas_cpus, local_num_cpus
+from mesh.topology import render_serve_config
 
 
 def _rendered(checkpoint, *overrides):

@@ -31,7 +31,7 @@ def served(tiny_checkpoint):
         [
             sys.executable,
             "-m",
-            "services.cli",
+            "mesh.cli",
             "serve-grpc",
             "--model",
             str(tiny_checkpoint),

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from gateway.audit import AUDIT_LOGGER, AuditedKeyStore, AuditLog, diff_keys
 from gateway.tenancy.keys import KeyStore
+from mesh.ops_cli import keys_app
 from services.common.config import ConfigError
-from services.ops_cli import keys_app
 from tests.gateway_ops.conftest import HMAC_ENV, HMAC_SECRET, env, new_key, remember, write_tenants
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from gateway.audit import AUDIT_LOGGER
 from gateway.tenancy import REASON_RATE
-from services import ops_cli
+from mesh import ops_cli
 from tests.gateway.conftest import MODEL
 from tests.gateway.harness import UvicornThread, png
 from tests.gateway_ops.conftest import (
@@ -218,7 +218,7 @@ def test_cancelled_stream_records_its_prompt_and_the_tokens_generated_until_then
 def test_usage_command_summarises_the_stream_and_the_file(ops):
     from typer.testing import CliRunner
 
-    from services.cli import _register_optional_commands, app
+    from mesh.cli import _register_optional_commands, app
 
     _register_optional_commands()
     for _ in range(2):

@@ -288,7 +288,7 @@ def _gateway_tls(values: dict) -> dict:
 
 
 def mesh_config_data(values: dict[str, Any], release: str = RELEASE) -> dict[str, Any]:
-    """The MeshConfig (services/topology.py) that the chart's values describe."""
+    """The MeshConfig (mesh/topology.py) that the chart's values describe."""
     mesh = values["mesh"]
     fullname = values.get("fullnameOverride") or (
         release if "internvl-mesh" in release else f"{release}-internvl-mesh"
@@ -325,7 +325,7 @@ def mesh_config_data(values: dict[str, Any], release: str = RELEASE) -> dict[str
 
 
 def expected_serve_config(values_files: list[Path | str] = ()) -> dict[str, Any]:
-    from services.topology import MeshConfig, render_serve_config
+    from mesh.topology import MeshConfig, render_serve_config
 
     return render_serve_config(MeshConfig.model_validate(mesh_config_data(chart_values(values_files))))
 

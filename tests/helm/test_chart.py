@@ -37,7 +37,7 @@ def test_serve_config_uses_only_real_serve_options(rendered, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_serve_config_is_what_topology_renders(rendered, case):
-    """serveConfigV2 == services.topology.render_serve_config(MeshConfig from the same values)."""
+    """serveConfigV2 == mesh.topology.render_serve_config(MeshConfig from the same values)."""
     assert chartkit.serve_config(rendered(case)) == chartkit.expected_serve_config(CASES[case])
 
 

@@ -135,7 +135,7 @@ lists and scalars replace). (dict "base" $map "over" $map) -> YAML of the merged
 {{- toYaml (dict "items" $items) }}
 {{- end }}
 
-{{/* A Serve application name from a model name (services/topology.py _slug). */}}
+{{/* A Serve application name from a model name (mesh/topology.py _slug). */}}
 {{- define "internvl-mesh.slug" -}}
 {{- $s := regexReplaceAll "[^a-z0-9-]" (lower .) "-" | trimAll "-" | trunc 48 }}
 {{- default "model" $s }}

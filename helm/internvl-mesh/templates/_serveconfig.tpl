@@ -1,5 +1,5 @@
 {{/*
-The Ray Serve config (KubeRay serveConfigV2): the structure of services/topology.py
+The Ray Serve config (KubeRay serveConfigV2): the structure of mesh/topology.py
 render_serve_config, built from .Values.mesh. tests/helm compares the two for every values file.
 */}}
 

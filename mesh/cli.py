@@ -67,7 +67,7 @@ def serve_grpc_command(
     """Serve the preprocess and encoder gRPC services in one process (no Ray)."""
     import asyncio
 
-    from services.standalone import StandaloneConfig, serve_standalone
+    from mesh.standalone import StandaloneConfig, serve_standalone
 
     if model is None:
         _, model = _default_model()
@@ -95,8 +95,8 @@ def _mesh_config(
     overrides: list[str],
     redis_url: str | None = None,
 ):
+    from mesh.topology import MeshConfig
     from services.common.config import build, load_yaml, parse_override, set_dotted
-    from services.topology import MeshConfig
 
     data = load_yaml(config) if config is not None else {}
     if model is not None:
@@ -151,7 +151,7 @@ def serve_command(
     """Start a local Ray, deploy every service and the gateway, and serve until SIGTERM/Ctrl-C."""
     import logging
 
-    from services import serve as mesh
+    from mesh import serve as mesh_serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -160,7 +160,7 @@ def serve_command(
         _fail(exc)
     if not cfg.gateway.tenants_file:
         typer.echo("no tenants file: single-tenant mode, no API keys are checked")
-    mesh.run(cfg)
+    mesh_serve.run(cfg)
 
 
 @config_app.command("render")
@@ -172,7 +172,7 @@ def config_render_command(
     """Print the Ray Serve config (for `serve deploy` and KubeRay's serveConfigV2). No secrets inside."""
     import yaml
 
-    from services.topology import render_serve_config
+    from mesh.topology import render_serve_config
 
     try:
         cfg = _mesh_config(model or Path("/models/model"), config, None, None, set_)
@@ -200,7 +200,7 @@ def _register_optional_commands() -> None:
     app.command("eval-demo", help="Held-out accuracy of a demo checkpoint through transformers' generate.")(
         eval_demo_command
     )
-    from services.ops_cli import register_ops_commands
+    from mesh.ops_cli import register_ops_commands
 
     register_ops_commands(app)
 

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from services.topology import MeshConfig, render_serve_config
+from mesh.topology import MeshConfig, render_serve_config
 
 log = logging.getLogger(__name__)
 

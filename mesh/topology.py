@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from gateway.ops_config import OpsSettings
+from gateway.config import GatewaySettings
 from services.common.config import CommonConfig, ModelConfig, StrictModel
 
 INTERNAL_PREFIX = "/_internal"
@@ -105,38 +105,6 @@ class ServedModel(ModelConfig):
     @property
     def decoder_app(self) -> str:
         return f"decoder-{_slug(self.name)}"
-
-
-class RemoteImageSettings(StrictModel):
-    hosts: list[str] = Field(
-        default_factory=list, max_length=1000, description="Allowed hosts: exact names or *.domain patterns."
-    )
-    max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
-    timeout_s: float = Field(default=10.0, gt=0, le=120)
-
-
-class GatewaySettings(StrictModel):
-    host: str = Field(
-        default="127.0.0.1",
-        description="Bind address of the HTTP and gRPC servers; 0.0.0.0 to serve other machines (the chart sets it).",
-    )
-    http_port: int = Field(default=8000, ge=1, le=65535)
-    grpc_port: int = Field(default=9000, ge=0, le=65535, description="Public gRPC port; 0 disables it.")
-    serve_grpc_port: int = Field(default=9100, ge=0, le=65535, description="Serve's own gRPC proxy; 0 off.")
-    tenants_file: str = Field(
-        default="", description="YAML of tenants and API-key digests; empty = single tenant."
-    )
-    default_timeout_s: float = Field(default=120.0, gt=0, le=3600)
-    max_timeout_s: float = Field(default=600.0, gt=0, le=86_400)
-    allow_remote_images: bool = Field(default=False, description="Fetch http(s) image URLs (off: SSRF).")
-    remote_images: RemoteImageSettings = Field(
-        default_factory=lambda: RemoteImageSettings(),
-        description="Where and how remote images may be fetched, when allow_remote_images is on.",
-    )
-    limits_fail_closed: bool = Field(default=False, description="Refuse requests when Redis limits are down.")
-    ops: OpsSettings = Field(
-        default_factory=OpsSettings, description="Usage records, audit log, tenant metric labels, gRPC TLS."
-    )
 
 
 class MeshConfig(CommonConfig):
