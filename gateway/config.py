@@ -10,13 +10,19 @@ from pydantic import Field
 
 from gateway.ops_config import OpsSettings
 from services.common.config import StrictModel
+from services.common.limits import MAX_IMAGE_BYTES
 
 
 class RemoteImageSettings(StrictModel):
     hosts: list[str] = Field(
         default_factory=list, max_length=1000, description="Allowed hosts: exact names or *.domain patterns."
     )
-    max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    max_bytes: int = Field(
+        default=MAX_IMAGE_BYTES,
+        ge=1024,
+        le=MAX_IMAGE_BYTES,
+        description="Largest image fetched (20 MiB, the mesh's bound on any image; lower only tightens it).",
+    )
     timeout_s: float = Field(default=10.0, gt=0, le=120)
 
 

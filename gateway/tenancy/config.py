@@ -28,6 +28,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.common.errors import InvalidArgument, PermissionDenied
+from services.common.limits import MAX_IMAGES_PER_REQUEST, MAX_TILES_PER_REQUEST, MAX_TOKENS_PER_REQUEST
 
 TENANT_NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 # No '-' in a key id: keys are ``ivm-<key_id>-<secret>`` and the id is what lies between the dashes.
@@ -37,14 +38,12 @@ ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 ALL_MODELS = "*"
 
 # Upper bounds of every limit. They double as the single-tenant defaults (see ``TenantLimits.generous``).
+# The per-request caps are the mesh's own bounds (``services.common.limits``): no tenant gets more.
 MAX_REQUESTS_PER_S = 100_000.0
 MAX_BURST = 1_000_000
 MAX_TOKENS_PER_MIN = 10_000_000_000
 MAX_CONCURRENT = 100_000
 MAX_DAILY_TOKENS = 10_000_000_000_000
-MAX_TILES = 10_000
-MAX_IMAGES = 1_000
-MAX_TOKENS_PER_REQUEST = 1_000_000
 
 
 class _Strict(BaseModel):
@@ -82,11 +81,19 @@ class TenantLimits(_Strict):
         description="Prompt + completion tokens per UTC day; reserved at admission like tokens_per_min.",
     )
     max_tiles_per_request: int = Field(
-        default=48, ge=1, le=MAX_TILES, description="Image tiles (448x448 crops) in one request."
+        default=48,
+        ge=1,
+        le=MAX_TILES_PER_REQUEST,
+        description="Image tiles (448x448 crops, thumbnails included) in one request; at most 128.",
     )
-    max_images_per_request: int = Field(default=8, ge=1, le=MAX_IMAGES, description="Images in one request.")
+    max_images_per_request: int = Field(
+        default=8, ge=1, le=MAX_IMAGES_PER_REQUEST, description="Images in one request; at most 16."
+    )
     max_tokens_per_request: int = Field(
-        default=4096, ge=1, le=MAX_TOKENS_PER_REQUEST, description="Cap of a request's max_tokens."
+        default=4096,
+        ge=1,
+        le=MAX_TOKENS_PER_REQUEST,
+        description="Cap of a request's max_tokens (the model's context caps it too).",
     )
 
     @property
@@ -98,15 +105,16 @@ class TenantLimits(_Strict):
 
     @classmethod
     def generous(cls) -> TenantLimits:
-        """Limits no single deployment reaches (the single-tenant default): every field at its bound."""
+        """The single-tenant default: every field at its bound, so rates no deployment reaches and the
+        mesh's own per-request bounds (16 images, 128 tiles)."""
         return cls(
             requests_per_s=MAX_REQUESTS_PER_S,
             burst=MAX_BURST,
             tokens_per_min=MAX_TOKENS_PER_MIN,
             max_concurrent=MAX_CONCURRENT,
             daily_token_quota=MAX_DAILY_TOKENS,
-            max_tiles_per_request=MAX_TILES,
-            max_images_per_request=MAX_IMAGES,
+            max_tiles_per_request=MAX_TILES_PER_REQUEST,
+            max_images_per_request=MAX_IMAGES_PER_REQUEST,
             max_tokens_per_request=MAX_TOKENS_PER_REQUEST,
         )
 
@@ -153,19 +161,34 @@ class Tenant(_Strict):
                 f"tenant {self.name!r} may not use model {model!r}", reason="model_not_allowed"
             )
 
-    def check_request_size(self, *, images: int = 0, tiles: int = 0, max_tokens: int = 0) -> None:
-        """InvalidArgument if one request exceeds a per-request cap: retrying it unchanged cannot succeed."""
+    def check_request_size(self, *, images: int = 0, tiles: int = 0) -> None:
+        """InvalidArgument if one request carries more images or tiles than this tenant's caps (never
+        above the mesh's bounds): retrying it unchanged cannot succeed."""
         lim = self.limits
-        for what, value, cap, field in (
-            ("images", images, lim.max_images_per_request, "max_images_per_request"),
-            ("image tiles", tiles, lim.max_tiles_per_request, "max_tiles_per_request"),
-            ("max_tokens", max_tokens, lim.max_tokens_per_request, "max_tokens_per_request"),
-        ):
-            if value > cap:
-                raise InvalidArgument(
-                    f"request has {value} {what}; tenant {self.name!r} allows at most {cap} ({field})",
-                    reason=f"{field}_exceeded",
-                )
+        if images > lim.max_images_per_request:
+            raise InvalidArgument(
+                f"{images} images, over the limit of {lim.max_images_per_request} per request",
+                reason="too_many_images",
+            )
+        if tiles > lim.max_tiles_per_request:
+            raise InvalidArgument(
+                f"the images would take {tiles} tiles, over the limit of {lim.max_tiles_per_request} per "
+                "request; lower max_num or send fewer images",
+                reason="too_many_tiles",
+            )
+
+    def max_tokens(self, requested: int | None, *, context: int, default: int) -> int:
+        """The ``max_tokens`` a request runs with: ``requested`` if in 1..cap, else InvalidArgument;
+        ``default`` when it asks for none. The cap is this tenant's ``max_tokens_per_request`` and the
+        model's ``context``, whichever is lower."""
+        cap = min(self.limits.max_tokens_per_request, context)
+        if requested is None:
+            return min(default, cap)
+        if not 1 <= requested <= cap:
+            raise InvalidArgument(
+                f"max_tokens must be in 1..{cap}, got {requested}", reason="max_tokens_out_of_range"
+            )
+        return requested
 
 
 class ApiKeyEntry(_Strict):

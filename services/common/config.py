@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from services.common.errors import InvalidArgument
+from services.common.limits import MAX_TILES_PER_IMAGE
 from services.common.refs import validate_namespace
 
 
@@ -76,7 +77,9 @@ class ModelConfig(StrictModel):
         default="auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."
     )
     device: str = Field(default="auto", description="auto, cpu or cuda.")
-    max_tiles_per_image: int = Field(default=12, ge=1, le=40, description="Default and cap of max_num.")
+    max_tiles_per_image: int = Field(
+        default=12, ge=1, le=MAX_TILES_PER_IMAGE, description="Default and cap of max_num (at most 40)."
+    )
 
     @field_validator("dtype")
     @classmethod

@@ -6,9 +6,11 @@ import hashlib
 from dataclasses import dataclass
 
 from services.common.errors import InvalidArgument
+from services.common.limits import MAX_TILES_PER_IMAGE
+
+__all__ = ["MAX_TILES_PER_IMAGE", "TILE_SIZE", "TilingParams", "sha256_hex"]
 
 TILE_SIZE = 448
-MAX_TILES_PER_IMAGE = 40  # InternVL 1.5 allows up to 40 dynamic tiles.
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.common.limits import MAX_IMAGES_PER_REQUEST
+
 
 class CacheConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -45,7 +47,12 @@ class SchedulerConfig(BaseModel):
         None, ge=2, description="Prompt + output tokens per request (default: the checkpoint's limit)."
     )
     enable_chunked_prefill: bool = True
-    max_images_per_request: int = Field(64, ge=0, le=4096)
+    max_images_per_request: int = Field(
+        MAX_IMAGES_PER_REQUEST,
+        ge=0,
+        le=MAX_IMAGES_PER_REQUEST,
+        description="Images in one request at most (16, the mesh's bound; a lower value only tightens it).",
+    )
 
 
 class ParallelConfig(BaseModel):

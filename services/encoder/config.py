@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.common.limits import MAX_TILES_PER_IMAGE
+
 MIB = 1024 * 1024
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -144,9 +146,9 @@ class EncoderConfig(BaseModel):
     )
     lru: LruConfig = Field(default_factory=LruConfig)
     max_tiles_per_image: int = Field(
-        default=41,
+        default=MAX_TILES_PER_IMAGE + 1,
         ge=1,
-        le=1024,
+        le=MAX_TILES_PER_IMAGE + 1,
         description="Most tiles accepted for one image: 40 grid tiles (InternVL 1.5) plus the thumbnail.",
     )
 

@@ -10,7 +10,12 @@ import os
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MIB = 1024 * 1024
+from services.common.limits import (
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGES_PER_REQUEST,
+    MAX_TILES_PER_REQUEST,
+)
 
 # Pillow's own decompression-bomb threshold (``PIL.Image.MAX_IMAGE_PIXELS`` by default): Pillow warns
 # above it and refuses above twice it, inside ``Image.open``. Keeping our limit at or below it means
@@ -29,22 +34,22 @@ class DecodeLimits(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_image_bytes: int = Field(
-        default=20 * MIB,
+        default=MAX_IMAGE_BYTES,
         ge=1,
-        le=512 * MIB,
+        le=MAX_IMAGE_BYTES,
         description=(
-            "Largest encoded image accepted, in bytes. 20 MiB covers a 50-megapixel camera JPEG; raise it "
-            "for lossless scans. Checked before anything is parsed."
+            "Largest encoded image accepted, in bytes (20 MiB, the mesh's bound, which the gateway "
+            "enforces; a lower value only tightens it). Checked before anything is parsed."
         ),
     )
     max_pixels: int = Field(
-        default=50_000_000,
+        default=MAX_IMAGE_PIXELS,
         ge=1,
-        le=PILLOW_BOMB_PIXELS,
+        le=min(MAX_IMAGE_PIXELS, PILLOW_BOMB_PIXELS),
         description=(
             "Largest decoded image accepted, width x height. Checked from the header, before the pixels "
-            "are decoded, so a small file declaring a huge canvas costs nothing. 50 M pixels is ~150 MB "
-            f"of RGB. At most {PILLOW_BOMB_PIXELS} (Pillow's own bomb threshold)."
+            "are decoded, so a small file declaring a huge canvas costs nothing. 50 M pixels (the mesh's "
+            "bound; a lower value only tightens it) is ~150 MB of RGB."
         ),
     )
 
@@ -56,17 +61,21 @@ class PreprocessConfig(BaseModel):
 
     limits: DecodeLimits = Field(default_factory=DecodeLimits, description="Bounds on each image.")
     max_images_per_request: int = Field(
-        default=16,
+        default=MAX_IMAGES_PER_REQUEST,
         ge=1,
-        le=1024,
-        description="Most images one request may carry; more is INVALID_ARGUMENT (reason too_many_images).",
+        le=MAX_IMAGES_PER_REQUEST,
+        description=(
+            "Most images one request may carry (16, the mesh's bound; a lower value only tightens it); "
+            "more is INVALID_ARGUMENT (reason too_many_images)."
+        ),
     )
     max_tiles_per_request: int = Field(
-        default=128,
+        default=MAX_TILES_PER_REQUEST,
         ge=1,
-        le=16384,
+        le=MAX_TILES_PER_REQUEST,
         description=(
-            "Most tiles (thumbnails included) one request may produce, summed over its images; each tile "
+            "Most tiles (thumbnails included) one request may produce, summed over its images (128, the "
+            "mesh's bound; a lower value only tightens it); each tile "
             "is 256 image tokens and 0.6 MB of uint8 pixels. More is INVALID_ARGUMENT (reason too_many_tiles), "
             "decided from the image headers before any pixel is decoded."
         ),

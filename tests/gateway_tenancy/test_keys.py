@@ -239,6 +239,8 @@ def test_single_tenant_mode_without_a_file():
     lim = tenant.limits
     # A 64-client load test must not come near the defaults.
     assert lim.max_concurrent >= 64 * 100 and lim.requests_per_s >= 10_000 and lim.tokens_per_min >= 10**9
+    # Per request it gets the mesh's own bounds, the numbers README's "Limits" states.
+    assert (lim.max_images_per_request, lim.max_tiles_per_request) == (16, 128)
     with pytest.raises(InvalidArgument):
         store.create_key("default")
 
@@ -257,6 +259,8 @@ def test_an_empty_file_is_multi_tenant_with_no_keys(tmp_path):
     [
         ({"tenants": [{"name": "a", "limits": {"request_per_s": 1}}]}, "request_per_s"),
         ({"tenants": [{"name": "a", "limits": {"requests_per_s": 0}}]}, "requests_per_s"),
+        ({"tenants": [{"name": "a", "limits": {"max_images_per_request": 17}}]}, "max_images_per_request"),
+        ({"tenants": [{"name": "a", "limits": {"max_tiles_per_request": 129}}]}, "max_tiles_per_request"),
         ({"tenants": [{"name": "a b"}]}, "name"),
         ({"tenants": [{"name": "a", "priority": 11}]}, "priority"),
         ({"tenants": [{"name": "a"}, {"name": "a"}]}, "duplicate tenant name"),
@@ -317,15 +321,18 @@ def test_tenant_policy_checks():
         acme.check_model("large")
     assert err.value.http_status == 403 and err.value.reason == "model_not_allowed"
     globex.check_model("anything")
-    acme.check_request_size(images=8, tiles=48, max_tokens=4096)
-    for kw, reason in [
-        ({"images": 9}, "max_images_per_request_exceeded"),
-        ({"tiles": 49}, "max_tiles_per_request_exceeded"),
-        ({"max_tokens": 4097}, "max_tokens_per_request_exceeded"),
-    ]:
+    acme.check_request_size(images=8, tiles=48)
+    for kw, reason in [({"images": 9}, "too_many_images"), ({"tiles": 49}, "too_many_tiles")]:
         with pytest.raises(InvalidArgument) as err:
             acme.check_request_size(**kw)
         assert err.value.reason == reason
+    assert acme.max_tokens(None, context=8192, default=512) == 512
+    assert acme.max_tokens(None, context=256, default=512) == 256  # the model's context caps the default
+    assert acme.max_tokens(4096, context=8192, default=512) == 4096
+    for requested, context in [(4097, 8192), (300, 256), (0, 8192)]:
+        with pytest.raises(InvalidArgument) as err:
+            acme.max_tokens(requested, context=context, default=512)
+        assert err.value.reason == "max_tokens_out_of_range"
 
 
 def test_create_key_shape():

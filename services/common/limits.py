@@ -1,0 +1,25 @@
+"""The bounds of one request, each defined once.
+
+The gateway enforces them for both public APIs (HTTP and gRPC) before any work is done, and the service
+that pays for a bound checks it again with a configuration field whose default is the value here and
+whose maximum is too (a service may be configured tighter, never looser than the gateway). A tenant's
+own caps (``gateway.tenancy.TenantLimits``) are at most these; the single tenant gets exactly these.
+README ("Limits") and docs/bad-input.md state the same numbers.
+"""
+
+from __future__ import annotations
+
+MIB = 1024 * 1024
+
+# Images and tiles (preprocess decodes and tiles them, the encoder embeds every tile).
+MAX_IMAGES_PER_REQUEST = 16
+MAX_TILES_PER_REQUEST = 128  # thumbnails included; each tile is 256 image tokens
+MAX_TILES_PER_IMAGE = 40  # InternVL 1.5 allows up to 40 dynamic tiles (``max_num``), thumbnail aside
+MAX_IMAGE_BYTES = 20 * MIB  # an encoded image; 20 MiB covers a 50-megapixel camera JPEG
+MAX_IMAGE_PIXELS = 50_000_000  # width x height, checked from the header before decoding
+
+# Text and generation (the decoder tokenises and generates).
+MAX_MESSAGES = 256
+MAX_TEXT_BYTES = 1 * MIB  # UTF-8 bytes of all text parts of a request
+MAX_TOP_LOGPROBS = 20
+MAX_TOKENS_PER_REQUEST = 1_000_000  # the cap of max_tokens; the model's context bounds it further
