@@ -9,7 +9,6 @@ implementation in the deployment and in-process ones for standalone use.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 import uuid
@@ -17,7 +16,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from gateway.tenancy.config import parse_key_id
+from gateway.intake import check_conversation
+from gateway.tenancy.config import Tenant, parse_key_id
+from gateway.tenancy.keys import Authenticator
+from gateway.tenancy.limiter import Limiter
 from gateway.types import ChatChunk, ChatRequest, ImagePart, TextPart, TokenLogprob, Usage
 from services.common import tracing
 from services.common.errors import (
@@ -29,6 +31,7 @@ from services.common.errors import (
     Unauthenticated,
     Unavailable,
 )
+from services.common.limits import MAX_TILES_PER_IMAGE
 from services.common.pb import RequestContext
 from services.common.refs import EmbeddingRef
 from services.common.types import TilingParams
@@ -66,12 +69,11 @@ class ModelRoute:
 
 @dataclass
 class GatewayLimits:
+    """The gateway's defaults; the bounds of a request are ``services.common.limits``."""
+
     default_timeout_s: float = 120.0
     max_timeout_s: float = 600.0
     default_max_tokens: int = 512
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_messages: int = 256
-    max_text_bytes: int = 1024 * 1024
 
 
 @dataclass
@@ -114,8 +116,8 @@ class Gateway:
     def __init__(
         self,
         routes: Sequence[ModelRoute],
-        keys: Any,
-        limiter: Any,
+        keys: Authenticator,
+        limiter: Limiter,
         limits: GatewayLimits | None = None,
         observers: Sequence[GatewayObserver] = (),
         fetcher: Any = None,
@@ -126,19 +128,19 @@ class Gateway:
         self.limits = limits or GatewayLimits()
         self.observers = list(observers)
         self.fetcher = fetcher  # a RemoteImageFetcher where remote images are enabled, else None
-        self._decode_limits = DecodeLimits(max_image_bytes=self.limits.max_image_bytes)
+        self._decode_limits = DecodeLimits()
 
     # -- public -------------------------------------------------------------------------------
-    async def authenticate(self, api_key: str | None):
+    async def authenticate(self, api_key: str | None) -> Tenant:
         try:
-            return await _maybe_await(self.keys.authenticate(api_key))
+            return self.keys.authenticate(api_key)
         except Unauthenticated as exc:
             self._notify("on_auth_failure", exc.reason, parse_key_id(api_key) if api_key else None)
             raise
 
     async def list_models(self, api_key: str | None) -> list[ModelRoute]:
         tenant = await self.authenticate(api_key)
-        return [r for name, r in self.routes.items() if _allowed(tenant, name)]
+        return [r for name, r in self.routes.items() if tenant.allows_model(name)]
 
     async def chat(self, req: ChatRequest, api_key: str | None) -> AsyncIterator[ChatChunk]:
         """Stream the answer. Raises ``MeshError`` subclasses before the first chunk for bad requests."""
@@ -174,7 +176,7 @@ class Gateway:
         try:
             admission_span = tracing.start_span(tracing.SPAN_ADMISSION, parent=root)
             try:
-                admission = await _maybe_await(self.limiter.admit(tenant, estimate))
+                admission = await self.limiter.admit(tenant, estimate)
             except (ResourceExhausted, Unavailable) as exc:
                 self._notify("on_rejected", tenant.name, exc.reason)
                 raise
@@ -190,7 +192,7 @@ class Gateway:
                     f"request {req.request_id} exceeded its {timeout:.1f} s deadline"
                 ) from None
             finally:
-                await _maybe_await(admission.complete(usage.prompt_tokens + usage.completion_tokens))
+                await admission.complete(usage.prompt_tokens + usage.completion_tokens)
         except BaseException as exc:
             record.status = _status_of(exc)
             tracing.record_error(root, exc)
@@ -293,56 +295,35 @@ class Gateway:
         for img in remote:
             img.data = await self.fetcher.fetch(img.url)
 
-    def _route(self, model: str, tenant) -> ModelRoute:
+    def _route(self, model: str, tenant: Tenant) -> ModelRoute:
         route = self.routes.get(model)
-        if route is None or not _allowed(tenant, model):
+        if route is None or not tenant.allows_model(model):
             raise NotFound(
                 f"model {model!r} does not exist or you do not have access to it", reason="model_not_found"
             )
         return route
 
     def _check_messages(self, req: ChatRequest) -> None:
-        if not req.messages:
-            raise InvalidArgument("messages must not be empty")
-        if len(req.messages) > self.limits.max_messages:
-            raise InvalidArgument(f"at most {self.limits.max_messages} messages per request")
-        text_bytes = sum(
-            len(p.text.encode("utf-8", "surrogatepass"))
-            for m in req.messages
-            for p in m.parts
-            if isinstance(p, TextPart)
+        check_conversation(req)
+
+    def _max_tokens(self, req: ChatRequest, tenant: Tenant, route: ModelRoute) -> int:
+        return tenant.max_tokens(
+            req.max_tokens, context=route.max_model_len, default=self.limits.default_max_tokens
         )
-        if text_bytes > self.limits.max_text_bytes:
-            raise InvalidArgument(
-                f"message text exceeds {self.limits.max_text_bytes} bytes", reason="prompt_too_long"
-            )
-        if req.messages[-1].role == "assistant":
-            raise InvalidArgument("the last message must not be from the assistant")
 
-    def _max_tokens(self, req: ChatRequest, tenant, route: ModelRoute) -> int:
-        cap = min(getattr(tenant.limits, "max_tokens_per_request", route.max_model_len), route.max_model_len)
-        if req.max_tokens is None:
-            return min(self.limits.default_max_tokens, cap)
-        if not 1 <= req.max_tokens <= cap:
-            raise InvalidArgument(
-                f"max_tokens must be in 1..{cap}, got {req.max_tokens}", reason="max_tokens_out_of_range"
-            )
-        return req.max_tokens
-
-    def _plan_images(self, req: ChatRequest, tenant, route: ModelRoute) -> tuple[list[TilingParams], int]:
+    def _plan_images(
+        self, req: ChatRequest, tenant: Tenant, route: ModelRoute
+    ) -> tuple[list[TilingParams], int]:
         """Tiling per image (capped by model and tenant) and the image tokens, from headers only."""
         images: list[ImagePart] = req.images
-        max_images = getattr(tenant.limits, "max_images_per_request", 16)
-        if len(images) > max_images:
-            raise InvalidArgument(
-                f"{len(images)} images, over the limit of {max_images}", reason="too_many_images"
-            )
+        tenant.check_request_size(images=len(images))
         tilings, tiles = [], 0
         for k, img in enumerate(images):
             max_num = route.max_tiles_per_image if img.max_num is None else img.max_num
-            if not 1 <= max_num <= 40:
+            if not 1 <= max_num <= MAX_TILES_PER_IMAGE:
                 raise InvalidArgument(
-                    f"image {k}: max_num must be in 1..40, got {max_num}", reason="invalid_max_num"
+                    f"image {k}: max_num must be in 1..{MAX_TILES_PER_IMAGE}, got {max_num}",
+                    reason="invalid_max_num",
                 )
             params = TilingParams(max_num=min(max_num, route.max_tiles_per_image)).validate()
             try:
@@ -351,18 +332,8 @@ class Gateway:
                 raise InvalidArgument(f"image {k}: {exc.message}", reason=exc.reason) from None
             tiles += count_tiles(header.width, header.height, params)
             tilings.append(params)
-        cap = getattr(tenant.limits, "max_tiles_per_request", 128)
-        if tiles > cap:
-            raise InvalidArgument(
-                f"the images would take {tiles} tiles, over this key's limit of {cap}; lower max_num or send fewer images",
-                reason="too_many_tiles",
-            )
+        tenant.check_request_size(tiles=tiles)
         return tilings, tiles * TOKENS_PER_TILE
-
-
-def _allowed(tenant, model: str) -> bool:
-    allowed = getattr(tenant, "allowed_models", ["*"])
-    return "*" in allowed or model in allowed
 
 
 def _text_token_bound(req: ChatRequest) -> int:
@@ -422,7 +393,3 @@ def _status_of(exc: BaseException) -> str:
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):
         return "cancelled"
     return getattr(exc, "reason", None) or "error"
-
-
-async def _maybe_await(value):
-    return await value if inspect.isawaitable(value) else value

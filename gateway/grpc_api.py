@@ -1,7 +1,8 @@
 """The public gRPC API (``internvl.gateway.v1.GatewayService``): the same request path as HTTP.
 
-Authenticate with ``authorization: Bearer <key>`` metadata. Served by each gateway replica's own
-grpc.aio server, with standard health and reflection, so no Ray-specific metadata is needed.
+Authenticate with ``authorization: Bearer <key>`` (or ``x-api-key``) metadata, as over HTTP. Served by
+each gateway replica's own grpc.aio server, with standard health and reflection, so no Ray-specific
+metadata is needed.
 """
 
 from __future__ import annotations
@@ -9,51 +10,25 @@ from __future__ import annotations
 from internvl.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from gateway.core import Gateway
-from gateway.images import decode_data_uri, is_remote
-from gateway.types import ChatRequest, ImagePart, Message, TextPart
+from gateway.images import checked_image, decode_data_uri, is_remote
+from gateway.intake import api_key, trace_context
+from gateway.types import ChatChunk, ChatRequest, ImagePart, Message, TextPart, Usage
 from services.common.errors import InvalidArgument
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 
 
-def _api_key(context) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and value.lower().startswith("bearer "):
-            return value[7:].strip() or None
-        if key == "x-api-key":
-            return value or None
-    return None
-
-
-def chat_from_pb(
-    request: gateway_pb2.ChatRequest, max_image_bytes: int, allow_remote: bool = False
-) -> ChatRequest:
+def chat_from_pb(request: gateway_pb2.ChatRequest, allow_remote: bool = False) -> ChatRequest:
+    """The wire format only; the rules of the conversation are checked for both APIs by the gateway."""
     messages = []
     for k, m in enumerate(request.messages):
-        if m.role not in ("system", "user", "assistant"):
-            raise InvalidArgument(f"messages[{k}].role must be system, user or assistant, got {m.role!r}")
-        parts = []
+        parts: list[TextPart | ImagePart] = []
         for part in m.content:
             which = part.WhichOneof("part")
             if which == "text":
                 parts.append(TextPart(part.text))
             elif which == "image":
-                img = part.image
-                source = img.WhichOneof("source")
-                if source == "data":
-                    if len(img.data) > max_image_bytes:
-                        raise InvalidArgument(
-                            f"image over the {max_image_bytes}-byte limit", reason="image_too_large"
-                        )
-                    data = img.data
-                elif source == "url" and allow_remote and is_remote(img.url):
-                    parts.append(ImagePart(b"", img.max_num or None, img.url))
-                    continue
-                elif source == "url":
-                    data = decode_data_uri(img.url, max_image_bytes)
-                else:
-                    raise InvalidArgument(f"messages[{k}]: an image part has neither data nor url")
-                parts.append(ImagePart(data, img.max_num or None))
+                parts.append(_image_from_pb(part.image, k, allow_remote))
             else:
                 raise InvalidArgument(f"messages[{k}]: an empty content part")
         messages.append(Message(m.role, parts))
@@ -75,6 +50,17 @@ def chat_from_pb(
     )
 
 
+def _image_from_pb(img: gateway_pb2.Image, k: int, allow_remote: bool) -> ImagePart:
+    source = img.WhichOneof("source")
+    if source == "data":
+        return ImagePart(checked_image(img.data), img.max_num or None)
+    if source == "url" and allow_remote and is_remote(img.url):
+        return ImagePart(b"", img.max_num or None, img.url)
+    if source == "url":
+        return ImagePart(decode_data_uri(img.url), img.max_num or None)
+    raise InvalidArgument(f"messages[{k}]: an image part has neither data nor url")
+
+
 def _timeout_s(timeout_ms: int) -> float | None:
     if timeout_ms < 0:
         raise InvalidArgument(f"timeout_ms must be positive (0: the default), got {timeout_ms}")
@@ -86,34 +72,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.gateway = gateway
 
     async def Chat(self, request, context):  # noqa: N802 - gRPC method name
-        req = chat_from_pb(request, self.gateway.limits.max_image_bytes, self.gateway.fetcher is not None)
-        req.trace = {
-            k: v for k, v in (context.invocation_metadata() or ()) if k in ("traceparent", "tracestate")
-        }
-        async for chunk in self.gateway.chat(req, _api_key(context)):
-            pb = gateway_pb2.ChatResponse(
-                id=chunk.request_id,
-                text=chunk.text,
-                logprobs=[
-                    gateway_pb2.TokenLogprob(token=lp.token, logprob=lp.logprob) for lp in chunk.logprobs
-                ],
-                finish_reason=chunk.finish_reason or "",
-            )
-            if chunk.usage is not None:
-                u = chunk.usage
-                pb.usage.CopyFrom(
-                    gateway_pb2.Usage(
-                        prompt_tokens=u.prompt_tokens,
-                        image_tokens=u.image_tokens,
-                        completion_tokens=u.completion_tokens,
-                        total_tokens=u.total_tokens,
-                        cached_images=u.cached_images,
-                    )
-                )
-            yield pb
+        metadata = context.invocation_metadata() or ()
+        req = chat_from_pb(request, self.gateway.fetcher is not None)
+        req.trace = trace_context(metadata)
+        async for chunk in self.gateway.chat(req, api_key(metadata)):
+            yield chunk_to_pb(chunk)
 
     async def ListModels(self, request, context):  # noqa: N802 - gRPC method name
-        routes = await self.gateway.list_models(_api_key(context))
+        routes = await self.gateway.list_models(api_key(context.invocation_metadata() or ()))
         return gateway_pb2.ListModelsResponse(
             models=[
                 gateway_pb2.Model(
@@ -128,3 +94,36 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     def registration(self):
         return (gateway_pb2_grpc.add_GatewayServiceServicer_to_server, self, SERVICE_NAME)
+
+
+def chunk_to_pb(chunk: ChatChunk) -> gateway_pb2.ChatResponse:
+    pb = gateway_pb2.ChatResponse(
+        id=chunk.request_id,
+        text=chunk.text,
+        logprobs=[
+            gateway_pb2.TokenLogprob(
+                token=lp.token,
+                logprob=lp.logprob,
+                token_bytes=bytes(lp.bytes),
+                top_logprobs=[
+                    gateway_pb2.TopLogprob(token=t, logprob=p, token_bytes=bytes(b)) for t, p, b in lp.top
+                ],
+            )
+            for lp in chunk.logprobs
+        ],
+        finish_reason=chunk.finish_reason or "",
+    )
+    if chunk.usage is not None:
+        pb.usage.CopyFrom(_usage_to_pb(chunk.usage))
+    return pb
+
+
+def _usage_to_pb(u: Usage) -> gateway_pb2.Usage:
+    return gateway_pb2.Usage(
+        prompt_tokens=u.prompt_tokens,
+        image_tokens=u.image_tokens,
+        completion_tokens=u.completion_tokens,
+        total_tokens=u.total_tokens,
+        cached_images=u.cached_images,
+        cached_prompt_tokens=u.cached_prompt_tokens,
+    )

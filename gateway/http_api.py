@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 
 from gateway.core import Gateway
+from gateway.intake import api_key, trace_context
 from gateway.openai_schema import ChatCompletionRequest, error_body
 from gateway.types import ChatChunk, Usage
 from services.common.errors import MeshError, ResourceExhausted
@@ -36,13 +37,6 @@ def _error_response(exc: MeshError) -> JSONResponse:
     return JSONResponse(
         error_body(exc.message, exc.http_status, exc.reason), status_code=exc.http_status, headers=headers
     )
-
-
-def _api_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip() or None
-    return request.headers.get("x-api-key") or None
 
 
 def create_http_app(
@@ -78,7 +72,7 @@ def create_http_app(
 
     @app.get("/v1/models")
     async def models(request: Request):
-        routes = await gateway.list_models(_api_key(request))
+        routes = await gateway.list_models(api_key(request.headers.items()))
         now = int(time.time())
         return {
             "object": "list",
@@ -108,13 +102,9 @@ def create_http_app(
             first = exc.errors()[0]
             return JSONResponse(error_body(_describe(first), 400, "invalid_request", _param(first)), 400)
         route = gateway.routes.get(parsed.model)
-        req = parsed.to_domain(
-            gateway.limits.max_image_bytes,
-            route.max_tiles_per_image if route else 12,
-            gateway.fetcher is not None,
-        )
-        req.trace = {k: request.headers[k] for k in ("traceparent", "tracestate") if k in request.headers}
-        stream = gateway.chat(req, _api_key(request))
+        req = parsed.to_domain(route.max_tiles_per_image if route else 12, gateway.fetcher is not None)
+        req.trace = trace_context(request.headers.items())
+        stream = gateway.chat(req, api_key(request.headers.items()))
         first = await anext(stream, None)  # errors before the first chunk are HTTP statuses
         created = int(time.time())
         if parsed.stream:

@@ -12,6 +12,7 @@ import binascii
 import re
 
 from services.common.errors import InvalidArgument
+from services.common.limits import MAX_IMAGE_BYTES
 
 _DATA_URI = re.compile(
     r"^data:(?P<mime>image/[A-Za-z0-9.+-]+)?(?P<params>(;[A-Za-z0-9=.+-]+)*);base64,", re.ASCII
@@ -22,7 +23,18 @@ def is_remote(url: str) -> bool:
     return isinstance(url, str) and url.startswith(("http://", "https://"))
 
 
-def decode_data_uri(url: str, max_bytes: int) -> bytes:
+def checked_image(data: bytes) -> bytes:
+    """``data`` if it holds between 1 byte and the image-size bound; InvalidArgument otherwise."""
+    if not data:
+        raise InvalidArgument("image holds no bytes", reason="image_empty")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise InvalidArgument(
+            f"image is larger than the {MAX_IMAGE_BYTES}-byte limit", reason="image_too_large"
+        )
+    return data
+
+
+def decode_data_uri(url: str) -> bytes:
     """The bytes of a base64 ``data:`` URI; InvalidArgument with a reason for anything else."""
     if not isinstance(url, str) or not url:
         raise InvalidArgument("image_url.url must be a non-empty string", reason="image_url_invalid")
@@ -39,19 +51,17 @@ def decode_data_uri(url: str, max_bytes: int) -> bytes:
             reason="image_url_invalid",
         )
     payload = url[match.end() :]
-    if len(payload) > (max_bytes * 4) // 3 + 4:
-        raise InvalidArgument(f"image is larger than the {max_bytes}-byte limit", reason="image_too_large")
+    if len(payload) > (MAX_IMAGE_BYTES * 4) // 3 + 4:
+        raise InvalidArgument(
+            f"image is larger than the {MAX_IMAGE_BYTES}-byte limit", reason="image_too_large"
+        )
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidArgument(
             f"image data URI is not valid base64: {exc}", reason="image_url_invalid"
         ) from None
-    if not data:
-        raise InvalidArgument("image data URI holds no bytes", reason="image_empty")
-    if len(data) > max_bytes:
-        raise InvalidArgument(f"image is larger than the {max_bytes}-byte limit", reason="image_too_large")
-    return data
+    return checked_image(data)
 
 
 def max_num_for_detail(detail: str | None, model_default: int) -> int | None:

@@ -3,6 +3,11 @@
 Bounded everywhere; fields we do not implement are refused by name (400) rather than ignored, so a
 client never believes it got tools or JSON mode when it did not. Extensions beyond OpenAI: ``top_k``,
 ``repetition_penalty``, per-image ``max_num`` (also settable per request) and ``timeout``.
+
+The schema checks types and the ranges of sampling values; the rules of the conversation and the
+request's limits (message count, roles, empty content, images outside user messages, text bytes,
+``top_logprobs``, ``max_tokens``) are checked for both APIs alike after translation (``gateway.intake``,
+``Gateway.chat``), so they are refused here and over gRPC with the same reason and message.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from gateway.images import decode_data_uri, is_remote, max_num_for_detail
 from gateway.types import ChatRequest, ImagePart, Message, TextPart
 from services.common.errors import InvalidArgument
+from services.common.limits import MAX_TILES_PER_IMAGE, MAX_TOKENS_PER_REQUEST
 
 UNSUPPORTED = {
     "tools": "tool calling",
@@ -36,13 +42,13 @@ class ImageURL(BaseModel):
     model_config = ConfigDict(extra="forbid")
     url: str = Field(max_length=64 * 1024 * 1024)
     detail: Literal["auto", "low", "high"] | None = None
-    max_num: int | None = Field(default=None, ge=1, le=40)
+    max_num: int | None = Field(default=None, ge=1, le=MAX_TILES_PER_IMAGE)
 
 
 class TextContent(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
-    text: str = Field(max_length=1024 * 1024)
+    text: str
 
 
 class ImageContent(BaseModel):
@@ -53,7 +59,7 @@ class ImageContent(BaseModel):
 
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer"]
+    role: str = Field(max_length=64, description="system, user, assistant, or developer (= system).")
     content: str | list[TextContent | ImageContent] | None = None
     name: str | None = Field(default=None, max_length=64)
 
@@ -65,9 +71,9 @@ class StreamOptions(BaseModel):
 
 class ChatCompletionRequest(_Lenient):
     model: str = Field(min_length=1, max_length=256)
-    messages: list[ChatMessageIn] = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    messages: list[ChatMessageIn]
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_PER_REQUEST)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_PER_REQUEST)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1, le=1 << 20)
@@ -78,11 +84,13 @@ class ChatCompletionRequest(_Lenient):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256)
-    max_num: int | None = Field(default=None, ge=1, le=40, description="Extension: tile cap for every image.")
+    max_num: int | None = Field(
+        default=None, ge=1, le=MAX_TILES_PER_IMAGE, description="Extension: tile cap for every image."
+    )
     timeout: float | None = Field(default=None, gt=0, le=86_400, description="Extension: seconds.")
 
     @field_validator("stop")
@@ -101,16 +109,12 @@ class ChatCompletionRequest(_Lenient):
             f"{k} ({UNSUPPORTED[k]})" for k in extra & UNSUPPORTED.keys() if self.model_extra[k] is not None
         )
 
-    def to_domain(
-        self, max_image_bytes: int, model_max_tiles: int, allow_remote: bool = False
-    ) -> ChatRequest:
+    def to_domain(self, model_max_tiles: int, allow_remote: bool = False) -> ChatRequest:
         unsupported = self.unsupported_fields()
         if unsupported:
             raise InvalidArgument(f"not supported: {', '.join(unsupported)}", reason="unsupported_parameter")
-        if self.top_logprobs and not self.logprobs:
-            raise InvalidArgument("top_logprobs requires logprobs: true", reason="invalid_parameter")
         messages = []
-        for k, m in enumerate(self.messages):
+        for m in self.messages:
             role = "system" if m.role == "developer" else m.role
             parts: list[TextPart | ImagePart] = []
             if isinstance(m.content, str):
@@ -120,11 +124,9 @@ class ChatCompletionRequest(_Lenient):
                     if isinstance(part, TextContent):
                         parts.append(TextPart(part.text))
                     else:
-                        if role != "user":
-                            raise InvalidArgument(f"messages[{k}]: images are accepted in user messages only")
                         url = part.image_url.url
                         remote = allow_remote and is_remote(url)
-                        data = b"" if remote else decode_data_uri(url, max_image_bytes)
+                        data = b"" if remote else decode_data_uri(url)
                         max_num = (
                             part.image_url.max_num
                             or self.max_num

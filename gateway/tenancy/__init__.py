@@ -7,8 +7,10 @@ The gateway's request path uses it in this order::
     limiter = FallbackLimiter(RedisLimiter.from_url(url), LocalLimiter(scale=1 / replicas))
 
     tenant = keys.authenticate(api_key)                # Unauthenticated → 401 / UNAUTHENTICATED
-    tenant.check_model(model)                          # PermissionDenied → 403 / PERMISSION_DENIED
-    tenant.check_request_size(images=n, max_tokens=m)  # InvalidArgument → 400 / INVALID_ARGUMENT
+    tenant.allows_model(model)                         # False → 404 / NOT_FOUND, as an unknown model
+    max_tokens = tenant.max_tokens(requested, context=model_len, default=512)
+                                                       # InvalidArgument → 400 / INVALID_ARGUMENT
+    tenant.check_request_size(images=n, tiles=t)       # InvalidArgument → 400 / INVALID_ARGUMENT
     admission = await limiter.admit(tenant, prompt_tokens + max_tokens)
                                                        # ResourceExhausted(retry_after) → 429 / RESOURCE_EXHAUSTED
                                                        # Unavailable (fail-closed, Redis down) → 503 / UNAVAILABLE
@@ -21,7 +23,8 @@ The gateway's request path uses it in this order::
 Modules:
 
 - ``config``: the tenants file's models (``TenantsFile``, ``Tenant``, ``TenantLimits``, ``ApiKeyEntry``);
-- ``keys``: ``KeyStore`` (authentication, live reload, single-tenant mode), ``create_key``, ``key_digest``;
+- ``keys``: ``KeyStore`` (authentication, live reload, single-tenant mode), the ``Authenticator`` protocol
+  it satisfies, ``create_key``, ``key_digest``;
 - ``limiter``: ``Admission``, ``RedisLimiter``, ``LocalLimiter``, ``FallbackLimiter``.
 
 Secrets: the file stores digests only; the HMAC secret's *name* is in the file and its value comes from
@@ -30,7 +33,14 @@ is the only place this package touches the environment.
 """
 
 from gateway.tenancy.config import ApiKeyEntry, Tenant, TenantLimits, TenantsFile, parse_key_id
-from gateway.tenancy.keys import DEFAULT_TENANT, KeyStore, create_key, default_tenant, key_digest
+from gateway.tenancy.keys import (
+    DEFAULT_TENANT,
+    Authenticator,
+    KeyStore,
+    create_key,
+    default_tenant,
+    key_digest,
+)
 from gateway.tenancy.limiter import (
     REASON_CONCURRENCY,
     REASON_DAILY,
@@ -51,6 +61,7 @@ __all__ = [
     "REASON_TOKENS",
     "Admission",
     "ApiKeyEntry",
+    "Authenticator",
     "FallbackLimiter",
     "KeyStore",
     "Limiter",

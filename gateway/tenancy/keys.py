@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 import yaml
 from pydantic import ValidationError
@@ -95,6 +96,14 @@ def create_key(
 def default_tenant() -> Tenant:
     """The single tenant of a deployment without a tenants file."""
     return Tenant(name=DEFAULT_TENANT, allowed_models=["*"], limits=TenantLimits.generous(), priority=0)
+
+
+class Authenticator(Protocol):
+    """What the gateway asks of a key store (``KeyStore`` is the one we serve with)."""
+
+    def authenticate(self, api_key: str | None) -> Tenant:
+        """The tenant ``api_key`` acts for; Unauthenticated (with a reason) if it acts for none."""
+        ...
 
 
 @dataclass(frozen=True)

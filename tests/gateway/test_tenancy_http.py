@@ -51,8 +51,8 @@ def replicas(cores, tmp_path_factory):
     from gateway.tenancy.limiter import RedisLimiter
 
     prefix = f"ivm:lim:test{free_port()}:"
-    keys = _tenants_file(tmp_path_factory.mktemp("tenants") / "tenants.yaml")
-    path = tmp_path_factory.getbasetemp() / "tenants0" / "tenants.yaml"
+    path = tmp_path_factory.mktemp("tenants") / "tenants.yaml"
+    keys = _tenants_file(path)
     servers = []
     for _ in range(2):
         gw = make_gateway(

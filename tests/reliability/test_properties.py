@@ -155,7 +155,7 @@ def _through_schema(raw) -> None:
     except ValidationError:
         return
     try:
-        parsed.to_domain(20 * 1024 * 1024, 12)
+        parsed.to_domain(12)
     except MeshError as exc:
         assert 400 <= exc.http_status < 500, exc
 

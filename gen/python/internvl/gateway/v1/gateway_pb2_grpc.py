@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class GatewayServiceStub:
-    """The public API. Authenticate with the `authorization: Bearer <key>` metadata. Standard
+    """The public API. Authenticate with the `authorization: Bearer <key>` (or `x-api-key`) metadata. Standard
     grpc.health.v1.Health and server reflection are served on the same port.
     """
 
@@ -49,7 +49,7 @@ class GatewayServiceStub:
 
 
 class GatewayServiceServicer:
-    """The public API. Authenticate with the `authorization: Bearer <key>` metadata. Standard
+    """The public API. Authenticate with the `authorization: Bearer <key>` (or `x-api-key`) metadata. Standard
     grpc.health.v1.Health and server reflection are served on the same port.
     """
 
@@ -88,7 +88,7 @@ def add_GatewayServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class GatewayService:
-    """The public API. Authenticate with the `authorization: Bearer <key>` metadata. Standard
+    """The public API. Authenticate with the `authorization: Bearer <key>` (or `x-api-key`) metadata. Standard
     grpc.health.v1.Health and server reflection are served on the same port.
     """
 
