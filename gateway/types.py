@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# The roles a chat message may have (HTTP's "developer" arrives here as "system").
+ROLES = ("system", "user", "assistant")
+
 
 @dataclass
 class ImagePart:
