@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,31 @@ def _token_content(value) -> str | None:
 # -- InternLM2: sentencepiece → tokenizers -------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _SpecialTokens:
+    """The BOS/EOS/UNK/PAD tokens and whether BOS and EOS frame every sequence."""
+
+    bos: str
+    eos: str
+    unk: str
+    pad: str
+    add_bos: bool
+    add_eos: bool
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], pieces, trainer) -> _SpecialTokens:
+        """``tokenizer_config.json``'s choices, else the SentencePiece model's own pieces."""
+        eos = _token_content(config.get("eos_token")) or _piece(pieces, trainer.eos_id, "</s>")
+        return cls(
+            bos=_token_content(config.get("bos_token")) or _piece(pieces, trainer.bos_id, "<s>"),
+            eos=eos,
+            unk=_token_content(config.get("unk_token")) or trainer.unk_piece or "<unk>",
+            pad=_token_content(config.get("pad_token")) or eos,
+            add_bos=bool(config.get("add_bos_token", True)),
+            add_eos=bool(config.get("add_eos_token", False)),
+        )
+
+
 def build_internlm2_tokenizer(src: Path):
     """A ``PreTrainedTokenizerFast`` equal in ids to ``InternLM2Tokenizer`` on ``src``.
 
@@ -50,9 +76,46 @@ def build_internlm2_tokenizer(src: Path):
     removal, dummy prefix per chunk), spaces as ``▁``, and a BPE whose merge ranks follow the piece
     scores, which is how SentencePiece BPE picks the next merge.
     """
-    from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
+    from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
+
+    proto = _read_sentencepiece_bpe(src)
+    trainer, norm = proto.trainer_spec, proto.normalizer_spec
+    pieces = list(proto.pieces)
+    config = _read_json(src / "tokenizer_config.json")
+    added = _added_tokens(src, config)
+    _check_no_inline_symbols(pieces, added, norm)
+    vocab = _vocab_with_added_tokens(pieces, added)
+
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=_bpe_merges(pieces, vocab),
+            unk_token=trainer.unk_piece or "<unk>",
+            fuse_unk=True,
+            byte_fallback=bool(trainer.byte_fallback),
+            dropout=None,
+        )
+    )
+    _set_normalizer_and_decoder(tok, norm)
+    _add_special_and_added_tokens(tok, pieces, added, vocab)
+    special = _SpecialTokens.from_config(config, pieces, trainer)
+    tok.post_processor = _post_processor(special, vocab)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=special.bos,
+        eos_token=special.eos,
+        unk_token=special.unk,
+        pad_token=special.pad,
+        model_max_length=int(config.get("model_max_length", 1 << 30)),
+        clean_up_tokenization_spaces=False,
+        extra_special_tokens=dict(IMAGE_TOKENS),
+    )
+
+
+def _read_sentencepiece_bpe(src: Path):
+    """``src/tokenizer.model`` as a SentencePiece ``ModelProto``, checked to be a BPE we can rebuild."""
+    from sentencepiece import sentencepiece_model_pb2
 
     model_file = src / "tokenizer.model"
     if not model_file.is_file():
@@ -61,27 +124,37 @@ def build_internlm2_tokenizer(src: Path):
         )
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model_file.read_bytes())
-    trainer, norm = proto.trainer_spec, proto.normalizer_spec
-    if trainer.model_type != _SPM_BPE:
+    if proto.trainer_spec.model_type != _SPM_BPE:
         raise FailedPrecondition("only BPE SentencePiece models are supported", reason="unsupported_layout")
-    if trainer.treat_whitespace_as_suffix:
+    if proto.trainer_spec.treat_whitespace_as_suffix:
         raise FailedPrecondition("treat_whitespace_as_suffix is not supported", reason="unsupported_layout")
+    return proto
 
-    pieces = list(proto.pieces)
-    vocab = {p.piece: i for i, p in enumerate(pieces)}
-    config = _read_json(src / "tokenizer_config.json")
-    added = _added_tokens(src, config)
+
+def _check_no_inline_symbols(pieces, added: dict[int, tuple[str, bool]], norm) -> None:
+    """Refuse user-defined symbols outside the added tokens when chunks are whitespace-normalised.
+
+    ``InternLM2Tokenizer`` splits on its added tokens and normalises each chunk; SentencePiece matches
+    its other user-defined symbols inside one chunk. With per-chunk whitespace rules the two differ in
+    a way one tokenizers pipeline cannot express.
+    """
     listed = {content for content, _ in added.values()}
     inline_symbols = [p.piece for p in pieces if p.type == _USER_DEFINED and p.piece not in listed]
     if inline_symbols and (norm.add_dummy_prefix or norm.remove_extra_whitespaces):
-        # InternLM2Tokenizer splits on its added tokens and normalises each chunk; SentencePiece matches
-        # its other user-defined symbols inside one chunk. With per-chunk whitespace rules the two differ
-        # in a way one tokenizers pipeline cannot express.
         raise FailedPrecondition(
             f"user-defined symbols {inline_symbols[:5]} outside the added tokens, combined with "
             "add_dummy_prefix/remove_extra_whitespaces, are not supported",
             reason="unsupported_layout",
         )
+
+
+def _vocab_with_added_tokens(pieces, added: dict[int, tuple[str, bool]]) -> dict[str, int]:
+    """piece → id of the SentencePiece model, plus the added tokens past its end.
+
+    An added token inside the model's range must be the piece already there; one past it must have
+    a single id.
+    """
+    vocab = {p.piece: i for i, p in enumerate(pieces)}
     for token_id, (content, _special) in sorted(added.items()):
         if token_id < len(pieces):
             if pieces[token_id].piece != content:
@@ -94,17 +167,13 @@ def build_internlm2_tokenizer(src: Path):
             raise FailedPrecondition(f"added token {content!r} has two ids", reason="unsupported_layout")
         else:
             vocab[content] = token_id
+    return vocab
 
-    tok = Tokenizer(
-        models.BPE(
-            vocab=vocab,
-            merges=_bpe_merges(pieces, vocab),
-            unk_token=trainer.unk_piece or "<unk>",
-            fuse_unk=True,
-            byte_fallback=bool(trainer.byte_fallback),
-            dropout=None,
-        )
-    )
+
+def _set_normalizer_and_decoder(tok, norm) -> None:
+    """SentencePiece's normaliser settings (charsmap, whitespace, dummy prefix, ``▁``) and their inverse."""
+    from tokenizers import Regex, decoders, normalizers
+
     steps = []
     if norm.precompiled_charsmap:
         steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
@@ -119,7 +188,13 @@ def build_internlm2_tokenizer(src: Path):
         + ([decoders.Strip(content=" ", left=1)] if norm.add_dummy_prefix else [])
     )
 
-    # SentencePiece's own control and user-defined symbols never go through BPE; nor do added tokens.
+
+def _add_special_and_added_tokens(
+    tok, pieces, added: dict[int, tuple[str, bool]], vocab: dict[str, int]
+) -> None:
+    """SentencePiece's own control and user-defined symbols never go through BPE; nor do added tokens."""
+    from tokenizers import AddedToken
+
     specials = {p.piece for p in pieces if p.type in (_CONTROL, _UNKNOWN)}
     specials |= {content for content, special in added.values() if special}
     user_defined = [p.piece for p in pieces if p.type == _USER_DEFINED and p.piece not in specials]
@@ -130,27 +205,17 @@ def build_internlm2_tokenizer(src: Path):
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ordered])
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user_defined + plain_added])
 
-    bos = _token_content(config.get("bos_token")) or _piece(pieces, trainer.bos_id, "<s>")
-    eos = _token_content(config.get("eos_token")) or _piece(pieces, trainer.eos_id, "</s>")
-    unk = _token_content(config.get("unk_token")) or trainer.unk_piece or "<unk>"
-    pad = _token_content(config.get("pad_token")) or eos
-    add_bos = bool(config.get("add_bos_token", True))
-    add_eos = bool(config.get("add_eos_token", False))
-    single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
-    pair = single + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
-    used = [t for t, on in ((bos, add_bos), (eos, add_eos)) if on]
-    tok.post_processor = processors.TemplateProcessing(
+
+def _post_processor(special: _SpecialTokens, vocab: dict[str, int]):
+    """BOS and EOS around every sequence (and pair) as ``tokenizer_config.json`` asks."""
+    from tokenizers import processors
+
+    bos, eos = special.bos, special.eos
+    single = ([f"{bos}:0"] if special.add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if special.add_eos else [])
+    pair = single + ["$B:1"] + ([f"{eos}:1"] if special.add_eos else [])
+    used = [t for t, on in ((bos, special.add_bos), (eos, special.add_eos)) if on]
+    return processors.TemplateProcessing(
         single=" ".join(single), pair=" ".join(pair), special_tokens=[(t, vocab[t]) for t in used]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=bos,
-        eos_token=eos,
-        unk_token=unk,
-        pad_token=pad,
-        model_max_length=int(config.get("model_max_length", 1 << 30)),
-        clean_up_tokenization_spaces=False,
-        extra_special_tokens=dict(IMAGE_TOKENS),
     )
 
 
