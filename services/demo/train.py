@@ -27,8 +27,10 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -246,51 +248,110 @@ def reuse_stage0(model, cfg: TrainConfig) -> None:
     model.model.vision_tower.load_state_dict(earlier.model.vision_tower.state_dict(), strict=True)
 
 
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``cfg.lr``, then a cosine down to a tenth of it at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@dataclass
+class _Run:
+    """What the steps of one training run share: the model, what stage 1 trains, where it writes."""
+
+    cfg: TrainConfig
+    out: Path
+    log: Callable[[str], None]
+    model: Any
+    tokenizer: Any
+    codec: PromptCodec
+    parameters: int  # of the saved model (the grounding head is not saved)
+    head: GroundingHead
+    opt: torch.optim.AdamW
+    trained: list[torch.nn.Parameter]  # stage 1's parameters, in the optimizer's order (for the clip)
+    log_path: Path
+    log_file: IO[str]
+    started: float  # time.monotonic() when training began
+
+
+@dataclass
+class _Losses:
+    """One stage-1 step's objectives; an auxiliary one is None where its weight (or its batch) is 0."""
+
+    total: torch.Tensor
+    answers: torch.Tensor  # the language model's own loss on the answer tokens
+    grounding: torch.Tensor | None
+    pointer: torch.Tensor | None
+    readout: torch.Tensor | None
+
+
 def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
-    out = Path(out_dir)
+    run = _set_up(Path(out_dir), cfg, log)
+    _stage0(run)
+    pool_started = time.monotonic()
+    side = math.isqrt(run.model.config.image_seq_length)
+    index = PoolIndex(build_pool(run.model.model.vision_tower, cfg.seed, cfg.pool_tiles, side, log=log))
+    pool_seconds = round(time.monotonic() - pool_started)
+    _stage1(run, _batches_in_background(cfg, run.codec, index), pool_seconds)
+    run.log_file.close()
+    return run.out
+
+
+def _set_up(out: Path, cfg: TrainConfig, log: Callable[[str], None]) -> _Run:
+    """The seeded model, stage 1's optimizer (over the grounding head too) and the open training log."""
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, tokenizer = build_model(cfg.seed)
     codec = PromptCodec(tokenizer, model.config.image_seq_length)
-    params = sum(p.numel() for p in model.parameters())
+    parameters = sum(p.numel() for p in model.parameters())
     head = GroundingHead(model.config.text_config.hidden_size)
     groups: dict[bool, list] = {}
     for n, p in [*model.named_parameters(), *head.named_parameters(prefix="grounding")]:
-        if "vision_tower" not in n:  # stage 1 keeps the stage-0 tower as it is (frozen below)
+        if "vision_tower" not in n:  # stage 1 keeps the stage-0 tower as it is (frozen in _stage0)
             groups.setdefault(p.dim() >= 2 and "embed" not in n, []).append(p)
     opt = torch.optim.AdamW(
         [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0} for decay, ps in groups.items()],
         lr=cfg.lr,
         betas=(0.9, 0.98),
     )
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
-
     log_path = out.parent / f"{out.name}.train_log.jsonl"
-    log_file = log_path.open("w")
-    started = time.monotonic()
+    return _Run(
+        cfg=cfg,
+        out=out,
+        log=log,
+        model=model,
+        tokenizer=tokenizer,
+        codec=codec,
+        parameters=parameters,
+        head=head,
+        opt=opt,
+        trained=[p for ps in groups.values() for p in ps],
+        log_path=log_path,
+        log_file=log_path.open("w"),
+        started=time.monotonic(),
+    )
+
+
+def _stage0(run: _Run) -> None:
+    """The vision tower: trained alone (or taken from an earlier run), then frozen."""
+    cfg, tower = run.cfg, run.model.model.vision_tower
     if cfg.vision_from:
-        reuse_stage0(model, cfg)
+        reuse_stage0(run.model, cfg)
     elif cfg.vision_steps:
         pretrain_vision(
-            model.model.vision_tower,
+            tower,
             cfg.vision_steps,
             cfg.seed,
-            log=log,
-            record=lambda r: log_file.write(json.dumps(r) + "\n"),
+            log=run.log,
+            record=lambda r: run.log_file.write(json.dumps(r) + "\n"),
         )
-    model.model.vision_tower.requires_grad_(False)
-    side = math.isqrt(model.config.image_seq_length)
-    pool_started = time.monotonic()
-    index = PoolIndex(build_pool(model.model.vision_tower, cfg.seed, cfg.pool_tiles, side, log=log))
-    pool_seconds = round(time.monotonic() - pool_started)
+    tower.requires_grad_(False)
 
-    # batches are assembled on a thread while the model trains
+
+def _batches_in_background(cfg: TrainConfig, codec: PromptCodec, index: PoolIndex) -> queue.Queue:
+    """Stage 1's batches in step order, assembled on a thread while the model trains."""
     batches: queue.Queue = queue.Queue(maxsize=4)
 
     def produce():
@@ -298,75 +359,93 @@ def train(out_dir: str | Path, cfg: TrainConfig, log=print) -> Path:
             batches.put(batch_for(step, cfg, codec, index))
 
     threading.Thread(target=produce, daemon=True, name="demo-batches").start()
-    image_token = model.config.image_token_id
+    return batches
+
+
+def _stage1(run: _Run, batches: queue.Queue, pool_seconds: int) -> None:
+    """The projector, the language model and the grounding head learn from the pooled tower output:
+    one optimizer step per batch, a log record per step, an evaluation and a save now and then."""
+    cfg, model = run.cfg, run.model
     if cfg.pointer_weight:
         model.set_attn_implementation("eager")  # attention probabilities come back, and carry gradients
     ema: dict[str, float] = {}
     model.train()
-    provenance = {"origin": "train-demo", "config": asdict(cfg), "parameters": params}
-    log(f"training {params / 1e6:.2f} M parameters for {cfg.steps} steps; log {log_path}")
+    provenance = {"origin": "train-demo", "config": asdict(cfg), "parameters": run.parameters}
+    run.log(f"training {run.parameters / 1e6:.2f} M parameters for {cfg.steps} steps; log {run.log_path}")
     for step in range(cfg.steps):
         kind, batch = batches.get()
-        grounding = batch.pop("grounding")
-        rows, queries, targets = (
-            batch.pop(k) for k in ("pointer_rows", "pointer_queries", "pointer_targets")
-        )
-        answer_rows, answer_at = batch.pop("answer_rows"), batch.pop("answer_queries")
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        with stored_features(model):
-            result = model(
-                **batch,
-                output_hidden_states=cfg.grounding_weight > 0 or cfg.readout_weight > 0,
-                output_attentions=cfg.pointer_weight > 0,
-            )
-        loss = result.loss
-        if cfg.grounding_weight:
-            states = result.hidden_states[GROUNDING_LAYER][batch["input_ids"] == image_token]
-            aux = head(states, grounding)
-            loss = loss + cfg.grounding_weight * aux
-        if cfg.pointer_weight and len(rows):
-            attention = result.attentions[POINTER_LAYER][rows, POINTER_HEAD, queries]  # (pointers, positions)
-            pointer = -torch.log((attention * targets).sum(-1).clamp_min(1e-6)).mean()
-            loss = loss + cfg.pointer_weight * pointer
-        if cfg.readout_weight:
-            early = result.hidden_states[READOUT_STATES][answer_rows, answer_at]
-            logits = model.lm_head(model.model.language_model.norm(early))
-            readout = torch.nn.functional.cross_entropy(logits, batch["labels"][answer_rows, answer_at + 1])
-            loss = loss + cfg.readout_weight * readout
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for ps in groups.values() for p in ps], 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        value = result.loss.item()
-        ema[kind] = 0.95 * ema.get(kind, value) + 0.05 * value
-        record = {
-            "step": step,
-            "kind": kind,
-            "loss": round(value, 4),
-            "elapsed_s": round(time.monotonic() - started, 1),
-        }
-        if cfg.pointer_weight and len(rows):
-            record["pointer_loss"] = round(pointer.item(), 4)
-            ema["pointer"] = 0.95 * ema.get("pointer", record["pointer_loss"]) + 0.05 * pointer.item()
-        if cfg.readout_weight:
-            record["readout_loss"] = round(readout.item(), 4)
-            ema["readout"] = 0.95 * ema.get("readout", record["readout_loss"]) + 0.05 * readout.item()
-        if cfg.grounding_weight:
-            record["grounding_loss"] = round(aux.item(), 4)
-            ema["grounding"] = 0.95 * ema.get("grounding", record["grounding_loss"]) + 0.05 * aux.item()
+        for group in run.opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        losses = _losses(run, batch)
+        losses.total.backward()
+        torch.nn.utils.clip_grad_norm_(run.trained, 1.0)
+        run.opt.step()
+        run.opt.zero_grad(set_to_none=True)
+        record = _step_record(step, kind, losses, ema, run.started)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            record["eval"] = quick_eval(model, codec, cfg.eval_per_group)
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
+            record["eval"] = quick_eval(model, run.codec, cfg.eval_per_group)
+        run.log_file.write(json.dumps(record) + "\n")
+        run.log_file.flush()
         if step % 25 == 0 or "eval" in record:
             smooth = " ".join(f"{k}={v:.3f}" for k, v in sorted(ema.items()))
-            log(f"step {step} {record['elapsed_s']}s lr {lr_at(step):.2e} {smooth} {record.get('eval', '')}")
+            run.log(
+                f"step {step} {record['elapsed_s']}s lr {lr_at(step, cfg):.2e} {smooth} {record.get('eval', '')}"
+            )
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             provenance["steps_done"] = step + 1
-            provenance["train_seconds"] = round(time.monotonic() - started)
+            provenance["train_seconds"] = round(time.monotonic() - run.started)
             provenance["pool_seconds"] = pool_seconds
-            save_checkpoint(model.eval(), tokenizer, out, provenance)
+            save_checkpoint(model.eval(), run.tokenizer, run.out, provenance)
             model.train()
-    log_file.close()
-    return out
+
+
+def _losses(run: _Run, batch: dict[str, torch.Tensor]) -> _Losses:
+    """The forward pass on ``batch`` (its stored tower output in place of the tower) and every
+    objective with a weight: the answers, the grounding head, the pointer head, the readout."""
+    cfg, model = run.cfg, run.model
+    grounding = batch.pop("grounding")
+    rows, queries, targets = (batch.pop(k) for k in ("pointer_rows", "pointer_queries", "pointer_targets"))
+    answer_rows, answer_at = batch.pop("answer_rows"), batch.pop("answer_queries")
+    with stored_features(model):
+        result = model(
+            **batch,
+            output_hidden_states=cfg.grounding_weight > 0 or cfg.readout_weight > 0,
+            output_attentions=cfg.pointer_weight > 0,
+        )
+    loss = result.loss
+    aux = pointer = readout = None
+    if cfg.grounding_weight:
+        states = result.hidden_states[GROUNDING_LAYER][batch["input_ids"] == model.config.image_token_id]
+        aux = run.head(states, grounding)
+        loss = loss + cfg.grounding_weight * aux
+    if cfg.pointer_weight and len(rows):
+        attention = result.attentions[POINTER_LAYER][rows, POINTER_HEAD, queries]  # (pointers, positions)
+        pointer = -torch.log((attention * targets).sum(-1).clamp_min(1e-6)).mean()
+        loss = loss + cfg.pointer_weight * pointer
+    if cfg.readout_weight:
+        early = result.hidden_states[READOUT_STATES][answer_rows, answer_at]
+        logits = model.lm_head(model.model.language_model.norm(early))
+        readout = torch.nn.functional.cross_entropy(logits, batch["labels"][answer_rows, answer_at + 1])
+        loss = loss + cfg.readout_weight * readout
+    return _Losses(total=loss, answers=result.loss, grounding=aux, pointer=pointer, readout=readout)
+
+
+def _step_record(step: int, kind: str, losses: _Losses, ema: dict[str, float], started: float) -> dict:
+    """The training log's record of one step; ``ema`` (the smoothed losses the console shows) updated."""
+    value = losses.answers.item()
+    ema[kind] = 0.95 * ema.get(kind, value) + 0.05 * value
+    record = {
+        "step": step,
+        "kind": kind,
+        "loss": round(value, 4),
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+    for name, loss in (
+        ("pointer", losses.pointer),
+        ("readout", losses.readout),
+        ("grounding", losses.grounding),
+    ):
+        if loss is not None:
+            record[f"{name}_loss"] = round(loss.item(), 4)
+            ema[name] = 0.95 * ema.get(name, record[f"{name}_loss"]) + 0.05 * loss.item()
+    return record
