@@ -22,6 +22,9 @@ machine falls on both. Ray runs with 8 logical CPUs, every deployment with ``num
 replica; replicas get the same torch thread count as this process (``--replica-threads``; Ray's own
 default for a 0.5-CPU actor is one thread).
 
+This file holds the run, the measurements and the report; the mesh on Ray Serve and its clients are in
+``benchmarks/mesh_serve.py``, the monolith and the in-process cores in ``benchmarks/mesh_peers.py``.
+
     python benchmarks/mesh_bench.py [--out benchmarks/results/mesh.json]
         [--plot benchmarks/results/mesh_latency.png] [--quick]
 """
@@ -30,16 +33,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -56,15 +56,13 @@ from benchmarks.mesh_peers import (  # noqa: E402
     MAX_TOKENS,
     InProcess,
     Monolith,
-    decoder_payload,
-    ms,
 )
+from benchmarks.mesh_serve import Mesh, med  # noqa: E402
 from services.common.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 from services.common.types import TilingParams  # noqa: E402
 from services.preprocess.tiling import count_tiles  # noqa: E402
 from tests.gateway.harness import png  # noqa: E402
 
-MODEL = "small-mesh"
 MISS_SIZE = (1344, 1008)  # 4x3 grid + thumbnail = 13 tiles at max_num 12
 CONC_SIZE = (448, 448)  # 1 tile
 QUESTIONS = [
@@ -75,33 +73,15 @@ QUESTIONS = [
     "Write a caption for this image.",
     "What is the mood of this scene?",
 ]
-RAY_ENV = {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_enable_worker_prestart": "0",
-    "RAY_prestart_worker_first_driver": "0",
-    "RAY_SERVE_LOG_TO_STDERR": "0",
-}
-DEPLOYMENT = {"autoscaling": {"min_replicas": 1, "max_replicas": 1}, "num_cpus": 0.5}
 
 
 # -- small helpers ---------------------------------------------------------------------------------
-def med(values: list[float]) -> float:
-    return round(statistics.median(values), 1) if values else float("nan")
-
-
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     s = sorted(values)
     k = min(len(s) - 1, max(0, round(q * (len(s) - 1))))
     return round(s[k], 1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Seeds:
@@ -113,23 +93,6 @@ class Seeds:
     def image(self, size: tuple[int, int]) -> bytes:
         self.next += 1
         return png(size[0], size[1], seed=self.next)
-
-
-def data_uri(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
-
-
-def chat_messages(question: str, data: bytes) -> list[dict[str, Any]]:
-    """OpenAI messages: the question first, then the image (a different question = no prefix hit)."""
-    return [
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": question},
-                {"type": "image_url", "image_url": {"url": data_uri(data)}},
-            ],
-        }
-    ]
 
 
 def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
@@ -162,183 +125,6 @@ def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
     for pid, (name, secs) in after.items():
         delta[name] = delta.get(name, 0.0) + secs - before.get(pid, (name, 0.0))[1]
     return dict(sorted(((k, round(v, 2)) for k, v in delta.items() if v >= 0.05), key=lambda kv: -kv[1]))
-
-
-# -- the mesh on Ray Serve ------------------------------------------------------------------------
-class Mesh:
-    def __init__(self, ckpt: Path, threads: int):
-        for key, value in RAY_ENV.items():
-            os.environ.setdefault(key, value)
-        import ray
-        from ray import serve
-        from ray.serve.config import HTTPOptions
-
-        from mesh.serve import deploy
-        from mesh.topology import MeshConfig, render_serve_config
-        from services.common.config import build
-
-        self.temp_dir = tempfile.mkdtemp(prefix="ivm-bench-ray-", dir="/tmp")
-        env = {"RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": str(threads)}
-        ray.init(
-            num_cpus=8,
-            num_gpus=0,
-            include_dashboard=False,
-            _temp_dir=self.temp_dir,
-            logging_level="warning",
-            log_to_driver=False,
-            runtime_env={"env_vars": env},
-        )
-        self.http_port = free_port()
-        serve.start(http_options=HTTPOptions(host="127.0.0.1", port=self.http_port))
-        cfg = build(
-            MeshConfig,
-            {
-                "models": [
-                    {
-                        "name": MODEL,
-                        "path": str(ckpt),
-                        "dtype": "float32",
-                        "device": "cpu",
-                        "encoder": DEPLOYMENT,
-                        "decoder": DEPLOYMENT,
-                        "decoder_settings": {"cache": KV_CACHE},
-                    }
-                ],
-                "preprocess_deployment": DEPLOYMENT,
-                "gateway_deployment": DEPLOYMENT,
-                "gateway": {"http_port": self.http_port, "grpc_port": 0, "serve_grpc_port": 0},
-            },
-            "mesh_bench",
-        )
-        self.serve_config = render_serve_config(cfg)
-        t = time.perf_counter()
-        deploy(self.serve_config)
-        self.deploy_s = round(time.perf_counter() - t, 1)
-        model = cfg.models[0]
-        self.preprocess = serve.get_app_handle("preprocess")
-        self.encoder = serve.get_app_handle(model.encoder_app)
-        self.decoder = serve.get_app_handle(model.decoder_app)
-        self.replica_threads = ray.get(ray.remote(num_cpus=0.5)(lambda: torch.get_num_threads()).remote())
-        import openai
-
-        self.client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{self.http_port}/v1", api_key="unused", max_retries=0, timeout=600
-        )
-
-    # HTTP through Serve's proxy and the gateway
-    def http(self, question: str, data: bytes, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        first, text, usage = None, "", None
-        stream = self.client.chat.completions.create(
-            model=MODEL,
-            messages=chat_messages(question, data),
-            max_tokens=max_tokens,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        for chunk in stream:
-            first = first or time.perf_counter()  # the gateway answers once the first token exists
-            if chunk.choices:
-                text += chunk.choices[0].delta.content or ""
-            if chunk.usage is not None:
-                usage = chunk.usage
-        t1 = time.perf_counter()
-        return {
-            "ttft_ms": ms(first - t0),
-            "total_ms": ms(t1 - t0),
-            "completion_tokens": usage.completion_tokens if usage else None,
-            "prompt_tokens": usage.prompt_tokens if usage else None,
-            "text": text,
-        }
-
-    # the same request through the applications' handles from this process (no proxy, no gateway)
-    def handles(self, question: str, data: bytes, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
-        from services.common.pb import RequestContext
-
-        params = TilingParams(max_num=MAX_NUM)
-        t0 = time.perf_counter()
-        self.preprocess.tile.remote([(data, params)]).result()  # timed alone; it caches nothing
-        t1 = time.perf_counter()
-        ctx = RequestContext(
-            request_id=f"hop-{uuid.uuid4().hex[:12]}", cache_namespace="default", deadline=time.time() + 600
-        )
-        refs = self.encoder.embed.remote([(data, params)], ctx).result()
-        t2 = time.perf_counter()
-        first, tokens = None, 0
-        for event in self.decoder.options(stream=True).generate.remote(
-            decoder_payload(question, max_tokens), refs, ctx
-        ):
-            first = first or time.perf_counter()
-            tokens += len(event.get("token_ids", []))
-        t3 = time.perf_counter()
-        import ray
-
-        fetch = float("nan")
-        if refs[0].object_ref is not None:
-            tf = time.perf_counter()
-            ray.get(refs[0].object_ref)
-            fetch = ms(time.perf_counter() - tf)
-        return {
-            "preprocess_ms": ms(t1 - t0),
-            "embed_ms": ms(t2 - t1),
-            "decode_ttft_ms": ms(first - t2),
-            "decode_total_ms": ms(t3 - t2),
-            "ttft_ms": ms(first - t1),
-            "total_ms": ms(t3 - t1),
-            "completion_tokens": tokens,
-            "ref_kind": refs[0].kind,
-            "embedding_fetch_ms": fetch,
-        }
-
-    def handles_cached(self, question: str, data: bytes, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
-        """The same image and question again through the handles: embedding hit + KV prefix hit."""
-        from services.common.pb import RequestContext
-
-        ctx = RequestContext(
-            request_id=f"hop-{uuid.uuid4().hex[:12]}", cache_namespace="default", deadline=time.time() + 600
-        )
-        t0 = time.perf_counter()
-        refs = self.encoder.embed.remote([(data, TilingParams(max_num=MAX_NUM))], ctx).result()
-        t1 = time.perf_counter()
-        first = None
-        for _event in self.decoder.options(stream=True).generate.remote(
-            decoder_payload(question, max_tokens), refs, ctx
-        ):
-            first = first or time.perf_counter()
-        t2 = time.perf_counter()
-        return {
-            "embed_ms": ms(t1 - t0),
-            "decode_ttft_ms": ms(first - t1),
-            "ttft_ms": ms(first - t0),
-            "total_ms": ms(t2 - t0),
-            "embedding_hit": refs[0].cache_hit,
-        }
-
-    def noop_round_trips(self, n: int) -> dict[str, float]:
-        def timed(fn) -> float:
-            samples = []
-            for _ in range(n):
-                t = time.perf_counter()
-                fn()
-                samples.append(ms(time.perf_counter() - t))
-            return med(samples)
-
-        return {
-            "preprocess_handle_ms": timed(lambda: self.preprocess.check_health.remote().result()),
-            "encoder_handle_ms": timed(lambda: self.encoder.stats.remote().result()),
-            "decoder_handle_ms": timed(lambda: self.decoder.info.remote().result()),
-            "http_models_list_ms": timed(lambda: self.client.models.list()),
-        }
-
-    def close(self) -> None:
-        import ray
-        from ray import serve
-
-        for app in reversed(self.serve_config["applications"]):
-            serve.delete(app["name"])
-        serve.shutdown()
-        ray.shutdown()
 
 
 # -- the run ----------------------------------------------------------------------------------------
