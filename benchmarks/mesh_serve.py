@@ -68,9 +68,9 @@ class Mesh:
         from ray import serve
         from ray.serve.config import HTTPOptions
 
-        from services.common.config import build
         from mesh.serve import deploy
         from mesh.topology import MeshConfig, render_serve_config
+        from services.common.config import build
 
         self.temp_dir = tempfile.mkdtemp(prefix="ivm-bench-ray-", dir="/tmp")
         env = {"RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": str(threads)}
