@@ -29,9 +29,10 @@ from prometheus_client import CollectorRegistry
 
 from services.common.refs import KIND_CACHE
 from services.common.tiny_checkpoint import make_tiny_checkpoint
-from services.encoder.config import BatchingConfig, EncoderConfig, LruConfig, RedisStoreConfig
+from services.embedding_cache.config import LruConfig, RedisStoreConfig
+from services.embedding_cache.redis_store import tile_key
+from services.encoder.config import BatchingConfig, EncoderConfig
 from services.encoder.core import EncoderCore
-from services.encoder.redis_store import tile_key
 from services.preprocess.tiling import TiledImage
 
 

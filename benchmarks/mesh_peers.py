@@ -106,10 +106,10 @@ class InProcess:
     """Preprocessor -> EncoderCore (inline refs, no cache) -> DecoderFrontend: the mesh minus its hops."""
 
     def __init__(self, ckpt: Path, loop: asyncio.AbstractEventLoop):
-        from services.common.resolver import EmbeddingResolver
         from services.decoder.config import CacheConfig, DecoderConfig
         from services.decoder.engine.async_engine import DecoderCore
         from services.decoder.server import DecoderFrontend
+        from services.embedding_cache.resolver import EmbeddingResolver
         from services.encoder.config import EncoderConfig
         from services.encoder.core import EncoderCore, PreprocessorTileSource
         from services.preprocess.config import PreprocessConfig

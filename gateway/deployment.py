@@ -19,13 +19,21 @@ from gateway.core import Gateway, GatewayLimits, ModelRoute
 from gateway.metrics import GatewayMetrics
 from gateway.usage import UsageRecorder
 from services.common import tracing
+from services.common.config import RedisConfig
 from services.common.serve_args import common_config, redis_url_with_password
 
 log = logging.getLogger(__name__)
 
 
-def build_tenancy(settings: GatewaySettings, redis_url: str, registry=None, audit: AuditLog | None = None):
-    """Key store and limiter from settings (the entry point of a gateway replica reads env here)."""
+def build_tenancy(
+    settings: GatewaySettings,
+    redis: RedisConfig,
+    redis_url: str,
+    registry=None,
+    audit: AuditLog | None = None,
+):
+    """Key store and limiter from settings (the entry point of a gateway replica reads env here). The
+    limiter's keys live under ``redis.key_prefix`` and its pool holds ``redis.max_connections``."""
     from gateway.tenancy.keys import KeyStore
     from gateway.tenancy.limiter import FallbackLimiter, LocalLimiter, RedisLimiter
 
@@ -34,7 +42,9 @@ def build_tenancy(settings: GatewaySettings, redis_url: str, registry=None, audi
     local = LocalLimiter()
     limiter = (
         FallbackLimiter(
-            RedisLimiter.from_url(redis_url),
+            RedisLimiter.from_url(
+                redis_url, prefix=f"{redis.key_prefix}:lim:", max_connections=redis.max_connections
+            ),
             local,
             fail_closed=settings.limits_fail_closed,
             **({"registry": registry} if registry is not None else {}),
@@ -43,6 +53,17 @@ def build_tenancy(settings: GatewaySettings, redis_url: str, registry=None, audi
         else local
     )
     return keys, limiter
+
+
+def build_usage(
+    settings: GatewaySettings, redis: RedisConfig, redis_url: str, **kwargs: Any
+) -> UsageRecorder | None:
+    """The usage recorder (not started; ``kwargs`` go to it), or None when usage records are off or
+    have nowhere to go. Its connection pool holds ``redis.max_connections``."""
+    usage = settings.ops.usage
+    if not usage.enabled or not (redis_url or usage.jsonl_path):
+        return None
+    return UsageRecorder.from_url(usage, redis_url, max_connections=redis.max_connections, **kwargs)
 
 
 def _fetcher(settings: GatewaySettings):
@@ -69,12 +90,11 @@ class GatewayDeployment:
         ops = self.settings.ops
         redis_url = redis_url_with_password(cfg)
         audit = AuditLog() if ops.audit.enabled else None
-        self.keys, self.limiter = build_tenancy(self.settings, redis_url, audit=audit)
+        self.keys, self.limiter = build_tenancy(self.settings, cfg.redis, redis_url, audit=audit)
         observers = [GatewayMetrics(tenant_labels=ops.metrics.tenant_labels), *([audit] if audit else [])]
-        self.usage = None
-        if ops.usage.enabled and (redis_url or ops.usage.jsonl_path):
-            self.usage = UsageRecorder.from_url(ops.usage, redis_url).start()
-            observers.append(self.usage)
+        self.usage = build_usage(self.settings, cfg.redis, redis_url)
+        if self.usage is not None:
+            observers.append(self.usage.start())
         if self.keys.single_tenant:
             log.warning("no tenants file configured: serving single-tenant, without API keys")
         await self.keys.start()

@@ -179,8 +179,11 @@ class UsageRecorder:
             )
 
     @classmethod
-    def from_url(cls, settings: UsageSettings, redis_url: str, **kwargs: Any) -> UsageRecorder:
-        """A recorder writing to the Redis at ``redis_url`` (empty: JSONL only)."""
+    def from_url(
+        cls, settings: UsageSettings, redis_url: str, *, max_connections: int | None = None, **kwargs: Any
+    ) -> UsageRecorder:
+        """A recorder writing to the Redis at ``redis_url`` (empty: JSONL only); ``max_connections``
+        bounds its connection pool (None: redis-py's default)."""
         client = None
         if redis_url:
             import redis
@@ -189,6 +192,7 @@ class UsageRecorder:
                 redis_url,
                 socket_timeout=settings.redis_timeout_s,
                 socket_connect_timeout=settings.redis_timeout_s,
+                max_connections=max_connections,
             )
         return cls(settings, client, **kwargs)
 

@@ -43,7 +43,8 @@ def _warmup_image() -> bytes:
 
 async def serve_standalone(config: StandaloneConfig, ready: asyncio.Event | None = None) -> None:
     from services.common.checkpoint import Checkpoint
-    from services.encoder.config import EncoderConfig, RedisStoreConfig
+    from services.embedding_cache.config import RedisStoreConfig
+    from services.encoder.config import EncoderConfig
     from services.encoder.core import EncoderCore, ImageInput, PreprocessorTileSource
     from services.encoder.server import EncoderServicer
     from services.preprocess.config import PreprocessConfig

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from services.common.errors import InvalidArgument
 from services.common.limits import MAX_TILES_PER_IMAGE
-from services.common.refs import validate_namespace
+from services.common.refs import DEFAULT_KEY_PREFIX, KEY_PREFIX_PATTERN
 
 
 class StrictModel(BaseModel):
@@ -33,9 +33,26 @@ class RedisConfig(StrictModel):
         default="REDIS_PASSWORD",
         description="Name of the environment variable holding the password (never the password itself).",
     )
-    key_prefix: str = Field(default="ivm", min_length=1, max_length=32, description="Prefix of every key.")
-    socket_timeout_s: float = Field(default=0.5, gt=0, le=30, description="Per-operation timeout.")
-    max_connections: int = Field(default=64, ge=1, le=4096)
+    key_prefix: str = Field(
+        default=DEFAULT_KEY_PREFIX,
+        pattern=KEY_PREFIX_PATTERN,
+        description=(
+            "Prefix of the embedding-cache keys (<prefix>:emb:v1:...) and the rate limiter's "
+            "(<prefix>:lim:...); the usage stream has its own setting (gateway.ops.usage.stream)."
+        ),
+    )
+    socket_timeout_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=30,
+        description=(
+            "Bound on one embedding-cache operation (encoder and decoder); past it the request goes on "
+            "without the cache. The rate limiter keeps its own, tighter bound."
+        ),
+    )
+    max_connections: int = Field(
+        default=64, ge=1, le=4096, description="Connection-pool size of every Redis client of a process."
+    )
 
     @field_validator("url")
     @classmethod
@@ -96,25 +113,23 @@ class ModelConfig(StrictModel):
         return v
 
 
-class CacheConfig(StrictModel):
-    """The embedding cache as seen by the whole mesh."""
+class EmbeddingCacheConfig(StrictModel):
+    """The embedding cache as seen by the whole mesh (``services.embedding_cache.config`` turns it into
+    the encoder's and decoder's store settings)."""
 
     ttl_s: float = Field(default=24 * 3600, gt=0, le=30 * 24 * 3600, description="Lifetime of an entry.")
     max_entry_bytes: int = Field(
-        default=256 * 1024 * 1024, ge=1024, description="Larger entries are not cached."
+        default=256 * 1024 * 1024,
+        ge=1024,
+        le=1024 * 1024 * 1024,
+        description="Largest image embedding (all tiles) written to the shared cache; a larger one is not.",
     )
     local_lru_bytes: int = Field(
-        default=512 * 1024 * 1024, ge=0, description="In-process first level; 0 = off."
+        default=512 * 1024 * 1024,
+        ge=0,
+        le=1 << 40,
+        description="Bytes of the in-process first level of each encoder replica; 0 = off.",
     )
-    default_namespace: str = Field(default="default")
-
-    @field_validator("default_namespace")
-    @classmethod
-    def _ns(cls, v: str) -> str:
-        try:
-            return validate_namespace(v)
-        except InvalidArgument as exc:
-            raise ValueError(str(exc)) from exc
 
 
 class CommonConfig(StrictModel):
@@ -123,7 +138,7 @@ class CommonConfig(StrictModel):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
-    cache: CacheConfig = Field(default_factory=CacheConfig)
+    cache: EmbeddingCacheConfig = Field(default_factory=EmbeddingCacheConfig)
 
 
 class ConfigError(InvalidArgument):

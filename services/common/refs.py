@@ -25,7 +25,9 @@ KIND_OBJECT = "object"
 KIND_INLINE = "inline"
 KINDS = (KIND_CACHE, KIND_OBJECT, KIND_INLINE)
 
-KEY_PREFIX = "ivm:emb:v1"
+DEFAULT_KEY_PREFIX = "ivm"
+KEY_PREFIX_PATTERN = r"^[A-Za-z0-9_.\-]{1,32}$"
+_KEY_PREFIX_RE = re.compile(KEY_PREFIX_PATTERN)
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_NAMESPACE = "default"
@@ -44,18 +46,29 @@ def encoder_identity(checkpoint_identity: str, dtype: str, revision: str = "") -
     return f"{checkpoint_identity}|{revision}|{dtype}"
 
 
-def embedding_key(namespace: str, encoder_id: str, tiling: TilingParams, image_sha256: str) -> str:
-    """The content address of one image's embeddings.
+def embedding_key(
+    namespace: str,
+    encoder_id: str,
+    tiling: TilingParams,
+    image_sha256: str,
+    prefix: str = DEFAULT_KEY_PREFIX,
+) -> str:
+    """The content address of one image's embeddings: ``<prefix>:emb:v1:<namespace>:...``.
 
     Same bytes, same encoder (weights + dtype), same tiling parameters and same namespace give the same
-    key; change any of them and the key changes. The namespace comes first so a tenant's entries can be
-    listed or dropped by prefix, and so that no two tenants ever share a key unless configured to.
+    key; change any of them and the key changes. The namespace comes first (after the deployment's
+    ``prefix``) so a tenant's entries can be listed or dropped by prefix, and so that no two tenants
+    ever share a key unless configured to.
     """
+    if not _KEY_PREFIX_RE.match(prefix):
+        raise InvalidArgument(
+            f"key prefix {prefix!r} must be 1-32 characters of letters, digits, '_', '.', '-'"
+        )
     validate_namespace(namespace)
     if not _SHA256_RE.match(image_sha256):
         raise InvalidArgument("image_sha256 must be 64 lowercase hex characters")
     enc = hashlib.sha256(encoder_id.encode()).hexdigest()[:16]
-    return f"{KEY_PREFIX}:{namespace}:{enc}:{tiling.cache_token()}:{image_sha256}"
+    return f"{prefix}:emb:v1:{namespace}:{enc}:{tiling.cache_token()}:{image_sha256}"
 
 
 @dataclass(frozen=True)

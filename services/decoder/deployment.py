@@ -13,9 +13,11 @@ from typing import Any
 from services.common import tracing
 from services.common.pb import RequestContext
 from services.common.refs import EmbeddingRef
-from services.common.resolver import EmbeddingResolver
 from services.common.serve_args import common_config, redis_url_with_password, resolve_device
 from services.decoder.server import DecoderFrontend, DecoderServicer
+from services.embedding_cache.config import shared_store_config
+from services.embedding_cache.redis_store import RedisEmbeddingStore
+from services.embedding_cache.resolver import EmbeddingResolver
 
 
 class DecoderDeployment:
@@ -43,13 +45,8 @@ class DecoderDeployment:
             }
         )
         self.core = DecoderCore(config)
-        store = None
-        url = redis_url_with_password(cfg)
-        if url:
-            from services.encoder.config import RedisStoreConfig
-            from services.encoder.redis_store import RedisEmbeddingStore
-
-            store = RedisEmbeddingStore(RedisStoreConfig(url=url, ttl_s=cfg.cache.ttl_s))
+        shared = shared_store_config(cfg, redis_url_with_password(cfg))
+        store = RedisEmbeddingStore(shared) if shared is not None else None
         self.frontend = DecoderFrontend(self.core, EmbeddingResolver(store))
         self.servicer = DecoderServicer(self.frontend)
         self._gauges = _ray_gauges(model.get("name", ""))

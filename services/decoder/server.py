@@ -17,9 +17,9 @@ from services.common import tracing
 from services.common.errors import InvalidArgument
 from services.common.pb import RequestContext, context_from_pb, ref_from_pb
 from services.common.refs import EmbeddingRef
-from services.common.resolver import EmbeddingResolver
 from services.decoder.engine.sampling_params import SamplingParams
 from services.decoder.types import GenerateInput, GenerationEvent, ImageEmbedding
+from services.embedding_cache.resolver import EmbeddingResolver
 
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
 _FINISH = {

@@ -1,7 +1,7 @@
 """Validated configuration of the vision encoder service.
 
-One model per concern (the model, batching, the Redis store, the in-process LRU), composed by
-``EncoderConfig``. Built once at the entry point and passed down; library code reads no environment
+One model per concern (the model, batching; the embedding cache's Redis store and in-process LRU
+come from ``services.embedding_cache.config``), composed by ``EncoderConfig``. Built once at the entry point and passed down; library code reads no environment
 variables. Every field is bounded so a typo fails at start-up, not under load.
 """
 
@@ -12,8 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.common.limits import MAX_TILES_PER_IMAGE
-
-MIB = 1024 * 1024
+from services.embedding_cache.config import LruConfig, RedisStoreConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 FALLBACKS = ("auto", "object", "inline")
@@ -48,71 +47,6 @@ class BatchingConfig(BaseModel):
         le=1_000_000,
         description="Tiles waiting at most; beyond it a request is RESOURCE_EXHAUSTED (retry later).",
     )
-
-
-class RedisStoreConfig(BaseModel):
-    """The shared embedding cache in Redis."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    url: str = Field(
-        default="redis://127.0.0.1:6379/0",
-        description="redis:// or rediss:// URL including the db number; credentials belong in the URL.",
-    )
-    max_connections: int = Field(default=32, ge=1, le=4096, description="Connection-pool size.")
-    op_timeout_s: float = Field(
-        default=0.5,
-        gt=0.0,
-        le=60.0,
-        description=(
-            "Bound on one store operation (a whole pipelined read or write). Past it the operation counts "
-            "as a failure and the request is answered without the cache."
-        ),
-    )
-    connect_timeout_s: float = Field(default=0.5, gt=0.0, le=60.0, description="TCP connect timeout.")
-    ttl_s: float = Field(
-        default=24 * 3600.0, gt=0.0, le=30 * 24 * 3600.0, description="Lifetime of a cached embedding."
-    )
-    max_entry_bytes: int = Field(
-        default=256 * MIB,
-        ge=1,
-        le=1024 * MIB,
-        description="Largest image embedding stored (all tiles); a larger one is not cached.",
-    )
-    lock_ttl_s: float = Field(
-        default=10.0,
-        gt=0.0,
-        le=600.0,
-        description=(
-            "Lifetime of the cross-replica fill lock: at most this long do other replicas wait for the "
-            "replica encoding an image before encoding it themselves."
-        ),
-    )
-    lock_poll_s: float = Field(
-        default=0.02, gt=0.0, le=5.0, description="How often a replica waiting on another's fill polls."
-    )
-    failure_threshold: int = Field(
-        default=2,
-        ge=1,
-        le=1000,
-        description="Consecutive failed operations that open the circuit breaker (Redis is skipped).",
-    )
-    reprobe_interval_s: float = Field(
-        default=1.0,
-        gt=0.0,
-        le=300.0,
-        description="While the breaker is open, one operation is let through this often to probe Redis.",
-    )
-
-
-class LruConfig(BaseModel):
-    """The in-process first level in front of Redis (and the only cache without Redis)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    enabled: bool = Field(default=True, description="Keep recent embeddings in process memory.")
-    max_bytes: int = Field(default=512 * MIB, ge=1, le=1 << 40, description="Bytes of embeddings kept.")
-    ttl_s: float = Field(default=600.0, gt=0.0, le=30 * 24 * 3600.0, description="Lifetime in the LRU.")
 
 
 class EncoderConfig(BaseModel):

@@ -35,6 +35,7 @@ from services.common import tracing
 from services.common.checkpoint import Checkpoint
 from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.common.refs import (
+    DEFAULT_KEY_PREFIX,
     KIND_CACHE,
     KIND_INLINE,
     KIND_OBJECT,
@@ -43,15 +44,16 @@ from services.common.refs import (
     encoder_identity,
     validate_namespace,
 )
-from services.common.store import MemoryEmbeddingStore, StoredEmbedding
 from services.common.tensors import WireTensor, torch_dtype_name
 from services.common.types import TilingParams, sha256_hex
+from services.embedding_cache.errors import StoreFull, StoreUnavailable
+from services.embedding_cache.memory import MemoryEmbeddingStore
+from services.embedding_cache.redis_store import RedisEmbeddingStore
+from services.embedding_cache.store import StoredEmbedding
+from services.embedding_cache.tiered import LEVEL_LRU, TieredEmbeddingStore
 from services.encoder.batcher import TileBatcher
 from services.encoder.config import EncoderConfig
-from services.encoder.errors import StoreFull, StoreUnavailable
 from services.encoder.metrics import EncoderMetrics, encoder_metrics
-from services.encoder.redis_store import RedisEmbeddingStore
-from services.encoder.tiered_store import LEVEL_LRU, TieredEmbeddingStore
 from services.encoder.vision_model import VisionEncoder
 from services.preprocess.tiling import TiledImage
 
@@ -137,6 +139,7 @@ class EncoderCore:
         self.metrics = metrics if metrics is not None else encoder_metrics()
         self.label = model_label or "default"
         self.shared = shared
+        self.key_prefix = config.redis.key_prefix if config.redis is not None else DEFAULT_KEY_PREFIX
         front = (
             MemoryEmbeddingStore(config.lru.max_bytes, config.lru.ttl_s, config.lru.max_bytes)
             if config.lru.enabled
@@ -220,7 +223,7 @@ class EncoderCore:
             sha = sha256_hex(image.data)
             jobs.append(
                 _Job(
-                    embedding_key(namespace, self.identity, tiling, sha),
+                    embedding_key(namespace, self.identity, tiling, sha, self.key_prefix),
                     sha,
                     self._tiler(image.data, tiling),
                     priority,
@@ -254,7 +257,7 @@ class EncoderCore:
             sha = image.sha256 or _tiles_sha256(image.tiles)
             jobs.append(
                 _Job(
-                    embedding_key(namespace, self.identity, params.validate(), sha),
+                    embedding_key(namespace, self.identity, params.validate(), sha, self.key_prefix),
                     sha,
                     _ready(image),
                     priority,

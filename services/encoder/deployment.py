@@ -18,7 +18,8 @@ from services.common.pb import RequestContext
 from services.common.refs import KIND_OBJECT
 from services.common.serve_args import common_config, redis_url_with_password, resolve_device
 from services.common.types import TilingParams
-from services.encoder.config import EncoderConfig, RedisStoreConfig
+from services.embedding_cache.config import lru_config, shared_store_config
+from services.encoder.config import EncoderConfig
 from services.encoder.core import EncoderCore, ImageInput
 from services.encoder.server import EncoderServicer
 
@@ -48,7 +49,7 @@ class EncoderDeployment:
     ):
         cfg = common_config(common)
         tracing.setup_tracing(cfg.tracing, "encoder")
-        url = redis_url_with_password(cfg)
+        shared = shared_store_config(cfg, redis_url_with_password(cfg))
         config = EncoderConfig.model_validate(
             {
                 "checkpoint": model["path"],
@@ -56,7 +57,8 @@ class EncoderDeployment:
                 "dtype": model.get("dtype", "auto"),
                 "fallback": "auto",
                 "max_tiles_per_image": int(model.get("max_tiles_per_image", 12)) + 1,
-                **({"redis": RedisStoreConfig(url=url, ttl_s=cfg.cache.ttl_s)} if url else {}),
+                "redis": shared,
+                "lru": lru_config(cfg.cache),
                 **(settings or {}),
             }
         )

@@ -4,9 +4,9 @@ import torch
 
 from services.common.errors import InvalidArgument
 from services.common.refs import KIND_INLINE, EmbeddingRef, embedding_key
-from services.common.store import StoredEmbedding
 from services.common.tensors import WireTensor
 from services.common.types import TilingParams, sha256_hex
+from services.embedding_cache.store import StoredEmbedding
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int64])
@@ -63,6 +63,15 @@ def test_embedding_key_changes_with_every_input():
     assert base not in variants and len(variants) == 5
     assert base == embedding_key("tenant-a", "ckpt@1|main|float32", TilingParams(), h)
     assert base.startswith("ivm:emb:v1:tenant-a:")
+
+
+def test_embedding_key_prefix_is_its_first_segment():
+    h = sha256_hex(b"image")
+    default = embedding_key("tenant-a", "e", TilingParams(), h)
+    other = embedding_key("tenant-a", "e", TilingParams(), h, prefix="mesh-b")
+    assert other == "mesh-b" + default.removeprefix("ivm")
+    with pytest.raises(InvalidArgument):
+        embedding_key("tenant-a", "e", TilingParams(), h, prefix="a:b")
 
 
 @pytest.mark.parametrize("ns", ["", "a b", "x" * 65, "ns:colon", "../etc"])

@@ -26,11 +26,11 @@ def served_converted(tmp_path_factory):
     from gateway.http_api import create_http_app
     from gateway.tenancy.keys import KeyStore
     from gateway.tenancy.limiter import LocalLimiter
-    from services.common.resolver import EmbeddingResolver
     from services.convert.converter import convert_checkpoint
     from services.decoder.config import DecoderConfig
     from services.decoder.engine.async_engine import DecoderCore
     from services.decoder.server import DecoderFrontend
+    from services.embedding_cache.resolver import EmbeddingResolver
     from services.encoder.config import EncoderConfig
     from services.encoder.core import EncoderCore, PreprocessorTileSource
     from services.preprocess.pipeline import Preprocessor

@@ -1,8 +1,8 @@
 """Fixtures of the encoder suite: Redis db 7, cleaned after the run (the tiny checkpoint is the suite-wide
 ``tiny_checkpoint`` fixture).
 
-Every key the suite writes lives in db 7 under a namespace unique to this run (``RUN_NS``) or under the
-conformance suite's ``conformance:`` prefix; both are deleted when the session ends.
+Every key the suite writes lives in db 7 under a namespace unique to this run (``RUN_NS``), or under
+``RUN_NS`` as the key prefix; both are deleted when the session ends.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def namespace(name: str = "") -> str:
 
 @pytest.fixture(scope="session")
 def sync_redis():
-    with suite_redis(REDIS_URL, f"ivm:emb:v1:{RUN_NS}*", "conformance:*") as client:
+    with suite_redis(REDIS_URL, f"ivm:emb:v1:{RUN_NS}*", f"{RUN_NS}:*") as client:
         yield client
 
 

@@ -12,12 +12,13 @@ from prometheus_client import CollectorRegistry
 
 from services.common.refs import KIND_CACHE, KIND_INLINE
 from services.common.types import TilingParams
-from services.encoder.config import BatchingConfig, EncoderConfig, LruConfig, RedisStoreConfig
+from services.embedding_cache.config import LruConfig, RedisStoreConfig
+from services.embedding_cache.redis_store import tile_key
+from services.encoder.config import BatchingConfig, EncoderConfig
 from services.encoder.core import EncoderCore, ImageInput, PreprocessorTileSource
-from services.encoder.redis_store import tile_key
 from services.preprocess.pipeline import Preprocessor
 from services.preprocess.tiling import TiledImage
-from tests.encoder.conftest import REDIS_URL, OwnRedis, namespace, png_bytes
+from tests.encoder.conftest import REDIS_URL, RUN_NS, OwnRedis, namespace, png_bytes
 
 SQUARE = png_bytes(448, 448, seed=1)  # 1 tile
 WIDE = png_bytes(896, 448, seed=2)  # 2x1 grid + thumbnail = 3 tiles
@@ -88,6 +89,13 @@ async def test_miss_then_hit_across_replicas(make_core, sync_redis, vision_encod
     other = make_core()  # another replica: shares through Redis
     (hit2,) = await other.embed_images([ImageInput(WIDE)], ns)
     assert hit2.cache_hit and other.stats.encodes == 0
+
+
+async def test_keys_live_under_the_configured_prefix(make_core, sync_redis):
+    core = make_core(key_prefix=RUN_NS)
+    (ref,) = await core.embed_images([ImageInput(SQUARE)], namespace("prefix"))
+    assert ref.kind == KIND_CACHE and ref.key.startswith(f"{RUN_NS}:emb:v1:")
+    assert sync_redis.exists(ref.key, tile_key(ref.key, 0)) == 2
 
 
 async def test_lru_answers_without_redis_traffic(make_core):

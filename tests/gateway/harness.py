@@ -110,10 +110,10 @@ def local_cores(checkpoint, **decoder_settings):
     """Real encoder (:func:`local_encoder`) and decoder cores of one checkpoint: what a gateway in
     process talks to through ``LocalEncoderClient`` / ``LocalDecoderClient``. ``decoder_settings`` are
     more ``DecoderConfig`` fields."""
-    from services.common.resolver import EmbeddingResolver
     from services.decoder.config import DecoderConfig
     from services.decoder.engine.async_engine import DecoderCore
     from services.decoder.server import DecoderFrontend
+    from services.embedding_cache.resolver import EmbeddingResolver
 
     with local_encoder(checkpoint) as encoder:
         decoder = DecoderCore(DecoderConfig(model=str(checkpoint), dtype="float32", **decoder_settings))

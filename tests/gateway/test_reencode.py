@@ -19,10 +19,10 @@ def split_cache_gateway(cores, tiny_checkpoint):
     from gateway.http_api import create_http_app
     from gateway.tenancy.keys import KeyStore
     from gateway.tenancy.limiter import LocalLimiter
-    from services.common.resolver import EmbeddingResolver
     from services.decoder.server import DecoderFrontend
-    from services.encoder.config import RedisStoreConfig
-    from services.encoder.redis_store import RedisEmbeddingStore
+    from services.embedding_cache.config import RedisStoreConfig
+    from services.embedding_cache.redis_store import RedisEmbeddingStore
+    from services.embedding_cache.resolver import EmbeddingResolver
 
     own = OwnRedis().start()
     unreachable = RedisEmbeddingStore(RedisStoreConfig(url=f"redis://127.0.0.1:{free_port()}/0"))

@@ -13,8 +13,8 @@ import uuid
 import numpy as np
 import pytest
 
-from services.common.store import StoredEmbedding
 from services.common.tensors import WireTensor
+from services.embedding_cache.store import StoredEmbedding
 
 
 def make_entry(tiles: int = 3, rows: int = 256, dim: int = 16, dtype: str = "float32", seed: int = 0):

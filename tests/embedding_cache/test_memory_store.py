@@ -1,7 +1,7 @@
 import pytest
 
-from services.common.store import MemoryEmbeddingStore
-from tests.common.store_conformance import StoreConformance, make_entry
+from services.embedding_cache.memory import MemoryEmbeddingStore
+from tests.embedding_cache.store_conformance import StoreConformance, make_entry
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.store import EmbeddingStore, MemoryEmbeddingStore, StoredEmbedding
-from services.encoder.errors import StoreUnavailable
+from services.embedding_cache.errors import StoreUnavailable
+from services.embedding_cache.memory import MemoryEmbeddingStore
+from services.embedding_cache.store import EmbeddingStore, StoredEmbedding
 
 LEVEL_LRU = "lru"
 LEVEL_SHARED = "shared"

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from services.encoder.config import RedisStoreConfig
-from services.encoder.redis_store import RedisEmbeddingStore, tile_key
-from tests.common.store_conformance import StoreConformance, key, make_entry
-from tests.encoder.conftest import REDIS_URL
+from services.embedding_cache.config import RedisStoreConfig
+from services.embedding_cache.redis_store import RedisEmbeddingStore, tile_key
+from tests.embedding_cache.conftest import REDIS_URL
+from tests.embedding_cache.store_conformance import StoreConformance, key, make_entry
 
 
 @pytest.fixture

@@ -33,10 +33,10 @@ from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.common.store import EmbeddingStore, StoredEmbedding, parse_manifest, verify_tiles
-from services.encoder.circuit_breaker import CircuitBreaker
-from services.encoder.config import RedisStoreConfig
-from services.encoder.errors import StoreFull, StoreUnavailable
+from services.embedding_cache.circuit_breaker import CircuitBreaker
+from services.embedding_cache.config import RedisStoreConfig
+from services.embedding_cache.errors import StoreFull, StoreUnavailable
+from services.embedding_cache.store import EmbeddingStore, StoredEmbedding, parse_manifest, verify_tiles
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import numpy as np
 
 from services.common.errors import EmbeddingUnresolvable, InvalidArgument, Unavailable
 from services.common.refs import KIND_CACHE, KIND_INLINE, KIND_OBJECT, EmbeddingRef
-from services.common.store import EmbeddingStore
 from services.common.tensors import WireTensor
+from services.embedding_cache.store import EmbeddingStore
 
 
 class EmbeddingResolver:

@@ -3,10 +3,11 @@ import torch
 
 from services.common.errors import EmbeddingUnresolvable, InvalidArgument
 from services.common.refs import KIND_CACHE, KIND_INLINE, EmbeddingRef
-from services.common.resolver import EmbeddingResolver
-from services.common.store import MemoryEmbeddingStore, StoredEmbedding
 from services.common.tensors import WireTensor
 from services.common.types import sha256_hex
+from services.embedding_cache.memory import MemoryEmbeddingStore
+from services.embedding_cache.resolver import EmbeddingResolver
+from services.embedding_cache.store import StoredEmbedding
 
 H = sha256_hex(b"img")
 
