@@ -48,6 +48,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.tenancy.config import Tenant, TenantLimits
 from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
+from services.embedding_cache.circuit_breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
 
@@ -482,8 +483,9 @@ class FallbackLimiter:
     degraded: it logs once, counts ``internvl_mesh_tenancy_limiter_degradations_total``, sets the
     ``internvl_mesh_tenancy_limiter_degraded`` gauge, calls ``on_degraded(reason)`` and from then on admits
     through ``local`` (or raises ``Unavailable`` with ``fail_closed``), trying Redis again with one request
-    every ``reprobe_interval_s``. The first answer from Redis ends the degraded state; the counters in
-    Redis then apply again. Admissions settle where they were taken.
+    (never two at once) ``reprobe_interval_s`` after the last failure: the embedding cache's
+    ``CircuitBreaker`` with a threshold of one. The first answer from Redis ends the degraded state; the
+    counters in Redis then apply again. Admissions settle where they were taken.
 
     ``registry`` defaults to prometheus_client's global one, which allows one instance per process;
     pass a private ``CollectorRegistry`` for more.
@@ -511,10 +513,8 @@ class FallbackLimiter:
         self.op_timeout_s = op_timeout_s
         self.reprobe_interval_s = reprobe_interval_s
         self._on_degraded = on_degraded
-        self._clock = clock
-        self._degraded_reason: str | None = None
-        self._next_probe = 0.0
-        self._probing = False
+        # Threshold 1: the first outage degrades; one probe every reprobe_interval_s after the last failure.
+        self.breaker = CircuitBreaker(1, reprobe_interval_s, clock)
         self.degradations = Counter(
             "internvl_mesh_tenancy_limiter_degradations_total",
             "Times the rate limiter lost Redis and fell back to per-replica limits (or fail-closed).",
@@ -533,12 +533,12 @@ class FallbackLimiter:
 
     @property
     def degraded(self) -> bool:
-        return self._degraded_reason is not None
+        return self.breaker.is_open
 
     async def admit(self, tenant: Tenant, estimated_tokens: int) -> Admission:
-        if self.degraded and (self._probing or self._clock() < self._next_probe):
+        if not self.breaker.allow():
             return await self._without_redis(tenant, estimated_tokens)
-        self._probing = self.degraded
+        probe = self.breaker.is_open  # let through while degraded: this call is the probe
         try:
             async with asyncio.timeout(self.op_timeout_s):
                 admission = await self.redis.admit(tenant, estimated_tokens)
@@ -551,14 +551,15 @@ class FallbackLimiter:
         except RedisError:
             raise  # a script or protocol error is a bug, not an outage
         finally:
-            self._probing = False
+            if probe:
+                self.breaker.end_probe()
         self._recovered()
         return admission
 
     async def _without_redis(self, tenant: Tenant, estimated_tokens: int) -> Admission:
         if self.fail_closed:
             raise Unavailable(
-                f"rate limiter unavailable ({self._degraded_reason}); refusing requests (fail-closed)",
+                f"rate limiter unavailable ({self.breaker.last_error}); refusing requests (fail-closed)",
                 reason="limiter_unavailable",
             )
         admission = await self.local.admit(tenant, estimated_tokens)
@@ -566,11 +567,8 @@ class FallbackLimiter:
         return admission
 
     def _degrade(self, reason: str) -> None:
-        self._next_probe = self._clock() + self.reprobe_interval_s
-        if self.degraded:
-            self._degraded_reason = reason
-            return
-        self._degraded_reason = reason
+        if not self.breaker.record_failure(reason):
+            return  # already degraded: the next probe is one interval away again
         self.degradations.inc()
         self.degraded_gauge.set(1)
         mode = "refusing requests (fail-closed)" if self.fail_closed else "enforcing limits per replica"
@@ -579,9 +577,8 @@ class FallbackLimiter:
             self._on_degraded(reason)
 
     def _recovered(self) -> None:
-        if not self.degraded:
+        if not self.breaker.record_success():
             return
-        self._degraded_reason = None
         self.degraded_gauge.set(0)
         log.warning("rate limiter reached Redis again: shared limits apply")
 

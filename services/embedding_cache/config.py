@@ -71,7 +71,10 @@ class RedisStoreConfig(BaseModel):
         default=1.0,
         gt=0.0,
         le=300.0,
-        description="While the breaker is open, one operation is let through this often to probe Redis.",
+        description=(
+            "While the breaker is open, one operation probes Redis this long after the last failure "
+            "(one at a time; the others answer without the cache)."
+        ),
     )
 
 

@@ -113,9 +113,23 @@ class RedisEmbeddingStore(EmbeddingStore):
         if not self.breaker.allow():
             self._emit("skipped")
             raise StoreUnavailable(f"redis {op} skipped: circuit open ({self.breaker.last_error})")
-        if write and not self.full_breaker.allow():
-            self._emit("skipped")
-            raise StoreFull(f"redis {op} skipped: redis reported out of memory")
+        probe = self.breaker.is_open  # let through while open: this call is the probe
+        full_probe = False
+        try:
+            if write:
+                if not self.full_breaker.allow():
+                    self._emit("skipped")
+                    raise StoreFull(f"redis {op} skipped: redis reported out of memory")
+                full_probe = self.full_breaker.is_open
+            return await self._attempt(op, fn, write)
+        finally:
+            # A probe that ended without an answer (cancelled, or a bug of ours) lets the next call probe.
+            if probe:
+                self.breaker.end_probe()
+            if full_probe:
+                self.full_breaker.end_probe()
+
+    async def _attempt(self, op: str, fn: Callable[[], Awaitable[T]], write: bool) -> T:
         try:
             async with asyncio.timeout(self.config.op_timeout_s):
                 result = await fn()
