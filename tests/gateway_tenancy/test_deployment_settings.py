@@ -7,9 +7,9 @@ import uuid
 
 from prometheus_client import CollectorRegistry
 
+from gateway.config import GatewaySettings
 from gateway.deployment import build_tenancy, build_usage
 from services.common.config import RedisConfig
-from services.topology import GatewaySettings
 from tests.gateway_tenancy.conftest import REDIS_URL, make_tenant
 
 
