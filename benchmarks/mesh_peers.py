@@ -18,6 +18,13 @@ from typing import Any
 import torch
 
 from services.common.types import TilingParams
+from services.decoder.types import (
+    ChatMessage,
+    DecodeRequest,
+    ImagePlaceholder,
+    SamplingParams,
+    TextContent,
+)
 from tests.preprocess.reference import reference_load_image
 
 MAX_NUM = 12
@@ -35,13 +42,13 @@ def template_messages(question: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image"}]}]
 
 
-def decoder_payload(question: str, max_tokens: int) -> dict[str, Any]:
-    """The decoder's ``generate`` payload of one greedy question (the question before the image)."""
-    return {
-        "messages": [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image"}]}],
-        "sampling": {"temperature": 0.0},
-        "max_tokens": max_tokens,
-    }
+def decode_request(question: str, max_tokens: int) -> DecodeRequest:
+    """The decoder's request of one greedy question (the question before the image)."""
+    return DecodeRequest(
+        messages=[ChatMessage("user", [TextContent(question), ImagePlaceholder()])],
+        sampling=SamplingParams(temperature=0.0),
+        max_tokens=max_tokens,
+    )
 
 
 # -- the monolith ---------------------------------------------------------------------------------
@@ -144,12 +151,12 @@ class InProcess:
         t1 = time.perf_counter()
         refs = await self.encoder.embed_tiles(tiled, "default", params)
         t2 = time.perf_counter()
-        payload = decoder_payload(question, max_tokens)
+        request = decode_request(question, max_tokens)
         ctx = RequestContext(request_id=f"inproc-{uuid.uuid4().hex[:12]}", cache_namespace="default")
         first, tokens = None, 0
-        async for event in self.frontend.generate(payload, refs, ctx):
+        async for event in self.frontend.generate(request, refs, ctx):
             first = first or time.perf_counter()
-            tokens += len(event.get("token_ids", []))
+            tokens += len(event.token_ids)
         t3 = time.perf_counter()
         return {
             "preprocess_ms": ms(t1 - t0),
@@ -174,7 +181,7 @@ class InProcess:
         t1 = time.perf_counter()
         ctx = RequestContext(request_id=f"inproc-{uuid.uuid4().hex[:12]}", cache_namespace="default")
         first = None
-        async for _event in self.frontend.generate(decoder_payload(question, max_tokens), refs, ctx):
+        async for _event in self.frontend.generate(decode_request(question, max_tokens), refs, ctx):
             first = first or time.perf_counter()
         t2 = time.perf_counter()
         return {

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.mesh_peers import KV_CACHE, MAX_NUM, MAX_TOKENS, decoder_payload, ms
+from benchmarks.mesh_peers import KV_CACHE, MAX_NUM, MAX_TOKENS, decode_request, ms
 from services.common.types import TilingParams
 
 MODEL = "small-mesh"
@@ -162,10 +162,10 @@ class Mesh:
         t2 = time.perf_counter()
         first, tokens = None, 0
         for event in self.decoder.options(stream=True).generate.remote(
-            decoder_payload(question, max_tokens), refs, ctx
+            decode_request(question, max_tokens), refs, ctx
         ):
             first = first or time.perf_counter()
-            tokens += len(event.get("token_ids", []))
+            tokens += len(event.token_ids)
         t3 = time.perf_counter()
         import ray
 
@@ -198,7 +198,7 @@ class Mesh:
         t1 = time.perf_counter()
         first = None
         for _event in self.decoder.options(stream=True).generate.remote(
-            decoder_payload(question, max_tokens), refs, ctx
+            decode_request(question, max_tokens), refs, ctx
         ):
             first = first or time.perf_counter()
         t2 = time.perf_counter()

@@ -1,7 +1,8 @@
 """Encoder and decoder clients of the gateway: over Ray DeploymentHandles, or in process.
 
 The handle clients pass embedding references through unread (a Ray ``ObjectRef`` inside a reference
-stays a reference); closing a decoder stream cancels the request in the decoder replica.
+stays a reference). A decoder client sends a ``DecodeRequest`` and streams ``GenerationEvent`` s back,
+the same objects over a handle as in process; closing its stream cancels the request in the decoder.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from services.common.errors import ResourceExhausted, Unavailable
 from services.common.pb import RequestContext
 from services.common.refs import EmbeddingRef
 from services.common.types import TilingParams
+from services.decoder.types import DecodeRequest, GenerationEvent
 
 
 def _replica_failures() -> tuple[type[BaseException], ...]:
@@ -67,16 +69,16 @@ class HandleDecoderClient:
         self.info_handle = handle
 
     async def generate(
-        self, payload: dict[str, Any], refs: list[EmbeddingRef], ctx: RequestContext
-    ) -> AsyncIterator[dict[str, Any]]:
+        self, request: DecodeRequest, refs: list[EmbeddingRef], ctx: RequestContext
+    ) -> AsyncIterator[GenerationEvent]:
         from ray.serve.exceptions import BackPressureError
 
         failures = _replica_failures()
-        stream = self.handle.generate.remote(payload, refs, ctx)
+        stream = self.handle.generate.remote(request, refs, ctx)
         finished = False
         try:
             async for event in stream:
-                finished = "finish_reason" in event
+                finished = event.finished
                 yield event
         except BackPressureError as exc:
             raise ResourceExhausted(
@@ -117,8 +119,10 @@ class LocalDecoderClient:
     def __init__(self, frontend: Any):
         self.frontend = frontend
 
-    async def generate(self, payload, refs, ctx):
-        async for event in self.frontend.generate(payload, refs, ctx):
+    async def generate(
+        self, request: DecodeRequest, refs: list[EmbeddingRef], ctx: RequestContext
+    ) -> AsyncIterator[GenerationEvent]:
+        async for event in self.frontend.generate(request, refs, ctx):
             yield event
 
     async def info(self) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from services.common.limits import MAX_TILES_PER_IMAGE
 from services.common.pb import RequestContext
 from services.common.refs import EmbeddingRef
 from services.common.types import TilingParams
+from services.decoder.types import DecodeRequest, FinishReason, GenerationEvent
 from services.preprocess.config import DecodeLimits
 from services.preprocess.decoding import open_image
 from services.preprocess.tiling import count_tiles
@@ -54,8 +55,8 @@ class EncoderClient(Protocol):
 
 class DecoderClient(Protocol):
     def generate(
-        self, payload: dict[str, Any], refs: list[EmbeddingRef], ctx: RequestContext
-    ) -> AsyncIterator[dict[str, Any]]: ...
+        self, request: DecodeRequest, refs: list[EmbeddingRef], ctx: RequestContext
+    ) -> AsyncIterator[GenerationEvent]: ...
 
 
 @dataclass
@@ -213,14 +214,18 @@ class Gateway:
 
     # -- steps --------------------------------------------------------------------------------
     async def _run(
-        self, req, route, ctx, tilings, max_tokens, usage, root, record
+        self,
+        req: ChatRequest,
+        route: ModelRoute,
+        ctx: RequestContext,
+        tilings: list[TilingParams],
+        max_tokens: int,
+        usage: Usage,
+        root: Any,
+        record: RequestRecord,
     ) -> AsyncIterator[ChatChunk]:
         images = req.images
-        payload = {
-            "messages": _messages_payload(req),
-            "sampling": req.sampling(),
-            "max_tokens": max_tokens,
-        }
+        decode = req.decode_request(max_tokens)
         for attempt in (1, 2):
             # A second attempt asks for the tensors themselves: the first references could not be read.
             refs = await self._embed(route, images, tilings, ctx, root, inline=attempt == 2) if images else []
@@ -232,18 +237,18 @@ class Gateway:
             gen_span = tracing.start_span(tracing.SPAN_GENERATE, parent=root)
             try:
                 gen_ctx = replace(ctx, trace=tracing.carrier_of(gen_span))
-                async for event in route.decoder.generate(payload, refs, gen_ctx):
+                async for event in route.decoder.generate(decode, refs, gen_ctx):
                     if not started:
                         record.ttft_s = time.monotonic() - record.started
                     started = True
                     chunk = _chunk(req.request_id, event)
                     # Counted as they arrive so a cancelled request still accounts for its prompt (sent
                     # with the first token) and what it generated; the final event's usage replaces them.
-                    usage.completion_tokens += len(event.get("token_ids") or ())
-                    if event.get("prompt_tokens") is not None:
-                        usage.prompt_tokens = event["prompt_tokens"]
-                        usage.image_tokens = event.get("image_tokens", 0)
-                    if chunk.finish_reason == "deadline":
+                    usage.completion_tokens += len(event.token_ids)
+                    if event.prompt_tokens is not None:
+                        usage.prompt_tokens = event.prompt_tokens
+                        usage.image_tokens = event.image_tokens or 0
+                    if chunk.finish_reason is FinishReason.DEADLINE:
                         raise DeadlineExceeded(
                             f"request {req.request_id} reached its deadline in the decoder"
                         )
@@ -253,7 +258,7 @@ class Gateway:
                         usage.image_tokens = chunk.usage.image_tokens
                         usage.completion_tokens = chunk.usage.completion_tokens
                         usage.cached_prompt_tokens = chunk.usage.cached_prompt_tokens
-                        record.finish_reason = chunk.finish_reason or ""
+                        record.finish_reason = chunk.finish_reason.value if chunk.finish_reason else ""
                     yield chunk
                 return
             except EmbeddingUnresolvable:
@@ -348,43 +353,32 @@ def _text_token_bound(req: ChatRequest) -> int:
     return text + TEMPLATE_TOKENS_PER_MESSAGE * (len(req.messages) + 2)
 
 
-def _messages_payload(req: ChatRequest) -> list[dict[str, Any]]:
-    out = []
-    for m in req.messages:
-        parts = [
-            {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"}
-            for p in m.parts
-        ]
-        if all(p["type"] == "text" for p in parts):
-            out.append({"role": m.role, "content": "".join(p["text"] for p in parts)})
-        else:
-            out.append({"role": m.role, "content": parts})
-    return out
-
-
-def _chunk(request_id: str, event: dict[str, Any]) -> ChatChunk:
-    if event.get("error"):
+def _chunk(request_id: str, event: GenerationEvent) -> ChatChunk:
+    if event.error:
         from services.common.errors import MeshError
 
-        raise MeshError(str(event["error"]))
-    usage = event.get("usage")
+        raise MeshError(event.error)
+    u = event.usage
     return ChatChunk(
         request_id=request_id,
-        text=event.get("text", ""),
+        text=event.text,
         logprobs=[
             TokenLogprob(
-                lp["token"], lp["logprob"], lp.get("bytes", []), [tuple(t) for t in lp.get("top", [])]
+                lp.token,
+                lp.logprob,
+                list(lp.token_bytes),
+                [(t.token, t.logprob, list(t.token_bytes)) for t in lp.top],
             )
-            for lp in event.get("logprobs") or []
+            for lp in event.logprobs or ()
         ],
-        finish_reason=event.get("finish_reason"),
+        finish_reason=event.finish_reason,
         usage=Usage(
-            prompt_tokens=usage["prompt_tokens"],
-            image_tokens=usage.get("image_tokens", 0),
-            completion_tokens=usage["completion_tokens"],
-            cached_prompt_tokens=usage.get("cached_prompt_tokens", 0),
+            prompt_tokens=u.prompt_tokens,
+            image_tokens=u.image_tokens,
+            completion_tokens=u.completion_tokens,
+            cached_prompt_tokens=u.cached_prompt_tokens,
         )
-        if usage
+        if u is not None
         else None,
     )
 

@@ -24,10 +24,20 @@ from gateway.intake import api_key, trace_context
 from gateway.openai_schema import ChatCompletionRequest, error_body
 from gateway.types import ChatChunk, Usage
 from services.common.errors import MeshError, ResourceExhausted
+from services.decoder.types import FinishReason
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 96 * 1024 * 1024
+
+# ``finish_reason`` as this API spells it: OpenAI's words where it has them, ours where it has none.
+FINISH_REASONS: dict[FinishReason, str] = {
+    FinishReason.STOP: "stop",
+    FinishReason.LENGTH: "length",
+    FinishReason.CANCELLED: "cancelled",
+    FinishReason.DEADLINE: "deadline",
+    FinishReason.ERROR: "error",
+}
 
 
 def _error_response(exc: MeshError) -> JSONResponse:
@@ -176,12 +186,16 @@ async def _collect(first, stream: AsyncIterator[ChatChunk], model: str, created:
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": "".join(text)},
-                "finish_reason": (last.finish_reason if last else None) or "stop",
+                "finish_reason": _finish(last.finish_reason if last else None),
                 "logprobs": {"content": lps} if logprobs else None,
             }
         ],
         "usage": _usage(last.usage if last else None),
     }
+
+
+def _finish(reason: FinishReason | None) -> str:
+    return FINISH_REASONS[reason or FinishReason.STOP]
 
 
 async def _sse(first, stream, model: str, created: int, include_usage: bool, logprobs: bool | None):
@@ -210,7 +224,7 @@ async def _sse(first, stream, model: str, created: int, include_usage: bool, log
                 yield event([choice])
             if chunk.finish_reason is not None:
                 usage = chunk.usage
-                yield event([{"index": 0, "delta": {}, "finish_reason": chunk.finish_reason or "stop"}])
+                yield event([{"index": 0, "delta": {}, "finish_reason": _finish(chunk.finish_reason)}])
             chunk = await anext(stream, None)
     except MeshError as exc:  # after the stream started: an error event, then the end
         yield f"data: {json.dumps(error_body(exc.message, exc.http_status, exc.reason))}\n\n"

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+
+from services.decoder.types import (
+    ChatMessage,
+    DecodeRequest,
+    FinishReason,
+    ImagePlaceholder,
+    SamplingParams,
+    TextContent,
+)
 
 # The roles a chat message may have (HTTP's "developer" arrives here as "system").
 ROLES = ("system", "user", "assistant")
@@ -50,18 +58,30 @@ class ChatRequest:
     def images(self) -> list[ImagePart]:
         return [p for m in self.messages for p in m.parts if isinstance(p, ImagePart)]
 
-    def sampling(self) -> dict[str, Any]:
-        return {
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "repetition_penalty": self.repetition_penalty,
-            "frequency_penalty": self.frequency_penalty,
-            "presence_penalty": self.presence_penalty,
-            "seed": self.seed,
-            "stop": list(self.stop),
-            "logprobs": self.top_logprobs if self.logprobs else None,
-        }
+    def decode_request(self, max_tokens: int) -> DecodeRequest:
+        """What the decoder is asked: the messages with a placeholder for each image (the images travel
+        as embedding references beside it), the sampling values and the admitted ``max_tokens``."""
+        return DecodeRequest(
+            messages=[
+                ChatMessage(
+                    m.role,
+                    [TextContent(p.text) if isinstance(p, TextPart) else ImagePlaceholder() for p in m.parts],
+                )
+                for m in self.messages
+            ],
+            sampling=SamplingParams(
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                repetition_penalty=self.repetition_penalty,
+                frequency_penalty=self.frequency_penalty,
+                presence_penalty=self.presence_penalty,
+                seed=self.seed,
+                stop=list(self.stop),
+                logprobs=self.top_logprobs if self.logprobs else None,
+            ),
+            max_tokens=max_tokens,
+        )
 
 
 @dataclass
@@ -92,5 +112,5 @@ class ChatChunk:
     request_id: str
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     usage: Usage | None = None

@@ -1,7 +1,8 @@
 """The decoder as a Ray Serve deployment (the language pool).
 
-Handles call ``generate`` as a streaming method (``handle.options(stream=True)``); closing the
-handle's stream cancels the request in the engine, freeing its KV blocks. Serve's gRPC proxy calls
+Handles call ``generate`` as a streaming method (``handle.options(stream=True)``) with a ``DecodeRequest``,
+its embedding references and the ``RequestContext``, and get ``GenerationEvent`` s back (both pickle);
+closing the handle's stream cancels the request in the engine, freeing its KV blocks. Serve's gRPC proxy calls
 ``Generate`` / ``CountTokens``, the same servicer as a standalone server.
 """
 
@@ -15,6 +16,7 @@ from services.common.pb import RequestContext
 from services.common.refs import EmbeddingRef
 from services.common.serve_args import common_config, redis_url_with_password, resolve_device
 from services.decoder.server import DecoderFrontend, DecoderServicer
+from services.decoder.types import ChatMessage, DecodeRequest
 from services.embedding_cache.config import shared_store_config
 from services.embedding_cache.redis_store import RedisEmbeddingStore
 from services.embedding_cache.resolver import EmbeddingResolver
@@ -60,11 +62,11 @@ class DecoderDeployment:
                 gauge.set(float(stats.get(name, 0.0)))
             await asyncio.sleep(interval_s)
 
-    async def generate(self, payload: dict[str, Any], refs: list[EmbeddingRef], ctx: RequestContext):
-        async for event in self.frontend.generate(payload, refs, ctx):
+    async def generate(self, request: DecodeRequest, refs: list[EmbeddingRef], ctx: RequestContext):
+        async for event in self.frontend.generate(request, refs, ctx):
             yield event
 
-    def count_tokens(self, messages: list[dict[str, Any]], image_tiles: list[int]) -> tuple[int, int]:
+    def count_tokens(self, messages: list[ChatMessage], image_tiles: list[int]) -> tuple[int, int]:
         return self.frontend.count_tokens(messages, image_tiles)
 
     def info(self) -> dict[str, Any]:

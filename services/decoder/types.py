@@ -1,19 +1,105 @@
-"""The decoder's domain API types (no torch import, no gRPC).
+"""The decoder's domain types (no torch import, no gRPC).
 
-The servicer converts protobuf messages into :class:`GenerateInput` and each
-:class:`GenerationEvent` back into a protobuf message; nothing else crosses that boundary.
+Two kinds of type live here:
+
+- The hop between the gateway and the decoder: a :class:`DecodeRequest` in (typed chat messages,
+  :class:`SamplingParams`, ``max_tokens``; the embedding references and the ``RequestContext`` travel
+  beside it), :class:`GenerationEvent` s out. The same objects cross Ray handles (they pickle) and, through
+  ``services.decoder.pb`` at the servicer's edge, gRPC.
+- The engine's input, :class:`GenerateInput`: the same request with every image resolved to its
+  embeddings and the messages in the chat template's form (``template_messages``).
+
+The engine produces the events; ``DecoderFrontend`` fills in the token strings of their log-probabilities.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.decoder.engine.sampling_params import SamplingParams
 
-FINISH_REASONS = ("stop", "length", "cancelled", "deadline", "error")
+__all__ = [
+    "ChatMessage",
+    "DecodeRequest",
+    "FinishReason",
+    "GenerateInput",
+    "GenerationEvent",
+    "ImageEmbedding",
+    "ImagePlaceholder",
+    "SamplingParams",
+    "TextContent",
+    "TokenLogprob",
+    "TopLogprob",
+    "Usage",
+    "template_messages",
+]
 
 
+class FinishReason(enum.StrEnum):
+    """Why a request's stream ended. Front ends map it to their wire spelling in one place each."""
+
+    STOP = "stop"  # an end-of-sequence token, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens, or the context is full
+    CANCELLED = "cancelled"  # the caller went away, or aborted it
+    DEADLINE = "deadline"  # the request context's deadline passed
+    ERROR = "error"  # the engine failed; the event's ``error`` says how
+
+
+# -- the request ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TextContent:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePlaceholder:
+    """Where the next image goes: the k-th placeholder of a request is its k-th embedding reference."""
+
+
+@dataclass
+class ChatMessage:
+    role: str  # "system", "user" or "assistant"
+    content: list[TextContent | ImagePlaceholder]
+
+    @property
+    def num_images(self) -> int:
+        return sum(1 for p in self.content if isinstance(p, ImagePlaceholder))
+
+
+@dataclass
+class DecodeRequest:
+    """One chat completion to decode. The request id, tenant, priority and deadline are the
+    ``RequestContext``'s; the images are the embedding references sent with it, in placeholder order.
+    ``max_tokens`` ``None`` means up to the context."""
+
+    messages: list[ChatMessage]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int | None = None
+
+    @property
+    def num_images(self) -> int:
+        return sum(m.num_images for m in self.messages)
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The chat template's form of the messages (what ``GenerateInput.messages`` holds): a message of text
+    only is one string (templates may render strings and part lists differently), else a part list."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if all(isinstance(p, TextContent) for p in m.content):
+            out.append({"role": m.role, "content": "".join(p.text for p in m.content)})
+        else:
+            parts = [
+                {"type": "text", "text": p.text} if isinstance(p, TextContent) else {"type": "image"}
+                for p in m.content
+            ]
+            out.append({"role": m.role, "content": parts})
+    return out
+
+
+# -- the engine's input -----------------------------------------------------------------------------
 @dataclass
 class ImageEmbedding:
     """One image's projected vision features: ``embeddings`` is a torch tensor (tiles * 256, hidden).
@@ -31,8 +117,9 @@ class ImageEmbedding:
 class GenerateInput:
     """One chat completion to run.
 
-    ``messages``: ``[{"role": "system"|"user"|"assistant", "content": str | [part, ...]}]`` with parts
-    ``{"type": "text", "text": str}`` and ``{"type": "image"}``; ``images`` follow the image parts in
+    ``messages``: the chat template's form, ``[{"role": "system"|"user"|"assistant", "content": str |
+    [part, ...]}]`` with parts ``{"type": "text", "text": str}`` and ``{"type": "image"}``
+    (``template_messages`` builds it from a ``DecodeRequest``); ``images`` follow the image parts in
     order. ``deadline`` is absolute, in ``time.monotonic()`` seconds (or epoch seconds when
     ``deadline_is_epoch``). ``priority``: higher runs first. ``max_tokens`` ``None`` means up to the context.
     """
@@ -48,11 +135,28 @@ class GenerateInput:
     deadline_is_epoch: bool = False
 
 
+# -- the events -------------------------------------------------------------------------------------
 @dataclass
-class TokenLogprob:
+class TopLogprob:
+    """An alternative to the chosen token. ``token`` / ``token_bytes`` (its text and that text's UTF-8
+    bytes) are empty as the engine makes it; ``DecoderFrontend`` fills them in."""
+
     token_id: int
     logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+    token: str = ""
+    token_bytes: bytes = b""
+
+
+@dataclass
+class TokenLogprob:
+    """The chosen token's log-probability (from the model's distribution before temperature and
+    filters) and the top alternatives, best first. Token strings as in :class:`TopLogprob`."""
+
+    token_id: int
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
+    token: str = ""
+    token_bytes: bytes = b""
 
 
 @dataclass
@@ -73,13 +177,14 @@ class GenerationEvent:
 
     ``text`` is the new text only (never a broken UTF-8 sequence); ``token_ids`` the new token ids
     (a stop token is included in ids but not in text; text cut by a stop string is not emitted).
+    ``error`` is set on a last event whose ``finish_reason`` is ``ERROR``.
     """
 
     request_id: str
     text: str
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: str | None = None
     # On the first event: the prompt's size, so a request cancelled before its last event still

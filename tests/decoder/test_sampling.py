@@ -69,7 +69,7 @@ def test_seed_is_reproducible_and_independent_of_the_batch(engine, reference):
 def test_top_k_draws_stay_in_the_top_k(engine, reference):
     events = gen(engine, reference, SamplingParams(temperature=2.0, top_k=3, seed=7, logprobs=3))
     for lp in (lp for e in events for lp in e.logprobs):
-        assert lp.token_id in [t for t, _ in lp.top]
+        assert lp.token_id in [t.token_id for t in lp.top]
 
 
 def _draws(params: SamplingParams, logits: torch.Tensor, n: int = 300) -> set[int]:
@@ -156,9 +156,12 @@ def test_logprobs_with_alternatives_match_the_model(engine, reference):
         expected = torch.log_softmax(logits[0].float(), -1)
         assert math.isclose(lp.logprob, float(expected[lp.token_id]), abs_tol=1e-4)
         vals, top_ids = expected.topk(4)
-        assert [t for t, _ in lp.top] == top_ids.tolist()
-        assert all(math.isclose(a, b, abs_tol=1e-4) for (_, a), b in zip(lp.top, vals.tolist(), strict=True))
-        assert lp.top[0][0] == lp.token_id  # greedy picks the best
+        assert [t.token_id for t in lp.top] == top_ids.tolist()
+        assert all(
+            math.isclose(a, b, abs_tol=1e-4)
+            for a, b in zip((t.logprob for t in lp.top), vals.tolist(), strict=True)
+        )
+        assert lp.top[0].token_id == lp.token_id  # greedy picks the best
     assert gen(engine, reference, SamplingParams(temperature=0.0), case=case)[0].logprobs is None
 
 

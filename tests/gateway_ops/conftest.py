@@ -91,9 +91,9 @@ class CountingDecoder:
         self.inner = inner
         self.generated: dict[str, int] = {}
 
-    async def generate(self, payload, refs, ctx):
-        async for event in self.inner.generate(payload, refs, ctx):
-            n = len(event.get("token_ids") or ())
+    async def generate(self, request, refs, ctx):
+        async for event in self.inner.generate(request, refs, ctx):
+            n = len(event.token_ids)
             self.generated[ctx.request_id] = self.generated.get(ctx.request_id, 0) + n
             yield event
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.decoder.engine.sampling_params import SamplingParams
+from services.decoder.types import FinishReason
 
 _arrival_counter = itertools.count()
 
@@ -21,18 +22,18 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
-    FINISHED_STOPPED = "stop"
-    FINISHED_LENGTH = "length"
-    FINISHED_ABORTED = "cancelled"
-    FINISHED_DEADLINE = "deadline"
-    FINISHED_ERROR = "error"
+    FINISHED_STOPPED = FinishReason.STOP
+    FINISHED_LENGTH = FinishReason.LENGTH
+    FINISHED_ABORTED = FinishReason.CANCELLED
+    FINISHED_DEADLINE = FinishReason.DEADLINE
+    FINISHED_ERROR = FinishReason.ERROR
 
     @property
     def finished(self) -> bool:
-        return self.name.startswith("FINISHED")
+        return isinstance(self.value, FinishReason)
 
     @property
-    def finish_reason(self) -> str | None:
+    def finish_reason(self) -> FinishReason | None:
         return self.value if self.finished else None
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from services.decoder.engine.request import Request
-from services.decoder.types import TokenLogprob
+from services.decoder.types import TokenLogprob, TopLogprob
 
 
 @dataclass
@@ -70,7 +70,7 @@ class Sampler:
             top = []
             if p.logprobs:
                 vals, ids = row.topk(p.logprobs)
-                top = list(zip(ids.tolist(), vals.tolist(), strict=True))
+                top = [TopLogprob(t, v) for t, v in zip(ids.tolist(), vals.tolist(), strict=True)]
             logprobs.append(TokenLogprob(tok, float(row[tok]), top))
         return SamplerOutput(tokens, logprobs)
 
