@@ -19,12 +19,19 @@ Domain API (what the servicer calls; nothing here knows gRPC or Ray)::
     core.count_tokens(messages, image_tiles=[1]) -> (total_tokens, image_tokens)
     core.shutdown()
 
-``finish_reason`` is one of ``stop``, ``length``, ``cancelled``, ``deadline``, ``error``; ``usage`` has
-``prompt_tokens``, ``image_tokens`` and ``completion_tokens``. Bad input (a prompt past the context,
+``finish_reason`` is a ``FinishReason`` (``STOP``, ``LENGTH``, ``CANCELLED``, ``DEADLINE``, ``ERROR``);
+``usage`` has ``prompt_tokens``, ``image_tokens`` and ``completion_tokens``; the first event carries
+``prompt_tokens`` and ``image_tokens`` too. Bad input (a prompt past the context,
 placeholders that do not match the images, out-of-range ``max_tokens`` or sampling values) raises
 ``services.common.errors.InvalidArgument`` when the iterator is first advanced.
 
-Layout: ``config`` (pydantic configs), ``types`` (the API types above), ``prompting`` (chat template,
+The service boundary above the core (``server.DecoderFrontend``) takes a ``DecodeRequest`` (typed chat
+messages, ``SamplingParams``, ``max_tokens``) with its embedding references and ``RequestContext``, and
+yields the same ``GenerationEvent`` s with the token strings of their log-probabilities filled in; Ray
+handles carry these objects as they are, and ``pb`` converts them for gRPC.
+
+Layout: ``config`` (pydantic configs), ``types`` (the API types above and the hop's), ``pb`` (their
+protobuf conversions), ``prompting`` (chat template,
 safe tokenization, image placeholders), ``engine/`` (pure-Python scheduler and block manager; the model
 runner, sampler, detokenizer, tensor-parallel workers, the sync ``LLMEngine`` and ``DecoderCore``),
 ``models/`` (one decoder LM for the Qwen2 / Llama / Phi-3 families, Megatron-sharded layers),
@@ -38,8 +45,11 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "ChatMessage",
+    "DecodeRequest",
     "DecoderConfig",
     "DecoderCore",
+    "FinishReason",
     "GenerateInput",
     "GenerationEvent",
     "ImageEmbedding",
@@ -49,6 +59,9 @@ __all__ = [
 ]
 
 _LAZY = {
+    "ChatMessage": "services.decoder.types",
+    "DecodeRequest": "services.decoder.types",
+    "FinishReason": "services.decoder.types",
     "DecoderConfig": "services.decoder.config",
     "DecoderCore": "services.decoder.engine.async_engine",
     "GenerateInput": "services.decoder.types",
