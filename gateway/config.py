@@ -6,11 +6,13 @@ gateway replica from its Serve application's args.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field
 
 from gateway.ops_config import OpsSettings
-from services.common.config import StrictModel
-from services.common.limits import MAX_IMAGE_BYTES
+from services.common.config import CommonConfig, StrictModel
+from services.common.limits import MAX_IMAGE_BYTES, MAX_TILES_PER_IMAGE
 
 
 class RemoteImageSettings(StrictModel):
@@ -47,4 +49,24 @@ class GatewaySettings(StrictModel):
     limits_fail_closed: bool = Field(default=False, description="Refuse requests when Redis limits are down.")
     ops: OpsSettings = Field(
         default_factory=OpsSettings, description="Usage records, audit log, tenant metric labels, gRPC TLS."
+    )
+
+
+class ModelApps(StrictModel):
+    """One served model as the gateway reaches it: its public name and the Serve applications of its pools."""
+
+    name: str = Field(min_length=1, max_length=128)
+    encoder_app: str = Field(min_length=1, max_length=128)
+    decoder_app: str = Field(min_length=1, max_length=128)
+    max_tiles_per_image: int = Field(default=12, ge=1, le=MAX_TILES_PER_IMAGE)
+
+
+class GatewayAppArgs(StrictModel):
+    """The args of the gateway's Serve application (``gateway.deployment:build_app``)."""
+
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    models: list[ModelApps] = Field(min_length=1, max_length=32)
+    common: CommonConfig = Field(default_factory=CommonConfig)
+    deployment_options: dict[str, Any] = Field(
+        default_factory=dict, description="Serve deployment options (resources, scaling)."
     )

@@ -14,13 +14,13 @@ from typing import Any
 
 from gateway.audit import AuditedKeyStore, AuditLog
 from gateway.clients import HandleDecoderClient, HandleEncoderClient
-from gateway.config import GatewaySettings
+from gateway.config import GatewayAppArgs, GatewaySettings
 from gateway.core import Gateway, GatewayLimits, ModelRoute
 from gateway.metrics import GatewayMetrics
 from gateway.usage import UsageRecorder
 from services.common import tracing
 from services.common.config import RedisConfig
-from services.common.serve_args import common_config, redis_url_with_password
+from services.common.serve_args import app_args, redis_url_with_password
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +76,13 @@ def _fetcher(settings: GatewaySettings):
 
 
 class GatewayDeployment:
-    async def __init__(
-        self, gateway: dict[str, Any], models: list[dict[str, Any]], common: dict[str, Any] | None = None
-    ):
+    async def __init__(self, args: GatewayAppArgs):
         from ray import serve
 
         from gateway.grpc_api import GatewayServicer
         from services.common.grpc_server import start_server
 
-        self.settings = GatewaySettings.model_validate(gateway)
-        cfg = common_config(common)
+        self.settings, cfg = args.gateway, args.common
         tracing.setup_tracing(cfg.tracing, "gateway")
         ops = self.settings.ops
         redis_url = redis_url_with_password(cfg)
@@ -99,15 +96,15 @@ class GatewayDeployment:
             log.warning("no tenants file configured: serving single-tenant, without API keys")
         await self.keys.start()
         routes = []
-        for m in models:
-            decoder = HandleDecoderClient(serve.get_app_handle(m["decoder_app"]))
+        for m in args.models:
+            decoder = HandleDecoderClient(serve.get_app_handle(m.decoder_app))
             info = await decoder.info()
             routes.append(
                 ModelRoute(
-                    name=m["name"],
-                    encoder=HandleEncoderClient(serve.get_app_handle(m["encoder_app"])),
+                    name=m.name,
+                    encoder=HandleEncoderClient(serve.get_app_handle(m.encoder_app)),
                     decoder=decoder,
-                    max_tiles_per_image=int(m.get("max_tiles_per_image", 12)),
+                    max_tiles_per_image=m.max_tiles_per_image,
                     max_model_len=int(info["max_model_len"]),
                 )
             )
@@ -148,11 +145,12 @@ class GatewayDeployment:
             self.usage.close(timeout=2.0)
 
 
-def build_app(args: dict[str, Any]):
+def build_app(args: dict[str, Any] | GatewayAppArgs):
     """Serve application builder: ``import_path: gateway.deployment:build_app``."""
     from ray import serve
 
-    args = dict(args)
-    options = dict(args.pop("deployment_options", {}) or {})
-    deployment = serve.deployment(name="Gateway", **options)(serve.ingress()(GatewayDeployment))
-    return deployment.bind(args["gateway"], args["models"], args.get("common"))
+    typed = app_args(GatewayAppArgs, args, "gateway")
+    deployment = serve.deployment(name="Gateway", **typed.deployment_options)(
+        serve.ingress()(GatewayDeployment)
+    )
+    return deployment.bind(typed)

@@ -176,9 +176,10 @@ def config_render_command(
 
     try:
         cfg = _mesh_config(model or Path("/models/model"), config, None, None, set_)
+        rendered = render_serve_config(cfg)
     except MeshError as exc:
         _fail(exc)
-    typer.echo(yaml.safe_dump(render_serve_config(cfg), sort_keys=False))
+    typer.echo(yaml.safe_dump(rendered, sort_keys=False))
 
 
 def _register_optional_commands() -> None:

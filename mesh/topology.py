@@ -22,12 +22,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from gateway.config import GatewaySettings
-from services.common.config import CommonConfig, ModelConfig, StrictModel
+from gateway.config import GatewayAppArgs, GatewaySettings
+from services.common.config import CommonConfig, ModelConfig, StrictModel, build
+from services.decoder.config import DecoderAppArgs, DecoderSettings
+from services.encoder.config import EncoderAppArgs, EncoderSettings
+from services.preprocess.config import PreprocessAppArgs, PreprocessConfig
 
 INTERNAL_PREFIX = "/_internal"
+PREPROCESS_BUILDER = "services.preprocess.deployment:build_app"
+ENCODER_BUILDER = "services.encoder.deployment:build_app"
+DECODER_BUILDER = "services.decoder.deployment:build_app"
+GATEWAY_BUILDER = "gateway.deployment:build_app"
 
 
 class AutoscalingConfig(StrictModel):
@@ -91,11 +98,11 @@ class ServedModel(ModelConfig):
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
     encoder: DeploymentConfig = Field(default_factory=DeploymentConfig)
     decoder: DeploymentConfig = Field(default_factory=DeploymentConfig)
-    encoder_settings: dict[str, Any] = Field(
-        default_factory=dict, description="services.encoder EncoderConfig fields."
+    encoder_settings: EncoderSettings = Field(
+        default_factory=EncoderSettings, description="The encoder's settings (services.encoder.config)."
     )
-    decoder_settings: dict[str, Any] = Field(
-        default_factory=dict, description="services.decoder DecoderConfig fields."
+    decoder_settings: DecoderSettings = Field(
+        default_factory=DecoderSettings, description="The decoder's settings (services.decoder.config)."
     )
 
     @property
@@ -111,8 +118,8 @@ class MeshConfig(CommonConfig):
     """Everything ``internvl-mesh serve`` needs."""
 
     models: list[ServedModel] = Field(min_length=1, max_length=32)
-    preprocess: dict[str, Any] = Field(
-        default_factory=dict, description="services.preprocess PreprocessConfig."
+    preprocess: PreprocessConfig = Field(
+        default_factory=PreprocessConfig, description="The preprocess pool (services.preprocess.config)."
     )
     preprocess_deployment: DeploymentConfig = Field(default_factory=_cpu_pool)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
@@ -146,7 +153,7 @@ def _gateway_args(g: GatewaySettings) -> dict[str, Any]:
 
 
 def _model_args(m: ServedModel) -> dict[str, Any]:
-    return m.model_dump(include={"name", "path", "dtype", "device", "max_tiles_per_image"})
+    return m.model_dump(include=set(ModelConfig.model_fields))
 
 
 def decoder_options(m: ServedModel) -> dict[str, Any]:
@@ -173,79 +180,82 @@ def decoder_options(m: ServedModel) -> dict[str, Any]:
     return options
 
 
-def render_serve_config(cfg: MeshConfig) -> dict[str, Any]:
-    """The Serve config (the schema of ``serve deploy`` and KubeRay's ``serveConfigV2``)."""
+def _app(name: str, route: str, import_path: str, kind: type[StrictModel], args: dict[str, Any]):
+    """One application of the Serve config. Its ``args`` are checked against the builder's typed model
+    here, so ``config render`` fails where a replica would; settings appear as set (the defaults stay
+    with the services), the shared sections in full (the chart renders the same)."""
+    build(kind, args, f"the args of application {name}")
+    return {"name": name, "route_prefix": route, "import_path": import_path, "args": args}
 
-    def common() -> dict[str, Any]:
-        return {
-            "redis": cfg.redis.model_dump(),
-            "cache": cfg.cache.model_dump(),
-            "grpc": cfg.grpc.model_dump(),
-            "tracing": cfg.tracing.model_dump(),
-        }
 
-    apps: list[dict[str, Any]] = [
+def _common(cfg: MeshConfig) -> dict[str, Any]:
+    return {
+        "redis": cfg.redis.model_dump(),
+        "cache": cfg.cache.model_dump(),
+        "grpc": cfg.grpc.model_dump(),
+        "tracing": cfg.tracing.model_dump(),
+    }
+
+
+def _set(settings: BaseModel) -> dict[str, Any]:
+    return settings.model_dump(mode="json", exclude_unset=True)
+
+
+def _model_apps(cfg: MeshConfig, m: ServedModel) -> list[dict[str, Any]]:
+    encoder = {
+        "model": _model_args(m),
+        "settings": _set(m.encoder_settings),
+        "common": _common(cfg),
+        "preprocess_app": "preprocess",
+        "deployment_options": m.encoder.serve_options(),
+    }
+    decoder = {
+        "model": _model_args(m),
+        "settings": _set(m.decoder_settings),
+        "tensor_parallel_size": m.tensor_parallel_size,
+        "common": _common(cfg),
+        "deployment_options": decoder_options(m),
+    }
+    return [
+        _app(m.encoder_app, f"{INTERNAL_PREFIX}/{m.encoder_app}", ENCODER_BUILDER, EncoderAppArgs, encoder),
+        _app(m.decoder_app, f"{INTERNAL_PREFIX}/{m.decoder_app}", DECODER_BUILDER, DecoderAppArgs, decoder),
+    ]
+
+
+def _gateway_app(cfg: MeshConfig) -> dict[str, Any]:
+    models = [
         {
-            "name": "preprocess",
-            "route_prefix": f"{INTERNAL_PREFIX}/preprocess",
-            "import_path": "services.preprocess.deployment:build_app",
-            "args": {
-                "config": cfg.preprocess,
-                "common": common(),
-                "deployment_options": cfg.preprocess_deployment.serve_options(),
-            },
+            "name": m.name,
+            "encoder_app": m.encoder_app,
+            "decoder_app": m.decoder_app,
+            "max_tiles_per_image": m.max_tiles_per_image,
         }
+        for m in cfg.models
+    ]
+    args = {
+        "gateway": _gateway_args(cfg.gateway),
+        "models": models,
+        "common": _common(cfg),
+        "deployment_options": cfg.gateway_deployment.serve_options(),
+    }
+    return _app("gateway", "/", GATEWAY_BUILDER, GatewayAppArgs, args)
+
+
+def render_serve_config(cfg: MeshConfig) -> dict[str, Any]:
+    """The Serve config (the schema of ``serve deploy`` and KubeRay's ``serveConfigV2``): one application
+    per service, each with its typed args (``PreprocessAppArgs``, ``EncoderAppArgs``, ``DecoderAppArgs``,
+    ``GatewayAppArgs``) written out, which the application's builder validates again."""
+    preprocess = {
+        "config": _set(cfg.preprocess),
+        "common": _common(cfg),
+        "deployment_options": cfg.preprocess_deployment.serve_options(),
+    }
+    apps = [
+        _app("preprocess", f"{INTERNAL_PREFIX}/preprocess", PREPROCESS_BUILDER, PreprocessAppArgs, preprocess)
     ]
     for m in cfg.models:
-        apps.append(
-            {
-                "name": m.encoder_app,
-                "route_prefix": f"{INTERNAL_PREFIX}/{m.encoder_app}",
-                "import_path": "services.encoder.deployment:build_app",
-                "args": {
-                    "model": _model_args(m),
-                    "settings": m.encoder_settings,
-                    "common": common(),
-                    "preprocess_app": "preprocess",
-                    "deployment_options": m.encoder.serve_options(),
-                },
-            }
-        )
-        apps.append(
-            {
-                "name": m.decoder_app,
-                "route_prefix": f"{INTERNAL_PREFIX}/{m.decoder_app}",
-                "import_path": "services.decoder.deployment:build_app",
-                "args": {
-                    "model": _model_args(m),
-                    "settings": m.decoder_settings,
-                    "tensor_parallel_size": m.tensor_parallel_size,
-                    "common": common(),
-                    "deployment_options": decoder_options(m),
-                },
-            }
-        )
-    apps.append(
-        {
-            "name": "gateway",
-            "route_prefix": "/",
-            "import_path": "gateway.deployment:build_app",
-            "args": {
-                "gateway": _gateway_args(cfg.gateway),
-                "models": [
-                    {
-                        "name": m.name,
-                        "encoder_app": m.encoder_app,
-                        "decoder_app": m.decoder_app,
-                        "max_tiles_per_image": m.max_tiles_per_image,
-                    }
-                    for m in cfg.models
-                ],
-                "common": common(),
-                "deployment_options": cfg.gateway_deployment.serve_options(),
-            },
-        }
-    )
+        apps += _model_apps(cfg, m)
+    apps.append(_gateway_app(cfg))
     out: dict[str, Any] = {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.gateway.host, "port": cfg.gateway.http_port},

@@ -15,7 +15,6 @@ SKIPPED_DIRS = {"gen", "build", "dist", "node_modules", "__pycache__"}
 # splits land (test_known_long_functions_are_still_long fails on an entry that is no longer long).
 KNOWN_LONG = {
     "gateway/http_api.py:create_http_app",  # being split
-    "mesh/topology.py:render_serve_config",  # being split
 }
 
 

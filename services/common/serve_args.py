@@ -1,21 +1,29 @@
 """Reading a Serve application's ``args`` inside a replica.
 
-A Serve replica is an entry point: this is where a deployment turns its (secret-free) args into
-validated configs and, only here, reads the environment variables that the args name (the Redis
-password). Nothing below a deployment reads the environment.
+A Serve replica is an entry point: this is where a deployment turns its (secret-free) args, one typed
+model per application, into validated configs and, only here, reads the environment variables that the
+args name (the Redis password). Nothing below a deployment reads the environment.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
+
+from pydantic import BaseModel
 
 from services.common.config import CommonConfig, build
 
+Args = TypeVar("Args", bound=BaseModel)
 
-def common_config(common: dict[str, Any] | None) -> CommonConfig:
-    return build(CommonConfig, dict(common or {}), "serve args: common")
+
+def app_args(model_cls: type[Args], args: dict[str, Any] | Args | None, app: str) -> Args:
+    """A Serve application's ``args`` as its typed model: a dict (from a Serve config) is validated, and a
+    bad field fails with its path (``ConfigError``: ``serve args of the encoder: settings.batching...``)."""
+    if isinstance(args, model_cls):
+        return args
+    return build(model_cls, dict(args or {}), f"serve args of the {app}")
 
 
 def redis_url_with_password(cfg: CommonConfig, environ: dict[str, str] | None = None) -> str:

@@ -8,10 +8,11 @@ one sequence of ``max_model_len`` tokens cannot fit.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.common.config import CommonConfig, ModelConfig, StrictModel
 from services.common.limits import MAX_IMAGES_PER_REQUEST
 
 
@@ -65,14 +66,16 @@ class ParallelConfig(BaseModel):
     start_timeout_s: float = Field(300.0, gt=0)
 
 
-class DecoderConfig(BaseModel):
+class DecoderSettings(BaseModel):
+    """What a mesh config may set for one model's decoder (``models[].decoder_settings``).
+
+    The checkpoint, device and dtype come from the model, the tensor-parallel size from
+    ``models[].tensor_parallel_size``. Validated when the mesh config is built, so a typo fails at
+    ``config render`` with its field path, not when a replica starts.
+    """
+
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(..., description="Checkpoint directory (transformers-native InternVL layout).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: bfloat16 on CUDA, float32 on CPU."
-    )
-    device: Literal["cpu", "cuda"] = "cpu"
     attention_backend: Literal["auto", "torch_paged", "flash_attn"] = Field(
         "auto", description="auto: flash_attn on CUDA when installed and the block size suits it."
     )
@@ -82,7 +85,7 @@ class DecoderConfig(BaseModel):
     seed: int = Field(0, ge=0, description="Seeds sampling of requests that bring no seed of their own.")
 
     @model_validator(mode="after")
-    def _check(self) -> DecoderConfig:
+    def _check(self) -> DecoderSettings:
         if self.scheduler.max_model_len is not None and not self.scheduler.enable_chunked_prefill:
             if self.scheduler.max_num_batched_tokens < self.scheduler.max_model_len:
                 raise ValueError(
@@ -90,7 +93,29 @@ class DecoderConfig(BaseModel):
                 )
         return self
 
+
+class DecoderConfig(DecoderSettings):
+    """Everything the decoder needs: its settings plus the checkpoint, dtype and device."""
+
+    model: str = Field(..., description="Checkpoint directory (transformers-native InternVL layout).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on CPU."
+    )
+    device: Literal["cpu", "cuda"] = "cpu"
+
     def torch_dtype_name(self) -> str:
         if self.dtype != "auto":
             return self.dtype
         return "bfloat16" if self.device == "cuda" else "float32"
+
+
+class DecoderAppArgs(StrictModel):
+    """The args of a decoder's Serve application (``services.decoder.deployment:build_app``)."""
+
+    model: ModelConfig
+    settings: DecoderSettings = Field(default_factory=DecoderSettings)
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    common: CommonConfig = Field(default_factory=CommonConfig)
+    deployment_options: dict[str, Any] = Field(
+        default_factory=dict, description="Serve deployment options (resources, scaling, placement group)."
+    )

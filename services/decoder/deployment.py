@@ -14,7 +14,8 @@ from typing import Any
 from services.common import tracing
 from services.common.pb import RequestContext
 from services.common.refs import EmbeddingRef
-from services.common.serve_args import common_config, redis_url_with_password, resolve_device
+from services.common.serve_args import app_args, redis_url_with_password, resolve_device
+from services.decoder.config import DecoderAppArgs
 from services.decoder.server import DecoderFrontend, DecoderServicer
 from services.decoder.types import ChatMessage, DecodeRequest
 from services.embedding_cache.config import shared_store_config
@@ -23,25 +24,19 @@ from services.embedding_cache.resolver import EmbeddingResolver
 
 
 class DecoderDeployment:
-    async def __init__(
-        self,
-        model: dict[str, Any],
-        settings: dict[str, Any] | None = None,
-        tensor_parallel_size: int = 1,
-        common: dict[str, Any] | None = None,
-    ):
+    async def __init__(self, args: DecoderAppArgs):
         from services.decoder.config import DecoderConfig
         from services.decoder.engine.async_engine import DecoderCore
 
-        cfg = common_config(common)
+        cfg, model = args.common, args.model
         tracing.setup_tracing(cfg.tracing, "decoder")
-        settings = dict(settings or {})
-        parallel = {"tensor_parallel_size": tensor_parallel_size, **settings.pop("parallel", {})}
+        settings = args.settings.model_dump(exclude_unset=True)
+        parallel = {"tensor_parallel_size": args.tensor_parallel_size, **settings.pop("parallel", {})}
         config = DecoderConfig.model_validate(
             {
-                "model": model["path"],
-                "dtype": model.get("dtype", "auto"),
-                "device": resolve_device(model.get("device", "auto")).split(":")[0],
+                "model": model.path,
+                "dtype": model.dtype,
+                "device": resolve_device(model.device).split(":")[0],
                 "parallel": parallel,
                 **settings,
             }
@@ -51,7 +46,7 @@ class DecoderDeployment:
         store = RedisEmbeddingStore(shared) if shared is not None else None
         self.frontend = DecoderFrontend(self.core, EmbeddingResolver(store))
         self.servicer = DecoderServicer(self.frontend)
-        self._gauges = _ray_gauges(model.get("name", ""))
+        self._gauges = _ray_gauges(model.name)
         self._stats_task = asyncio.get_running_loop().create_task(self._publish_stats())
 
     async def _publish_stats(self, interval_s: float = 1.0) -> None:
@@ -107,13 +102,10 @@ def _ray_gauges(model: str) -> dict[str, Any]:
     return gauges
 
 
-def build_app(args: dict[str, Any]):
+def build_app(args: dict[str, Any] | DecoderAppArgs):
     """Serve application builder: ``import_path: services.decoder.deployment:build_app``."""
     from ray import serve
 
-    args = dict(args)
-    options = dict(args.pop("deployment_options", {}) or {})
-    deployment = serve.deployment(name="Decoder", **options)(DecoderDeployment)
-    return deployment.bind(
-        args["model"], args.get("settings"), args.get("tensor_parallel_size", 1), args.get("common")
-    )
+    typed = app_args(DecoderAppArgs, args, "decoder")
+    deployment = serve.deployment(name="Decoder", **typed.deployment_options)(DecoderDeployment)
+    return deployment.bind(typed)

@@ -7,10 +7,11 @@ variables. Every field is bounded so a typo fails at start-up, not under load.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.common.config import CommonConfig, ModelConfig, StrictModel
 from services.common.limits import MAX_TILES_PER_IMAGE
 from services.embedding_cache.config import LruConfig, RedisStoreConfig
 
@@ -49,19 +50,18 @@ class BatchingConfig(BaseModel):
     )
 
 
-class EncoderConfig(BaseModel):
-    """Everything the vision encoder needs. ``checkpoint`` is a native InternVL checkpoint directory."""
+class EncoderSettings(BaseModel):
+    """What a mesh config may set for one model's encoder (``models[].encoder_settings``).
+
+    The checkpoint, device and dtype come from the model; ``redis`` and ``lru``, when not set here, from
+    the mesh's ``redis`` and ``cache`` sections. Validated when the mesh config is built, so a typo fails
+    at ``config render`` with its field path, not when a replica starts.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    checkpoint: str = Field(description="Local directory of a transformers-native InternVL checkpoint.")
     revision: str = Field(
         default="", max_length=128, description="Checkpoint revision; part of the cache identity."
-    )
-    device: str = Field(default="cpu", description="torch device: 'cpu', 'cuda', 'cuda:1', ...")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto",
-        description="Compute and output dtype. auto: bfloat16 on CUDA (float16 without bf16), float32 on CPU.",
     )
     attention: str = Field(
         default="auto",
@@ -86,8 +86,33 @@ class EncoderConfig(BaseModel):
         description="Most tiles accepted for one image: 40 grid tiles (InternVL 1.5) plus the thumbnail.",
     )
 
+
+class EncoderConfig(EncoderSettings):
+    """Everything the vision encoder needs. ``checkpoint`` is a native InternVL checkpoint directory."""
+
+    checkpoint: str = Field(description="Local directory of a transformers-native InternVL checkpoint.")
+    device: str = Field(default="cpu", description="torch device: 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="Compute and output dtype. auto: bfloat16 on CUDA (float16 without bf16), float32 on CPU.",
+    )
+
     @model_validator(mode="after")
     def _check_device(self) -> EncoderConfig:
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         return self
+
+
+class EncoderAppArgs(StrictModel):
+    """The args of an encoder's Serve application (``services.encoder.deployment:build_app``)."""
+
+    model: ModelConfig
+    settings: EncoderSettings = Field(default_factory=EncoderSettings)
+    common: CommonConfig = Field(default_factory=CommonConfig)
+    preprocess_app: str | None = Field(
+        default="preprocess", description="The preprocess application that tiles misses; None: in process."
+    )
+    deployment_options: dict[str, Any] = Field(
+        default_factory=dict, description="Serve deployment options (resources, scaling)."
+    )

@@ -16,10 +16,10 @@ from typing import Any
 from services.common import tracing
 from services.common.pb import RequestContext
 from services.common.refs import KIND_OBJECT
-from services.common.serve_args import common_config, redis_url_with_password, resolve_device
+from services.common.serve_args import app_args, redis_url_with_password, resolve_device
 from services.common.types import TilingParams
 from services.embedding_cache.config import lru_config, shared_store_config
-from services.encoder.config import EncoderConfig
+from services.encoder.config import EncoderAppArgs, EncoderConfig
 from services.encoder.core import EncoderCore, ImageInput
 from services.encoder.server import EncoderServicer
 
@@ -40,32 +40,25 @@ class HandleTileSource:
 
 
 class EncoderDeployment:
-    def __init__(
-        self,
-        model: dict[str, Any],
-        settings: dict[str, Any] | None = None,
-        common: dict[str, Any] | None = None,
-        preprocess_app: str | None = "preprocess",
-    ):
-        cfg = common_config(common)
+    def __init__(self, args: EncoderAppArgs):
+        cfg, model = args.common, args.model
         tracing.setup_tracing(cfg.tracing, "encoder")
-        shared = shared_store_config(cfg, redis_url_with_password(cfg))
         config = EncoderConfig.model_validate(
             {
-                "checkpoint": model["path"],
-                "device": resolve_device(model.get("device", "auto")),
-                "dtype": model.get("dtype", "auto"),
+                "checkpoint": model.path,
+                "device": resolve_device(model.device),
+                "dtype": model.dtype,
                 "fallback": "auto",
-                "max_tiles_per_image": int(model.get("max_tiles_per_image", 12)) + 1,
-                "redis": shared,
+                "max_tiles_per_image": model.max_tiles_per_image + 1,
+                "redis": shared_store_config(cfg, redis_url_with_password(cfg)),
                 "lru": lru_config(cfg.cache),
-                **(settings or {}),
+                **args.settings.model_dump(exclude_unset=True),  # what the model's settings say wins
             }
         )
-        tile_source = HandleTileSource(preprocess_app) if preprocess_app else None
+        tile_source = HandleTileSource(args.preprocess_app) if args.preprocess_app else None
         self.core = EncoderCore.from_config(config, tile_source=tile_source)
-        self.servicer = EncoderServicer(self.core, int(model.get("max_tiles_per_image", 12)))
-        self.model_name = model.get("name", "")
+        self.servicer = EncoderServicer(self.core, model.max_tiles_per_image)
+        self.model_name = model.name
         self._recent: collections.deque = collections.deque()
 
     async def embed(
@@ -107,13 +100,10 @@ class EncoderDeployment:
         return None
 
 
-def build_app(args: dict[str, Any]):
+def build_app(args: dict[str, Any] | EncoderAppArgs):
     """Serve application builder: ``import_path: services.encoder.deployment:build_app``."""
     from ray import serve
 
-    args = dict(args)
-    options = dict(args.pop("deployment_options", {}) or {})
-    deployment = serve.deployment(name="Encoder", **options)(EncoderDeployment)
-    return deployment.bind(
-        args["model"], args.get("settings"), args.get("common"), args.get("preprocess_app")
-    )
+    typed = app_args(EncoderAppArgs, args, "encoder")
+    deployment = serve.deployment(name="Encoder", **typed.deployment_options)(EncoderDeployment)
+    return deployment.bind(typed)

@@ -7,13 +7,16 @@ reads no environment variables. Every field is bounded so a typo fails at start-
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.common.config import CommonConfig, StrictModel
 from services.common.limits import (
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
     MAX_IMAGES_PER_REQUEST,
+    MAX_TILES_PER_IMAGE,
     MAX_TILES_PER_REQUEST,
 )
 
@@ -85,4 +88,17 @@ class PreprocessConfig(BaseModel):
         ge=1,
         le=512,
         description="Threads decoding and resizing in parallel; defaults to the number of CPUs.",
+    )
+
+
+class PreprocessAppArgs(StrictModel):
+    """The args of the preprocess Serve application (``services.preprocess.deployment:build_app``)."""
+
+    config: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    default_max_num: int = Field(
+        default=12, ge=1, le=MAX_TILES_PER_IMAGE, description="max_num of a gRPC request that sets none."
+    )
+    common: CommonConfig = Field(default_factory=CommonConfig)
+    deployment_options: dict[str, Any] = Field(
+        default_factory=dict, description="Serve deployment options over the CPU pool's defaults."
     )

@@ -11,22 +11,17 @@ from typing import Any
 
 from services.common import tracing
 from services.common.pb import RequestContext
-from services.common.serve_args import common_config
-from services.preprocess.config import PreprocessConfig
+from services.common.serve_args import app_args
+from services.preprocess.config import PreprocessAppArgs
 from services.preprocess.pipeline import Preprocessor
 from services.preprocess.server import PreprocessServicer
 
 
 class PreprocessDeployment:
-    def __init__(
-        self,
-        config: dict[str, Any] | None = None,
-        default_max_num: int = 12,
-        common: dict[str, Any] | None = None,
-    ):
-        tracing.setup_tracing(common_config(common).tracing, "preprocess")
-        self.preprocessor = Preprocessor(PreprocessConfig.model_validate(config or {}))
-        self.servicer = PreprocessServicer(self.preprocessor, default_max_num)
+    def __init__(self, args: PreprocessAppArgs):
+        tracing.setup_tracing(args.common.tracing, "preprocess")
+        self.preprocessor = Preprocessor(args.config)
+        self.servicer = PreprocessServicer(self.preprocessor, args.default_max_num)
 
     async def tile(self, items, ctx: RequestContext | None = None):
         with tracing.span_from(
@@ -48,11 +43,11 @@ DEFAULT_OPTIONS: dict[str, Any] = {
 }
 
 
-def build_app(args: dict[str, Any] | None = None):
+def build_app(args: dict[str, Any] | PreprocessAppArgs | None = None):
     """Serve application builder: ``import_path: services.preprocess.deployment:build_app``."""
     from ray import serve
 
-    args = dict(args or {})
-    options = {**DEFAULT_OPTIONS, **args.pop("deployment_options", {})}
+    typed = app_args(PreprocessAppArgs, args, "preprocess")
+    options = {**DEFAULT_OPTIONS, **typed.deployment_options}
     deployment = serve.deployment(name="Preprocess", **options)(PreprocessDeployment)
-    return deployment.bind(args.get("config"), args.get("default_max_num", 12), args.get("common"))
+    return deployment.bind(typed)

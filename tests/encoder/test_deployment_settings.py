@@ -3,7 +3,8 @@ Serve builds the replica, without Ray: no preprocess application, nothing encode
 
 from __future__ import annotations
 
-from services.common.config import CommonConfig, EmbeddingCacheConfig, RedisConfig, TracingConfig
+from services.common.config import CommonConfig, EmbeddingCacheConfig, ModelConfig, RedisConfig, TracingConfig
+from services.encoder.config import EncoderAppArgs
 from services.encoder.deployment import EncoderDeployment
 from tests.encoder.conftest import REDIS_URL, RUN_NS
 
@@ -14,8 +15,8 @@ def replica(tiny_checkpoint, **cache) -> EncoderDeployment:
         cache=EmbeddingCacheConfig(ttl_s=77.0, max_entry_bytes=3 << 20, **cache),
         tracing=TracingConfig(enabled=False),
     )
-    model = {"name": "tiny", "path": str(tiny_checkpoint), "device": "cpu"}
-    return EncoderDeployment(model, common=common.model_dump(), preprocess_app=None)
+    model = ModelConfig(name="tiny", path=str(tiny_checkpoint), device="cpu")
+    return EncoderDeployment(EncoderAppArgs(model=model, common=common, preprocess_app=None))
 
 
 async def test_mesh_settings_reach_the_replicas_stores(tiny_checkpoint):
