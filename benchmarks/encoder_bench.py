@@ -29,11 +29,11 @@ from prometheus_client import CollectorRegistry
 
 from services.common.refs import KIND_CACHE
 from services.common.tiny_checkpoint import make_tiny_checkpoint
+from services.common.types import TiledImage
 from services.embedding_cache.config import LruConfig, RedisStoreConfig
 from services.embedding_cache.redis_store import tile_key
 from services.encoder.config import BatchingConfig, EncoderConfig
 from services.encoder.core import EncoderCore
-from services.preprocess.tiling import TiledImage
 
 
 def tiled(n: int, seed: int) -> TiledImage:

@@ -1,4 +1,5 @@
-"""Encoder and decoder clients of the gateway: over Ray DeploymentHandles, or in process.
+"""Encoder and decoder clients of the gateway over Ray DeploymentHandles (in-process ones, for a gateway
+wired to cores in the same process, are in ``mesh.local_clients``).
 
 The handle clients pass embedding references through unread (a Ray ``ObjectRef`` inside a reference
 stays a reference). A decoder client sends a ``DecodeRequest`` and streams ``GenerationEvent`` s back,
@@ -94,36 +95,3 @@ class HandleDecoderClient:
 
     async def info(self) -> dict[str, Any]:
         return await self.info_handle.info.remote()
-
-
-class LocalEncoderClient:
-    """An in-process ``EncoderCore`` (standalone gateway, tests)."""
-
-    def __init__(self, core: Any):
-        self.core = core
-
-    async def embed(self, images, ctx, inline: bool = False):
-        from services.encoder.core import ImageInput
-
-        return await self.core.embed_images(
-            [ImageInput(d, t) for d, t in images],
-            namespace=ctx.cache_namespace,
-            priority=ctx.priority,
-            inline=inline,
-        )
-
-
-class LocalDecoderClient:
-    """An in-process ``DecoderFrontend`` (standalone gateway, tests)."""
-
-    def __init__(self, frontend: Any):
-        self.frontend = frontend
-
-    async def generate(
-        self, request: DecodeRequest, refs: list[EmbeddingRef], ctx: RequestContext
-    ) -> AsyncIterator[GenerationEvent]:
-        async for event in self.frontend.generate(request, refs, ctx):
-            yield event
-
-    async def info(self) -> dict[str, Any]:
-        return {"max_model_len": self.frontend.core.max_model_len}

@@ -34,7 +34,7 @@ from services.common.errors import (
 from services.common.limits import MAX_TILES_PER_IMAGE
 from services.common.pb import RequestContext
 from services.common.refs import EmbeddingRef
-from services.common.types import TilingParams
+from services.common.types import TOKENS_PER_TILE, TilingParams
 from services.decoder.types import DecodeRequest, FinishReason, GenerationEvent
 from services.preprocess.config import DecodeLimits
 from services.preprocess.decoding import open_image
@@ -42,15 +42,16 @@ from services.preprocess.tiling import count_tiles
 
 log = logging.getLogger(__name__)
 
-TOKENS_PER_TILE = 256
 # Upper bound of template tokens around each message (role markers, separators).
 TEMPLATE_TOKENS_PER_MESSAGE = 16
 
 
 class EncoderClient(Protocol):
     async def embed(
-        self, images: Sequence[tuple[bytes, TilingParams]], ctx: RequestContext
-    ) -> list[EmbeddingRef]: ...
+        self, images: Sequence[tuple[bytes, TilingParams]], ctx: RequestContext, inline: bool = False
+    ) -> list[EmbeddingRef]:
+        """References for the images; ``inline``: the tensors themselves (a second attempt, when the
+        decoder could not read the first references)."""
 
 
 class DecoderClient(Protocol):

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gateway.types import ROLES, ChatRequest, ImagePart, TextPart
+from gateway.types import ChatRequest, ImagePart, TextPart
 from services.common.errors import InvalidArgument
 from services.common.limits import MAX_MESSAGES, MAX_TEXT_BYTES, MAX_TOP_LOGPROBS
+from services.decoder.types import ROLES
 
 TRACE_HEADERS = ("traceparent", "tracestate")
 

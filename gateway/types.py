@@ -13,9 +13,6 @@ from services.decoder.types import (
     TextContent,
 )
 
-# The roles a chat message may have (HTTP's "developer" arrives here as "system").
-ROLES = ("system", "user", "assistant")
-
 
 @dataclass
 class ImagePart:

@@ -5,12 +5,17 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import numpy as np
+
 from services.common.errors import InvalidArgument
 from services.common.limits import MAX_TILES_PER_IMAGE
 
-__all__ = ["MAX_TILES_PER_IMAGE", "TILE_SIZE", "TilingParams", "sha256_hex"]
+__all__ = ["MAX_TILES_PER_IMAGE", "TILE_SIZE", "TOKENS_PER_TILE", "TiledImage", "TilingParams", "sha256_hex"]
 
 TILE_SIZE = 448
+# Image tokens per 448-pixel tile in the InternVL family: (448 / 14)^2 patches, a quarter kept by the
+# 0.5 pixel shuffle. A checkpoint says its own (``image_seq_length``); this is the family default.
+TOKENS_PER_TILE = 256
 
 
 @dataclass(frozen=True)
@@ -40,3 +45,31 @@ class TilingParams:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class TiledImage:
+    """One image cut into tiles: what preprocess hands to the vision encoder.
+
+    ``tiles`` is uint8 (N, S, S, 3), row-major grid tiles first, then the thumbnail (if any).
+    ``width``/``height`` are the original image's; ``sha256`` is of the original encoded bytes when
+    they are known (it names the image in cache keys).
+    """
+
+    tiles: np.ndarray
+    grid: tuple[int, int]
+    width: int
+    height: int
+    sha256: str | None = None
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.tiles.shape[0])
+
+    @property
+    def has_thumbnail(self) -> bool:
+        return self.num_tiles > self.grid[0] * self.grid[1]
+
+    def num_image_tokens(self, tokens_per_tile: int = TOKENS_PER_TILE) -> int:
+        """Number of ``<IMG_CONTEXT>`` tokens this image takes in the prompt."""
+        return self.num_tiles * tokens_per_tile

@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.types import TOKENS_PER_TILE
 from services.decoder.engine.request import ImageSpan
-
-DEFAULT_TOKENS_PER_TILE = 256
-ROLES = ("system", "user", "assistant")
+from services.decoder.types import ROLES
 
 
 @dataclass
@@ -42,7 +41,7 @@ class Prompt:
 class PromptBuilder:
     """Shared machinery: message validation, safe tokenization, placeholder expansion."""
 
-    def __init__(self, tokenizer, tokens_per_tile: int = DEFAULT_TOKENS_PER_TILE):
+    def __init__(self, tokenizer, tokens_per_tile: int = TOKENS_PER_TILE):
         self.tokenizer = tokenizer
         self.tokens_per_tile = tokens_per_tile
         self.context_token = getattr(tokenizer, "context_image_token", None) or "<IMG_CONTEXT>"
@@ -151,7 +150,7 @@ class PromptBuilder:
 class NativeChatTemplate(PromptBuilder):
     """The checkpoint's own chat template, through ``apply_chat_template``."""
 
-    def __init__(self, tokenizer, tokens_per_tile: int = DEFAULT_TOKENS_PER_TILE):
+    def __init__(self, tokenizer, tokens_per_tile: int = TOKENS_PER_TILE):
         super().__init__(tokenizer, tokens_per_tile)
         if not getattr(tokenizer, "chat_template", None):
             raise FailedPrecondition("the checkpoint's tokenizer has no chat template")
@@ -167,7 +166,7 @@ class NamedTemplate(PromptBuilder):
     each image part written as the context token (so expansion is the same as for native templates).
     """
 
-    def __init__(self, tokenizer, template_name: str, tokens_per_tile: int = DEFAULT_TOKENS_PER_TILE):
+    def __init__(self, tokenizer, template_name: str, tokens_per_tile: int = TOKENS_PER_TILE):
         super().__init__(tokenizer, tokens_per_tile)
         try:
             from services.convert import templates

@@ -58,9 +58,14 @@ class ImagePlaceholder:
     """Where the next image goes: the k-th placeholder of a request is its k-th embedding reference."""
 
 
+# The roles of a chat message, as the chat templates know them (the gateway maps HTTP's "developer" to
+# "system" before a request gets here).
+ROLES = ("system", "user", "assistant")
+
+
 @dataclass
 class ChatMessage:
-    role: str  # "system", "user" or "assistant"
+    role: str  # one of ROLES
     content: list[TextContent | ImagePlaceholder]
 
     @property

@@ -45,7 +45,7 @@ from services.common.refs import (
     validate_namespace,
 )
 from services.common.tensors import WireTensor, torch_dtype_name
-from services.common.types import TilingParams, sha256_hex
+from services.common.types import TiledImage, TilingParams, sha256_hex
 from services.embedding_cache.errors import StoreFull, StoreUnavailable
 from services.embedding_cache.memory import MemoryEmbeddingStore
 from services.embedding_cache.redis_store import RedisEmbeddingStore
@@ -55,7 +55,6 @@ from services.encoder.batcher import TileBatcher
 from services.encoder.config import EncoderConfig
 from services.encoder.metrics import EncoderMetrics, encoder_metrics
 from services.encoder.vision_model import VisionEncoder
-from services.preprocess.tiling import TiledImage
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from internvl.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.errors import InvalidArgument
 from services.common.pb import context_from_pb, ref_to_pb, tensor_from_pb, tiling_from_pb
 from services.common.refs import KIND_INLINE
+from services.common.types import TiledImage
 from services.embedding_cache.resolver import EmbeddingResolver
 from services.encoder.core import EncoderCore, ImageInput
-from services.preprocess.tiling import TiledImage
 
 SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
 

@@ -15,10 +15,10 @@ import typer
 from PIL import Image
 
 from services.common.errors import InvalidArgument
-from services.common.types import TilingParams, sha256_hex
+from services.common.types import TOKENS_PER_TILE, TilingParams, sha256_hex
 from services.preprocess.config import DecodeLimits
 from services.preprocess.decoding import decode_image
-from services.preprocess.tiling import TOKENS_PER_TILE, tile_image
+from services.preprocess.tiling import tile_image
 
 EXIT_BAD_INPUT = 2
 

@@ -32,10 +32,10 @@ from typing import TypeVar
 from PIL import Image
 
 from services.common.errors import InvalidArgument
-from services.common.types import TilingParams, sha256_hex
+from services.common.types import TiledImage, TilingParams, sha256_hex
 from services.preprocess.config import PreprocessConfig
 from services.preprocess.decoding import load_rgb, open_image
-from services.preprocess.tiling import TiledImage, count_tiles, fill_grid, fill_thumbnail, plan_tiles
+from services.preprocess.tiling import count_tiles, fill_grid, fill_thumbnail, plan_tiles
 
 T = TypeVar("T")
 

@@ -6,8 +6,8 @@ from internvl.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 
 from services.common.pb import tensor_to_pb, tiling_from_pb
 from services.common.tensors import WireTensor
+from services.common.types import TiledImage
 from services.preprocess.pipeline import Preprocessor
-from services.preprocess.tiling import TiledImage
 
 SERVICE_NAME = preprocess_pb2.DESCRIPTOR.services_by_name["PreprocessService"].full_name
 

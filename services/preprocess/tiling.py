@@ -21,9 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from services.common.types import TilingParams
-
-TOKENS_PER_TILE = 256  # (448 / 14)^2 * 0.5^2: pixel shuffle keeps a quarter of the 32x32 patches.
+from services.common.types import TiledImage, TilingParams
 
 
 @functools.lru_cache(maxsize=1024)
@@ -95,34 +93,6 @@ def plan_tiles(width: int, height: int, params: TilingParams) -> TilePlan:
 def count_tiles(width: int, height: int, params: TilingParams) -> int:
     """How many tiles (thumbnail included) ``tile_image`` will produce, from the size alone."""
     return plan_tiles(width, height, params).num_tiles
-
-
-@dataclass(frozen=True, eq=False)
-class TiledImage:
-    """One image cut into tiles: what preprocess hands to the vision encoder.
-
-    ``tiles`` is uint8 (N, S, S, 3), row-major grid tiles first, then the thumbnail (if any).
-    ``width``/``height`` are the original image's; ``sha256`` is of the original encoded bytes when
-    they are known (it names the image in cache keys).
-    """
-
-    tiles: np.ndarray
-    grid: tuple[int, int]
-    width: int
-    height: int
-    sha256: str | None = None
-
-    @property
-    def num_tiles(self) -> int:
-        return int(self.tiles.shape[0])
-
-    @property
-    def has_thumbnail(self) -> bool:
-        return self.num_tiles > self.grid[0] * self.grid[1]
-
-    def num_image_tokens(self, tokens_per_tile: int = TOKENS_PER_TILE) -> int:
-        """Number of ``<IMG_CONTEXT>`` tokens this image takes in the prompt."""
-        return self.num_tiles * tokens_per_tile
 
 
 def fill_grid(img: Image.Image, plan: TilePlan, tiles: np.ndarray) -> None:

@@ -21,11 +21,11 @@ MODEL = "converted"
 
 @pytest.fixture(scope="module")
 def served_converted(tmp_path_factory):
-    from gateway.clients import LocalDecoderClient, LocalEncoderClient
     from gateway.core import Gateway, ModelRoute
     from gateway.http_api import create_http_app
     from gateway.tenancy.keys import KeyStore
     from gateway.tenancy.limiter import LocalLimiter
+    from mesh.local_clients import LocalDecoderClient, LocalEncoderClient
     from services.convert.converter import convert_checkpoint
     from services.decoder.config import DecoderConfig
     from services.decoder.engine.async_engine import DecoderCore

@@ -11,13 +11,12 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from services.common.refs import KIND_CACHE, KIND_INLINE
-from services.common.types import TilingParams
+from services.common.types import TiledImage, TilingParams
 from services.embedding_cache.config import LruConfig, RedisStoreConfig
 from services.embedding_cache.redis_store import tile_key
 from services.encoder.config import BatchingConfig, EncoderConfig
 from services.encoder.core import EncoderCore, ImageInput, PreprocessorTileSource
 from services.preprocess.pipeline import Preprocessor
-from services.preprocess.tiling import TiledImage
 from tests.encoder.conftest import REDIS_URL, RUN_NS, OwnRedis, namespace, png_bytes
 
 SQUARE = png_bytes(448, 448, seed=1)  # 1 tile

@@ -18,8 +18,8 @@ def cores(tiny_checkpoint):
 
 
 def make_gateway(cores, keys, limiter, model: str = MODEL, **limits):
-    from gateway.clients import LocalDecoderClient, LocalEncoderClient
     from gateway.core import Gateway, GatewayLimits, ModelRoute
+    from mesh.local_clients import LocalDecoderClient, LocalEncoderClient
 
     route = ModelRoute(
         model,

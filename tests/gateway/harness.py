@@ -108,7 +108,7 @@ def local_encoder(checkpoint, **encoder_settings):
 @contextlib.contextmanager
 def local_cores(checkpoint, **decoder_settings):
     """Real encoder (:func:`local_encoder`) and decoder cores of one checkpoint: what a gateway in
-    process talks to through ``LocalEncoderClient`` / ``LocalDecoderClient``. ``decoder_settings`` are
+    process talks to through ``mesh.local_clients``. ``decoder_settings`` are
     more ``DecoderConfig`` fields."""
     from services.decoder.config import DecoderConfig
     from services.decoder.engine.async_engine import DecoderCore

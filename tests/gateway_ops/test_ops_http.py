@@ -38,13 +38,13 @@ def ops(cores, tmp_path_factory, sync_redis):
     from prometheus_client import CollectorRegistry
 
     from gateway.audit import AuditedKeyStore, AuditLog
-    from gateway.clients import LocalDecoderClient, LocalEncoderClient
     from gateway.core import Gateway, GatewayLimits, ModelRoute
     from gateway.http_api import create_http_app
     from gateway.metrics import GatewayMetrics
     from gateway.ops_config import OpsSettings
     from gateway.tenancy.limiter import LocalLimiter
     from gateway.usage import UsageRecorder
+    from mesh.local_clients import LocalDecoderClient, LocalEncoderClient
 
     workdir = tmp_path_factory.mktemp("ops")
     path = workdir / "tenants.yaml"
