@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from gateway.core import Gateway
@@ -63,6 +63,32 @@ def create_http_app(
         first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
         return JSONResponse(error_body(_describe(first), 400, "invalid_request"), status_code=400)
 
+    _add_probes(app, ready, metrics_text)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        routes = await gateway.list_models(api_key(request.headers.items()))
+        now = int(time.time())
+        return {
+            "object": "list",
+            "data": [
+                {"id": r.name, "object": "model", "created": now, "owned_by": "internvl-mesh"} for r in routes
+            ],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        parsed = _parse_chat(await request.body())
+        if isinstance(parsed, JSONResponse):
+            return parsed
+        return await _chat(gateway, parsed, request.headers.items())
+
+    return app
+
+
+def _add_probes(app: FastAPI, ready: Callable[[], bool], metrics_text) -> None:
+    """Liveness, readiness and Prometheus metrics."""
+
     @app.get("/health")
     async def health():
         return {"status": "ok"}
@@ -80,56 +106,45 @@ def create_http_app(
         body, content_type = metrics_text()
         return PlainTextResponse(body, media_type=content_type)
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        routes = await gateway.list_models(api_key(request.headers.items()))
-        now = int(time.time())
-        return {
-            "object": "list",
-            "data": [
-                {"id": r.name, "object": "model", "created": now, "owned_by": "internvl-mesh"} for r in routes
-            ],
-        }
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            return JSONResponse(
-                error_body(f"request body over {MAX_BODY_BYTES} bytes", 413, "body_too_large"), 413
-            )
-        try:
-            raw = json.loads(body)
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            return JSONResponse(
-                error_body(f"request body is not valid JSON: {exc}", 400, "invalid_json"), 400
-            )
-        if not isinstance(raw, dict):
-            return JSONResponse(error_body("request body must be a JSON object", 400, "invalid_json"), 400)
-        try:
-            parsed = ChatCompletionRequest.model_validate(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            return JSONResponse(error_body(_describe(first), 400, "invalid_request", _param(first)), 400)
-        route = gateway.routes.get(parsed.model)
-        req = parsed.to_domain(route.max_tiles_per_image if route else 12, gateway.fetcher is not None)
-        req.trace = trace_context(request.headers.items())
-        stream = gateway.chat(req, api_key(request.headers.items()))
-        first = await anext(stream, None)  # errors before the first chunk are HTTP statuses
-        created = int(time.time())
-        if parsed.stream:
-            include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-            return StreamingResponse(
-                _sse(first, stream, parsed.model, created, include_usage, parsed.logprobs),
-                media_type="text/event-stream",
-                headers={"cache-control": "no-cache", "x-request-id": req.request_id},
-            )
+def _parse_chat(body: bytes) -> ChatCompletionRequest | JSONResponse:
+    """The request body as a ``ChatCompletionRequest``, or the 4xx answer that says what is wrong."""
+    if len(body) > MAX_BODY_BYTES:
         return JSONResponse(
-            await _collect(first, stream, parsed.model, created, parsed.logprobs),
-            headers={"x-request-id": req.request_id},
+            error_body(f"request body over {MAX_BODY_BYTES} bytes", 413, "body_too_large"), 413
         )
+    try:
+        raw = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return JSONResponse(error_body(f"request body is not valid JSON: {exc}", 400, "invalid_json"), 400)
+    if not isinstance(raw, dict):
+        return JSONResponse(error_body("request body must be a JSON object", 400, "invalid_json"), 400)
+    try:
+        return ChatCompletionRequest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        return JSONResponse(error_body(_describe(first), 400, "invalid_request", _param(first)), 400)
 
-    return app
+
+async def _chat(gateway: Gateway, parsed: ChatCompletionRequest, headers) -> Response:
+    """Run one chat completion: a stream of server-sent events, or one JSON answer."""
+    route = gateway.routes.get(parsed.model)
+    req = parsed.to_domain(route.max_tiles_per_image if route else 12, gateway.fetcher is not None)
+    req.trace = trace_context(headers)
+    stream = gateway.chat(req, api_key(headers))
+    first = await anext(stream, None)  # errors before the first chunk are HTTP statuses
+    created = int(time.time())
+    if parsed.stream:
+        include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+        return StreamingResponse(
+            _sse(first, stream, parsed.model, created, include_usage, parsed.logprobs),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-request-id": req.request_id},
+        )
+    return JSONResponse(
+        await _collect(first, stream, parsed.model, created, parsed.logprobs),
+        headers={"x-request-id": req.request_id},
+    )
 
 
 def _describe(err: dict[str, Any]) -> str:

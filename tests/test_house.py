@@ -11,12 +11,6 @@ MAX_FUNCTION_LINES = 80
 # not ours: generated code, environments, tools and hidden or build directories
 SKIPPED_DIRS = {"gen", "build", "dist", "node_modules", "__pycache__"}
 
-# "path:function" of functions still over the limit while they are being split; the entries go as the
-# splits land (test_known_long_functions_are_still_long fails on an entry that is no longer long).
-KNOWN_LONG = {
-    "gateway/http_api.py:create_http_app",  # being split
-}
-
 
 def python_files(skip: frozenset[str] = frozenset()) -> list[Path]:
     """The repository's ``.py`` files, relative to its root, outside ``SKIPPED_DIRS``, hidden directories
@@ -66,13 +60,5 @@ def test_no_file_over_600_lines():
 
 def test_no_function_over_80_lines():
     lengths = function_lengths(skip=frozenset({"benchmarks"}))
-    too_long = {k: n for k, n in sorted(lengths.items()) if n > MAX_FUNCTION_LINES and k not in KNOWN_LONG}
+    too_long = {k: n for k, n in sorted(lengths.items()) if n > MAX_FUNCTION_LINES}
     assert not too_long, f"functions over {MAX_FUNCTION_LINES} lines (split them into steps): {too_long}"
-
-
-def test_known_long_functions_are_still_long():
-    lengths = function_lengths(skip=frozenset({"benchmarks"}))
-    stale = {k: lengths.get(k) for k in sorted(KNOWN_LONG) if lengths.get(k, 0) <= MAX_FUNCTION_LINES}
-    assert not stale, (
-        f"KNOWN_LONG entries now within {MAX_FUNCTION_LINES} lines or gone; remove them: {stale}"
-    )
