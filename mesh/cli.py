@@ -201,6 +201,11 @@ def _register_optional_commands() -> None:
     app.command("eval-demo", help="Held-out accuracy of a demo checkpoint through transformers' generate.")(
         eval_demo_command
     )
+    from mesh.verify.cli import verify_command
+
+    app.command(
+        "verify", help="Check a checkpoint's tiles, embeddings and greedy tokens against the reference."
+    )(verify_command)
     from mesh.ops_cli import register_ops_commands
 
     register_ops_commands(app)
