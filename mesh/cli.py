@@ -67,18 +67,16 @@ def serve_grpc_command(
     """Serve the preprocess and encoder gRPC services in one process (no Ray)."""
     import asyncio
 
-    from mesh.standalone import StandaloneConfig, serve_standalone
+    from mesh.standalone import StandaloneConfig, check_standalone, serve_standalone
 
     if model is None:
         _, model = _default_model()
+    config = StandaloneConfig(
+        model=model, host=host, port=port, device=device, dtype=dtype, redis_url=redis_url
+    )
     try:
-        asyncio.run(
-            serve_standalone(
-                StandaloneConfig(
-                    model=model, host=host, port=port, device=device, dtype=dtype, redis_url=redis_url
-                )
-            )
-        )
+        check_standalone(config)
+        asyncio.run(serve_standalone(config))
     except MeshError as exc:
         _fail(exc)
 
@@ -152,10 +150,12 @@ def serve_command(
     import logging
 
     from mesh import serve as mesh_serve
+    from mesh.support import check_models
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = _mesh_config(model, config, http_port, grpc_port, set_, redis_url)
+        check_models(cfg)  # before Ray starts: a checkpoint a service would refuse fails here, in seconds
     except MeshError as exc:
         _fail(exc)
     if not cfg.gateway.tenants_file:

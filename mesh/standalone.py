@@ -32,6 +32,32 @@ class StandaloneConfig:
     grace_s: float = 10.0
     preprocess: dict = field(default_factory=dict)
 
+    def encoder_config(self):
+        """The encoder's config (``services.encoder.config.EncoderConfig``)."""
+        from services.embedding_cache.config import RedisStoreConfig
+        from services.encoder.config import EncoderConfig
+
+        return EncoderConfig(
+            checkpoint=str(self.model),
+            device=self.device,
+            dtype=self.dtype,
+            redis=RedisStoreConfig(url=self.redis_url) if self.redis_url else None,
+            fallback="inline",
+        )
+
+
+def check_standalone(config: StandaloneConfig) -> None:
+    """Refuse, before anything starts, a checkpoint that the encoder cannot serve (``mesh.support``)."""
+    from mesh.support import check_checkpoint
+    from services.encoder import support
+
+    encoder = config.encoder_config()
+    check_checkpoint(
+        Path(config.model).name,
+        config.model,
+        {"encoder": lambda ckpt: support.check_checkpoint(ckpt, encoder)},
+    )
+
 
 def _warmup_image() -> bytes:
     from PIL import Image
@@ -43,8 +69,6 @@ def _warmup_image() -> bytes:
 
 async def serve_standalone(config: StandaloneConfig, ready: asyncio.Event | None = None) -> None:
     from services.common.checkpoint import Checkpoint
-    from services.embedding_cache.config import RedisStoreConfig
-    from services.encoder.config import EncoderConfig
     from services.encoder.core import EncoderCore, ImageInput, PreprocessorTileSource
     from services.encoder.server import EncoderServicer
     from services.preprocess.config import PreprocessConfig
@@ -55,14 +79,7 @@ async def serve_standalone(config: StandaloneConfig, ready: asyncio.Event | None
     max_num = ckpt.max_dynamic_patch()
     preprocessor = Preprocessor(PreprocessConfig.model_validate(config.preprocess))
     encoder = EncoderCore.from_config(
-        EncoderConfig(
-            checkpoint=str(ckpt.path),
-            device=config.device,
-            dtype=config.dtype,
-            redis=RedisStoreConfig(url=config.redis_url) if config.redis_url else None,
-            fallback="inline",
-        ),
-        tile_source=PreprocessorTileSource(preprocessor),
+        config.encoder_config(), tile_source=PreprocessorTileSource(preprocessor)
     )
     server = await start_server(
         [

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import FailedPrecondition, InvalidArgument, MeshError, NotFound
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -168,16 +169,21 @@ class Checkpoint:
                 return found
         return {}
 
-    def load_component(self, component: str, dtype=None, device="cpu") -> dict[str, Any]:
-        """Load one component's tensors (canonical names), reading no other tensor."""
+    def require_component(self, component: str) -> dict[str, str]:
+        """``component_keys``, or ``FailedPrecondition`` where the checkpoint has none of them (reads
+        only the index: the loaders and the support checks before start-up call it alike)."""
         keys = self.component_keys(component)
-        if not keys and component == "lm_head":
-            return {}  # tied to the input embeddings; the caller handles it
         if not keys:
             raise FailedPrecondition(
                 f"checkpoint {self.path} has no {component} weights", reason="checkpoint_incomplete"
             )
-        return self.load_keys(keys, dtype=dtype, device=device)
+        return keys
+
+    def load_component(self, component: str, dtype=None, device="cpu") -> dict[str, Any]:
+        """Load one component's tensors (canonical names), reading no other tensor."""
+        if component == "lm_head" and not self.component_keys(component):
+            return {}  # tied to the input embeddings; the caller handles it
+        return self.load_keys(self.require_component(component), dtype=dtype, device=device)
 
     def load_keys(self, names_to_keys: dict[str, str], dtype=None, device="cpu") -> dict[str, Any]:
         from safetensors import safe_open
@@ -202,6 +208,24 @@ class Checkpoint:
                     with self._lock:
                         self.keys_read.add(key)
         return out
+
+
+def support_refusals(path: str | Path, checks: dict[str, Callable[[Checkpoint], None]]) -> list[str]:
+    """Why the services named in ``checks`` (service -> its support check, e.g. the decoder's
+    ``services.decoder.support.check_checkpoint`` with its config) cannot serve the checkpoint at
+    ``path``: one ``"service: reason"`` line per refusing service, or the reason the checkpoint cannot
+    be opened at all; empty when every service can serve it."""
+    try:
+        ckpt = Checkpoint.open(path)
+    except MeshError as exc:
+        return [exc.message]
+    found = []
+    for service, check in checks.items():
+        try:
+            check(ckpt)
+        except MeshError as exc:
+            found.append(f"{service}: {exc.message}")
+    return found
 
 
 def _belongs_elsewhere(key: str, component: str) -> bool:

@@ -119,3 +119,17 @@ class DecoderAppArgs(StrictModel):
     deployment_options: dict[str, Any] = Field(
         default_factory=dict, description="Serve deployment options (resources, scaling, placement group)."
     )
+
+    def decoder_config(self, device: Literal["cpu", "cuda"]) -> DecoderConfig:
+        """The config a replica on ``device`` builds from these args (the support check builds the same)."""
+        settings = self.settings.model_dump(exclude_unset=True)
+        parallel = {"tensor_parallel_size": self.tensor_parallel_size, **settings.pop("parallel", {})}
+        return DecoderConfig.model_validate(
+            {
+                "model": self.model.path,
+                "dtype": self.model.dtype,
+                "device": device,
+                "parallel": parallel,
+                **settings,
+            }
+        )

@@ -25,23 +25,11 @@ from services.embedding_cache.resolver import EmbeddingResolver
 
 class DecoderDeployment:
     async def __init__(self, args: DecoderAppArgs):
-        from services.decoder.config import DecoderConfig
         from services.decoder.engine.async_engine import DecoderCore
 
         cfg, model = args.common, args.model
         tracing.setup_tracing(cfg.tracing, "decoder")
-        settings = args.settings.model_dump(exclude_unset=True)
-        parallel = {"tensor_parallel_size": args.tensor_parallel_size, **settings.pop("parallel", {})}
-        config = DecoderConfig.model_validate(
-            {
-                "model": model.path,
-                "dtype": model.dtype,
-                "device": resolve_device(model.device).split(":")[0],
-                "parallel": parallel,
-                **settings,
-            }
-        )
-        self.core = DecoderCore(config)
+        self.core = DecoderCore(args.decoder_config(resolve_device(model.device).split(":")[0]))
         shared = shared_store_config(cfg, redis_url_with_password(cfg))
         store = RedisEmbeddingStore(shared) if shared is not None else None
         self.frontend = DecoderFrontend(self.core, EmbeddingResolver(store))

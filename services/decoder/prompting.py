@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from services.common.checkpoint import Checkpoint
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.types import TOKENS_PER_TILE
 from services.decoder.engine.request import ImageSpan
@@ -186,6 +187,22 @@ PROMPT_BUILDERS: dict[str, Callable[..., PromptBuilder]] = {
     "native": NativeChatTemplate,
     "template": NamedTemplate,
 }
+
+
+def load_prompt_builder(checkpoint: Checkpoint) -> PromptBuilder:
+    """The checkpoint's tokenizer and the prompt builder its config asks for; ``FailedPrecondition``
+    where the tokenizer cannot be loaded or lacks what InternVL prompts need. The engine builds its
+    prompts with this, and ``services.decoder.support`` calls it before anything starts."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
+    except (OSError, ValueError) as exc:
+        raise FailedPrecondition(
+            f"cannot load the tokenizer of {checkpoint.path}: {exc}", reason="checkpoint_tokenizer"
+        ) from exc
+    tokens_per_tile = int(checkpoint.config.get("image_seq_length", TOKENS_PER_TILE))
+    return make_prompt_builder(checkpoint.config, tokenizer, tokens_per_tile)
 
 
 def make_prompt_builder(config: dict[str, Any], tokenizer, tokens_per_tile: int) -> PromptBuilder:

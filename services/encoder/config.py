@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.common.config import CommonConfig, ModelConfig, StrictModel
 from services.common.limits import MAX_TILES_PER_IMAGE
-from services.embedding_cache.config import LruConfig, RedisStoreConfig
+from services.embedding_cache.config import LruConfig, RedisStoreConfig, lru_config, shared_store_config
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 FALLBACKS = ("auto", "object", "inline")
@@ -116,3 +116,19 @@ class EncoderAppArgs(StrictModel):
     deployment_options: dict[str, Any] = Field(
         default_factory=dict, description="Serve deployment options (resources, scaling)."
     )
+
+    def encoder_config(self, device: str, redis_url: str) -> EncoderConfig:
+        """The config a replica on ``device`` builds from these args, with ``redis_url`` (the password
+        filled in) for the shared cache. The support check builds the same."""
+        return EncoderConfig.model_validate(
+            {
+                "checkpoint": self.model.path,
+                "device": device,
+                "dtype": self.model.dtype,
+                "fallback": "auto",
+                "max_tiles_per_image": self.model.max_tiles_per_image + 1,
+                "redis": shared_store_config(self.common, redis_url),
+                "lru": lru_config(self.common.cache),
+                **self.settings.model_dump(exclude_unset=True),  # what the model's settings say wins
+            }
+        )

@@ -18,8 +18,7 @@ from services.common.pb import RequestContext
 from services.common.refs import KIND_OBJECT
 from services.common.serve_args import app_args, redis_url_with_password, resolve_device
 from services.common.types import TilingParams
-from services.embedding_cache.config import lru_config, shared_store_config
-from services.encoder.config import EncoderAppArgs, EncoderConfig
+from services.encoder.config import EncoderAppArgs
 from services.encoder.core import EncoderCore, ImageInput
 from services.encoder.server import EncoderServicer
 
@@ -43,18 +42,7 @@ class EncoderDeployment:
     def __init__(self, args: EncoderAppArgs):
         cfg, model = args.common, args.model
         tracing.setup_tracing(cfg.tracing, "encoder")
-        config = EncoderConfig.model_validate(
-            {
-                "checkpoint": model.path,
-                "device": resolve_device(model.device),
-                "dtype": model.dtype,
-                "fallback": "auto",
-                "max_tiles_per_image": model.max_tiles_per_image + 1,
-                "redis": shared_store_config(cfg, redis_url_with_password(cfg)),
-                "lru": lru_config(cfg.cache),
-                **args.settings.model_dump(exclude_unset=True),  # what the model's settings say wins
-            }
-        )
+        config = args.encoder_config(resolve_device(model.device), redis_url_with_password(cfg))
         tile_source = HandleTileSource(args.preprocess_app) if args.preprocess_app else None
         self.core = EncoderCore.from_config(config, tile_source=tile_source)
         self.servicer = EncoderServicer(self.core, model.max_tiles_per_image)

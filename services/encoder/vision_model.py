@@ -317,6 +317,34 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+@dataclass(frozen=True)
+class VisionPlan:
+    """What a checkpoint's config and the encoder's settings make of the vision side."""
+
+    spec: VisionSpec
+    dtype: torch.dtype
+    backend: AttentionBackend
+
+
+def plan_vision(ckpt: Checkpoint, device: str | torch.device, dtype: str, attention: str) -> VisionPlan:
+    """The encoder ``VisionEncoder.load`` will build, or the ``FailedPrecondition`` / ``InvalidArgument``
+    that refuses it: the vision config, the attention backend on this device and dtype, and the presence
+    of the vision and projector weights. Reads no weight; ``services.encoder.support`` calls it before
+    anything starts, so a checkpoint is refused for the same reason there and at load."""
+    device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    try:
+        spec = VisionSpec.from_checkpoint(ckpt)
+    except KeyError as exc:
+        raise FailedPrecondition(
+            f"the config of this checkpoint lacks {exc.args[0]!r}", reason="checkpoint_config_invalid"
+        ) from exc
+    backend = resolve_backend(attention, device, torch_dtype)
+    ckpt.require_component("vision")
+    ckpt.require_component("projector")
+    return VisionPlan(spec, torch_dtype, backend)
+
+
 class VisionEncoder:
     """The loaded encoder on its device: ``encode(uint8 tiles) -> embeddings`` plus the facts around it.
 
@@ -339,9 +367,8 @@ class VisionEncoder:
         attention: str = "auto",
     ) -> VisionEncoder:
         device = torch.device(device)
-        torch_dtype = resolve_dtype(dtype, device)
-        spec = VisionSpec.from_checkpoint(ckpt)
-        backend = resolve_backend(attention, device, torch_dtype)
+        plan = plan_vision(ckpt, device, dtype, attention)
+        spec, torch_dtype, backend = plan.spec, plan.dtype, plan.backend
         with torch.device("meta"):
             module = VisionEncoderModule(spec, backend)
         vision = fuse_qkv(ckpt.load_component("vision", dtype=torch_dtype), spec.num_layers)

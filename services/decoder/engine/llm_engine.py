@@ -17,12 +17,12 @@ from services.common.errors import InvalidArgument
 from services.decoder.config import DecoderConfig
 from services.decoder.engine.block_manager import BlockManager
 from services.decoder.engine.detokenizer import IncrementalDetokenizer
-from services.decoder.engine.model_runner import ModelRunner, max_model_len_of
+from services.decoder.engine.model_runner import ModelRunner, plan_model
 from services.decoder.engine.request import Request, RequestStatus
 from services.decoder.engine.sampler import SamplerOutput
 from services.decoder.engine.scheduler import RequestUpdate, ScheduledChunk, Scheduler, SchedulerLimits
 from services.decoder.models.layers import TPContext
-from services.decoder.prompting import make_prompt_builder
+from services.decoder.prompting import load_prompt_builder
 from services.decoder.types import GenerateInput, GenerationEvent, TokenLogprob, Usage
 
 
@@ -53,15 +53,14 @@ class _RequestState:
 
 class LLMEngine:
     def __init__(self, config: DecoderConfig, clock: Callable[[], float] = time.monotonic):
-        from transformers import AutoTokenizer
-
         self.config = config
         self.clock = clock
         checkpoint = Checkpoint.open(config.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
-        tokens_per_tile = int(checkpoint.config.get("image_seq_length", 256))
-        self.prompt_builder = make_prompt_builder(checkpoint.config, self.tokenizer, tokens_per_tile)
-        self.max_model_len = max_model_len_of(config, checkpoint.text_config)
+        # What the model runner will build is checked first (no weight read), then the tokenizer: the
+        # order in which ``services.decoder.support`` checks a checkpoint before start-up.
+        self.max_model_len = plan_model(config, checkpoint.text_config).max_model_len
+        self.prompt_builder = load_prompt_builder(checkpoint)
+        self.tokenizer = self.prompt_builder.tokenizer
         self.vocab_size = int(checkpoint.text_config["vocab_size"])
         self.eos_token_ids = self._eos_ids(checkpoint)
         if config.parallel.tensor_parallel_size > 1:

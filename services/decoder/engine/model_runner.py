@@ -20,13 +20,13 @@ import torch
 
 from services.common.checkpoint import Checkpoint
 from services.common.errors import FailedPrecondition
-from services.decoder.attention.registry import AttentionMetadata, get_backend
+from services.decoder.attention.registry import AttentionBackend, AttentionMetadata, get_backend
 from services.decoder.config import DecoderConfig
 from services.decoder.engine.sampler import Sampler, SamplerOutput
 from services.decoder.engine.scheduler import ScheduledChunk
-from services.decoder.models.decoder_lm import DecoderLM
+from services.decoder.models.decoder_lm import DecoderLM, check_tp_split
 from services.decoder.models.layers import TPContext
-from services.decoder.models.registry import ModelSpec, get_family
+from services.decoder.models.registry import Family, ModelSpec, get_family
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -90,6 +90,40 @@ def max_model_len_of(config: DecoderConfig, text_config: dict[str, Any]) -> int:
     return wanted
 
 
+@dataclass(frozen=True)
+class ModelPlan:
+    """What a checkpoint's text config and the decoder's settings make of the language model."""
+
+    family: Family
+    spec: ModelSpec
+    max_model_len: int
+    backend: AttentionBackend
+
+
+def plan_model(config: DecoderConfig, text_config: dict[str, Any]) -> ModelPlan:
+    """The model the runner will build, or the ``FailedPrecondition`` / ``InvalidArgument`` that refuses it.
+
+    Reads no weight: the runner calls this first, and ``services.decoder.support`` calls it before
+    anything starts, so a checkpoint is refused for the same reason in both places.
+    """
+    family = get_family(text_config)
+    try:
+        spec = family.spec(text_config)
+    except KeyError as exc:
+        raise FailedPrecondition(
+            f"the text_config of this checkpoint lacks {exc.args[0]!r}", reason="checkpoint_config_invalid"
+        ) from exc
+    max_model_len = max_model_len_of(config, text_config)
+    if spec.sliding_window and max_model_len > spec.sliding_window:
+        raise FailedPrecondition(
+            f"the model uses a {spec.sliding_window}-token sliding window, which the paged "
+            f"backends do not implement: set scheduler.max_model_len <= {spec.sliding_window}"
+        )
+    check_tp_split(spec, config.parallel.tensor_parallel_size)
+    backend = get_backend(config.attention_backend, config.device, config.cache.block_size)
+    return ModelPlan(family, spec, max_model_len, backend)
+
+
 class ModelRunner:
     def __init__(self, config: DecoderConfig, tp: TPContext):
         self.config = config
@@ -100,16 +134,9 @@ class ModelRunner:
         self.dtype = DTYPES[config.torch_dtype_name()]
         self.block_size = config.cache.block_size
         checkpoint = Checkpoint.open(config.model)
-        text_config = checkpoint.text_config
-        self.family = get_family(text_config)
-        self.spec: ModelSpec = self.family.spec(text_config)
-        self.max_model_len = max_model_len_of(config, text_config)
-        if self.spec.sliding_window and self.max_model_len > self.spec.sliding_window:
-            raise FailedPrecondition(
-                f"the model uses a {self.spec.sliding_window}-token sliding window, which the paged "
-                f"backends do not implement: set scheduler.max_model_len <= {self.spec.sliding_window}"
-            )
-        self.backend = get_backend(config.attention_backend, config.device, self.block_size)
+        plan = plan_model(config, checkpoint.text_config)
+        self.family, self.spec, self.max_model_len = plan.family, plan.spec, plan.max_model_len
+        self.backend = plan.backend
         with torch.device("meta"):
             model = DecoderLM(self.spec, tp, self.backend, with_lm_head=tp.rank == 0)
         model = model.to_empty(device=self.device).to(self.dtype)

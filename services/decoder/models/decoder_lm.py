@@ -17,14 +17,21 @@ from services.decoder.models.layers import ParallelLinear, RMSNorm, Rotary, TPCo
 from services.decoder.models.registry import Family, ModelSpec
 
 
+def check_tp_split(spec: ModelSpec, tp_size: int) -> None:
+    """Attention heads, KV heads and MLP features must split evenly over the tensor-parallel ranks."""
+    if spec.num_heads % tp_size or spec.num_kv_heads % tp_size:
+        raise FailedPrecondition(
+            f"{spec.num_heads} attention heads / {spec.num_kv_heads} KV heads do not split over "
+            f"tensor_parallel_size={tp_size}"
+        )
+    if spec.intermediate_size % tp_size:
+        raise FailedPrecondition(f"intermediate_size {spec.intermediate_size} does not split over {tp_size}")
+
+
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, tp: TPContext, backend: AttentionBackend):
         super().__init__()
-        if spec.num_heads % tp.size or spec.num_kv_heads % tp.size:
-            raise FailedPrecondition(
-                f"{spec.num_heads} attention heads / {spec.num_kv_heads} KV heads do not split over "
-                f"tensor_parallel_size={tp.size}"
-            )
+        check_tp_split(spec, tp.size)
         self.num_heads = spec.num_heads // tp.size
         self.num_kv_heads = spec.num_kv_heads // tp.size
         self.head_dim = spec.head_dim
@@ -51,10 +58,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec, tp: TPContext):
         super().__init__()
-        if spec.intermediate_size % tp.size:
-            raise FailedPrecondition(
-                f"intermediate_size {spec.intermediate_size} does not split over {tp.size}"
-            )
+        check_tp_split(spec, tp.size)
         self.local = spec.intermediate_size // tp.size
         self.gate_up_proj = ParallelLinear(
             spec.hidden_size, 2 * spec.intermediate_size, spec.mlp_bias, tp, row_parallel=False
