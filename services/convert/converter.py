@@ -66,6 +66,7 @@ class ConversionReport:
     dtype: str
     tensors: int
     shards: int
+    refusals: tuple[str, ...] = ()  # why the mesh would refuse the output (written anyway with force)
 
 
 def parse_dtype(dtype: str | None):
@@ -86,8 +87,13 @@ def convert_checkpoint(
     dtype: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    force: bool = False,
 ) -> ConversionReport:
-    """Convert ``src`` (original layout) into ``dst`` (transformers-native layout)."""
+    """Convert ``src`` (original layout) into ``dst`` (transformers-native layout).
+
+    An output that the mesh's encoder or decoder would refuse is not written (``FailedPrecondition``
+    with every reason); with ``force`` it is, and the report lists the reasons.
+    """
     src, dst = Path(src), Path(dst)
     target_dtype = parse_dtype(dtype)
     if dst.exists() and not overwrite:
@@ -128,6 +134,7 @@ def convert_checkpoint(
         tokenizer.save_pretrained(tmp)
         _write_generation_config(tmp, config, tokenizer, template.stop_str)
         _write_processor_files(tmp, original)
+        refused = _check_servable(tmp, dst, force)
         if dst.exists():
             shutil.rmtree(dst)
         tmp.rename(dst)
@@ -144,7 +151,45 @@ def convert_checkpoint(
         dtype=str(config.dtype).removeprefix("torch."),
         tensors=written,
         shards=len(original.shards),
+        refusals=tuple(refused),
     )
+
+
+def serve_refusals(path: Path) -> list[str]:
+    """Why the mesh's encoder and decoder would refuse the native checkpoint at ``path`` when served as
+    ``internvl-mesh serve --model`` serves it by default on CPU (the services' own support checks,
+    with the configs their replicas build); empty when both can serve it."""
+    from services.common.checkpoint import support_refusals
+    from services.common.config import ModelConfig
+    from services.decoder import support as decoder_support
+    from services.decoder.config import DecoderAppArgs
+    from services.encoder import support as encoder_support
+    from services.encoder.config import EncoderAppArgs
+
+    model = ModelConfig(name="converted", path=str(path))
+    encoder = EncoderAppArgs(model=model).encoder_config("cpu", "")
+    decoder = DecoderAppArgs(model=model).decoder_config("cpu")
+    return support_refusals(
+        path,
+        {
+            "encoder": lambda ckpt: encoder_support.check_checkpoint(ckpt, encoder),
+            "decoder": lambda ckpt: decoder_support.check_checkpoint(ckpt, decoder),
+        },
+    )
+
+
+def _check_servable(tmp: Path, dst: Path, force: bool) -> list[str]:
+    """The reasons the mesh would refuse the output assembled in ``tmp`` (named as ``dst``); raises
+    ``FailedPrecondition`` with them unless ``force``."""
+    refused = [r.replace(str(tmp), str(dst)) for r in serve_refusals(tmp)]
+    if refused and not force:
+        raise FailedPrecondition(
+            f"not writing {dst}: the mesh could not serve it:\n"
+            + "\n".join(f"  {r}" for r in refused)
+            + "\n(convert with force, --force on the command line, to write it anyway)",
+            reason="checkpoint_unservable",
+        )
+    return refused
 
 
 def build_native_config(original: OriginalCheckpoint, family: LlmFamily, tokenizer):
