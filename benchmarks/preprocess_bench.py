@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import cProfile
 import datetime as dt
-import importlib.util
 import io
 import json
 import os
@@ -54,20 +53,7 @@ from services.preprocess.config import DecodeLimits, PreprocessConfig  # noqa: E
 from services.preprocess.decoding import decode_image  # noqa: E402
 from services.preprocess.pipeline import Preprocessor  # noqa: E402
 from services.preprocess.tiling import plan_tiles, tile_image  # noqa: E402
-
-
-def _load_reference():
-    """The reference implementation the tests use (tests/preprocess/reference.py)."""
-    spec = importlib.util.spec_from_file_location(
-        "preprocess_reference", ROOT / "tests/preprocess/reference.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["preprocess_reference"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ref = _load_reference()
+from tests.support import images as ref  # noqa: E402 - the reference and images the tests use
 
 MAX_NUM = 12
 PARAMS = TilingParams(max_num=MAX_NUM)

@@ -39,7 +39,7 @@ def ray_serve():
     """
     import tempfile
 
-    from tests.own_redis import free_port
+    from tests.support.own_redis import free_port
 
     for key, value in {
         "RAY_AUTH_MODE": "disabled",

@@ -13,8 +13,8 @@ import torch
 
 from tests.convert.builders import VIT_6B, build_original_checkpoint
 from tests.convert.reference import expand_images, reference_chat_prompt
-from tests.gateway.harness import UvicornThread, png
-from tests.preprocess.reference import reference_load_image
+from tests.support.gateway import UvicornThread, png
+from tests.support.images import reference_load_image
 
 MODEL = "converted"
 

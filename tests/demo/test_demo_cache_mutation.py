@@ -16,7 +16,7 @@ from services.demo.evaluate import accuracy, swap_partners
 from services.demo.task import QUESTION_TYPES
 from tests.demo.conftest import ask
 from tests.gateway.conftest import make_gateway
-from tests.gateway.harness import UvicornThread, local_cores
+from tests.support.gateway import UvicornThread, local_cores
 
 PER_TYPE = 10
 

@@ -14,7 +14,7 @@ import pytest
 from services.demo import DEMO_MODEL_NAME
 from services.demo.evaluate import accuracy
 from tests.demo.conftest import ask
-from tests.serve_process import serve_process
+from tests.support.serve_process import serve_process
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

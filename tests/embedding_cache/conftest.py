@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from tests.own_redis import suite_redis
+from tests.support.own_redis import suite_redis
 
 REDIS_URL = "redis://127.0.0.1:6379/8"
 RUN_PREFIX = f"ecachetest-{uuid.uuid4().hex[:8]}"

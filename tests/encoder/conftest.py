@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from tests.own_redis import OwnRedis, suite_redis
+from tests.support.own_redis import OwnRedis, suite_redis
 
 REDIS_URL = "redis://127.0.0.1:6379/7"
 RUN_NS = f"enctest-{uuid.uuid4().hex[:8]}"

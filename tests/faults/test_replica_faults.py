@@ -13,9 +13,9 @@ import httpx
 import pytest
 import redis
 
-from tests.gateway.harness import png
-from tests.mesh import deployed, one_model_mesh_config
-from tests.own_redis import OwnRedis
+from tests.support.gateway import png
+from tests.support.mesh import deployed, one_model_mesh_config
+from tests.support.own_redis import OwnRedis
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.gateway.harness import UvicornThread, local_cores
+from tests.support.gateway import UvicornThread, local_cores
 
 MODEL = "tiny"
 

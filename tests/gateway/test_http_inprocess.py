@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from tests.gateway.conftest import MODEL
-from tests.gateway.harness import png, reference_answer
+from tests.support.gateway import png, reference_answer
 
 
 def data_uri(data: bytes) -> str:

@@ -19,9 +19,9 @@ import yaml
 from internvl.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from tests.gateway.conftest import MODEL, make_gateway
-from tests.gateway.harness import local_cores, png
-from tests.preprocess.reference import handmade_png
-from tests.reliability.harness import GatewayServers
+from tests.support.gateway import local_cores, png
+from tests.support.gateway_servers import GatewayServers
+from tests.support.images import handmade_png
 
 TIMEOUT_S = 60
 IMG = png(64, 64, seed=3)  # one tile

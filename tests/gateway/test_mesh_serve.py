@@ -10,9 +10,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from internvl.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from tests.gateway.harness import free_port, png, reference_answer
 from tests.gateway.otlp_collector import start_collector
-from tests.mesh import deployed, one_model_mesh_config
+from tests.support.gateway import free_port, png, reference_answer
+from tests.support.mesh import deployed, one_model_mesh_config
 
 pytestmark = pytest.mark.ray
 

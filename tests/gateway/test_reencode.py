@@ -10,8 +10,8 @@ import pytest
 import redis
 
 from tests.gateway.conftest import MODEL, make_gateway
-from tests.gateway.harness import UvicornThread, local_encoder, png, reference_answer
-from tests.own_redis import OwnRedis, free_port
+from tests.support.gateway import UvicornThread, local_encoder, png, reference_answer
+from tests.support.own_redis import OwnRedis, free_port
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import redis
 import yaml
 
 from tests.gateway.conftest import MODEL, make_gateway
-from tests.gateway.harness import UvicornThread, free_port, png
+from tests.support.gateway import UvicornThread, free_port, png
 
 DB_URL = "redis://127.0.0.1:6379/12"
 

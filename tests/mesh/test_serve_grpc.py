@@ -15,7 +15,7 @@ from internvl.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 from PIL import Image
 
 from services.common.grpc_server import channel_options
-from tests.own_redis import free_port
+from tests.support.own_redis import free_port
 
 
 def _png() -> bytes:

@@ -12,8 +12,8 @@ import time
 import httpx
 import pytest
 
-from tests.gateway.harness import png
-from tests.serve_process import serve_process
+from tests.support.gateway import png
+from tests.support.serve_process import serve_process
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

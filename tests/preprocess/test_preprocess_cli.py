@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import typer
 from PIL import Image
-from preprocess_reference import encode, photo_like, reference_tiles
 from typer.testing import CliRunner
 
 from services.preprocess.cli import tiles_command
+from tests.support.images import encode, photo_like, reference_tiles
 
 app = typer.Typer()
 app.command("tiles")(tiles_command)

@@ -11,13 +11,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from preprocess_reference import encode, handmade_png, photo_like, png_chunk, reference_tiles
 
 from services.common.errors import InvalidArgument
 from services.common.types import TilingParams
 from services.preprocess.config import DecodeLimits
 from services.preprocess.decoding import decode_image, open_image, sniff_format
 from services.preprocess.tiling import tile_image
+from tests.support.images import encode, handmade_png, photo_like, png_chunk, reference_tiles
 
 LIMITS = DecodeLimits()
 

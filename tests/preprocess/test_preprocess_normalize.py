@@ -7,19 +7,18 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from preprocess_reference import (  # noqa: E402
+from services.common.types import TilingParams  # noqa: E402
+from services.preprocess.config import DecodeLimits  # noqa: E402
+from services.preprocess.decoding import decode_image  # noqa: E402
+from services.preprocess.normalize import _normalize_by_table, normalize_tiles  # noqa: E402
+from services.preprocess.tiling import tile_image  # noqa: E402
+from tests.support.images import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
     encode,
     photo_like,
     reference_load_image,
 )
-
-from services.common.types import TilingParams  # noqa: E402
-from services.preprocess.config import DecodeLimits  # noqa: E402
-from services.preprocess.decoding import decode_image  # noqa: E402
-from services.preprocess.normalize import _normalize_by_table, normalize_tiles  # noqa: E402
-from services.preprocess.tiling import tile_image  # noqa: E402
 
 
 def _numpy_reference(tiles: np.ndarray) -> np.ndarray:

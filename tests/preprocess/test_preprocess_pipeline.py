@@ -7,12 +7,12 @@ import threading
 
 import numpy as np
 import pytest
-from preprocess_reference import encode, handmade_png, photo_like, reference_tiles
 
 from services.common.errors import InvalidArgument
 from services.common.types import TilingParams, sha256_hex
 from services.preprocess.config import DecodeLimits, PreprocessConfig
 from services.preprocess.pipeline import Preprocessor
+from tests.support.images import encode, handmade_png, photo_like, reference_tiles
 
 WIDE = encode(photo_like(1000, 500, seed=1), "JPEG")  # 2x1 + thumbnail = 3 tiles at max 12
 SQUARE = encode(photo_like(300, 300, seed=2), "PNG")  # 1 tile

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from preprocess_reference import encode, photo_like, reference_grid, reference_tiles
 
 from services.common.types import TiledImage, TilingParams
 from services.preprocess.config import DecodeLimits
 from services.preprocess.decoding import decode_image
 from services.preprocess.tiling import count_tiles, find_grid, tile_image
+from tests.support.images import encode, photo_like, reference_grid, reference_tiles
 
 # INTERNVL.md, "Examples": W x H @ max_num -> (cols, rows), tiles including the thumbnail.
 EXAMPLES = [

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mesh import deployed
+from tests.support.mesh import deployed
 
 pytestmark = pytest.mark.ray
 

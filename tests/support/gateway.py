@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tests.own_redis import free_port  # noqa: F401 - re-exported for the test modules
-from tests.preprocess.reference import reference_load_image
+from tests.support.images import reference_load_image
+from tests.support.own_redis import free_port  # noqa: F401 - re-exported for the test modules
 
 
 def png(width: int, height: int, seed: int = 0) -> bytes:

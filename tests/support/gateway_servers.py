@@ -11,7 +11,7 @@ import asyncio
 import threading
 import time
 
-from tests.gateway.harness import free_port
+from tests.support.gateway import free_port
 
 
 class GatewayServers:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.gateway.conftest import cores  # noqa: F401 - the shared in-process encoder and decoder
-from tests.own_redis import suite_redis
+from tests.support.own_redis import suite_redis
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
 RUN = uuid.uuid4().hex[:8]

@@ -18,8 +18,7 @@ from gateway.audit import AUDIT_LOGGER
 from gateway.tenancy import REASON_RATE
 from mesh import ops_cli
 from tests.gateway.conftest import MODEL
-from tests.gateway.harness import UvicornThread, png
-from tests.gateway_ops.conftest import (
+from tests.gateway.ops.conftest import (
     REDIS_URL,
     CountingDecoder,
     env,
@@ -28,6 +27,7 @@ from tests.gateway_ops.conftest import (
     stream_name,
     write_tenants,
 )
+from tests.support.gateway import UvicornThread, png
 
 RELOAD_S = 0.3
 GENEROUS = {"requests_per_s": 1000, "max_concurrent": 64}

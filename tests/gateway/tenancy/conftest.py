@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from gateway.tenancy import RedisLimiter, Tenant, TenantLimits
-from tests.own_redis import OwnRedis, suite_redis
+from tests.support.own_redis import OwnRedis, suite_redis
 
 REDIS_URL = "redis://127.0.0.1:6379/11"
 RUN_PREFIX = f"ivm:limtest:{uuid.uuid4().hex[:8]}:"

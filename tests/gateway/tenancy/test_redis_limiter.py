@@ -10,7 +10,7 @@ import pytest
 
 from gateway.tenancy import REASON_CONCURRENCY, REASON_DAILY, REASON_RATE, REASON_TOKENS
 from services.common.errors import InvalidArgument, ResourceExhausted
-from tests.gateway_tenancy.conftest import RUN_PREFIX, make_tenant
+from tests.gateway.tenancy.conftest import RUN_PREFIX, make_tenant
 
 BIG = {"tokens_per_min": 10**9, "daily_token_quota": 10**12, "max_concurrent": 10_000}
 
