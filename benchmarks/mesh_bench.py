@@ -61,7 +61,7 @@ from benchmarks.mesh_serve import Mesh, med  # noqa: E402
 from services.common.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 from services.common.types import TilingParams  # noqa: E402
 from services.preprocess.tiling import count_tiles  # noqa: E402
-from tests.support.gateway import png  # noqa: E402
+from tests.support.images import png  # noqa: E402
 
 MISS_SIZE = (1344, 1008)  # 4x3 grid + thumbnail = 13 tiles at max_num 12
 CONC_SIZE = (448, 448)  # 1 tile

@@ -25,7 +25,7 @@ from services.decoder.types import (
     SamplingParams,
     TextContent,
 )
-from tests.support.images import reference_load_image
+from services.demo.reference import reference_load_image
 
 MAX_NUM = 12
 MAX_TOKENS = 16

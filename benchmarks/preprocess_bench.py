@@ -49,11 +49,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from services.common.types import TilingParams, sha256_hex  # noqa: E402
+from services.demo.reference import reference_load_image, reference_tiles  # noqa: E402
 from services.preprocess.config import DecodeLimits, PreprocessConfig  # noqa: E402
 from services.preprocess.decoding import decode_image  # noqa: E402
 from services.preprocess.pipeline import Preprocessor  # noqa: E402
 from services.preprocess.tiling import plan_tiles, tile_image  # noqa: E402
-from tests.support import images as ref  # noqa: E402 - the reference and images the tests use
+from tests.support.images import encode, photo_like  # noqa: E402 - the images the tests use
 
 MAX_NUM = 12
 PARAMS = TilingParams(max_num=MAX_NUM)
@@ -64,9 +65,9 @@ TARGET = 1.5
 
 def make_images() -> dict[str, bytes]:
     return {
-        "1920x1080.jpg": ref.encode(ref.photo_like(1920, 1080, seed=1), "JPEG", quality=90),
-        "4000x3000.jpg": ref.encode(ref.photo_like(4000, 3000, seed=2), "JPEG", quality=90),
-        "800x600.png": ref.encode(ref.photo_like(800, 600, seed=3), "PNG", compress_level=6),
+        "1920x1080.jpg": encode(photo_like(1920, 1080, seed=1), "JPEG", quality=90),
+        "4000x3000.jpg": encode(photo_like(4000, 3000, seed=2), "JPEG", quality=90),
+        "800x600.png": encode(photo_like(800, 600, seed=3), "PNG", compress_level=6),
     }
 
 
@@ -75,7 +76,7 @@ def ours(data: bytes) -> np.ndarray:
 
 
 def reference(data: bytes) -> np.ndarray:
-    return ref.reference_load_image(data, max_num=MAX_NUM)
+    return reference_load_image(data, max_num=MAX_NUM)
 
 
 def ours_cpu_normalize(data: bytes):
@@ -199,7 +200,7 @@ def main() -> int:
     images = make_images()
     for data in images.values():  # the two outputs hold the same pixels
         tiles = ours(data)
-        np.testing.assert_array_equal(tiles, ref.reference_tiles(data, max_num=MAX_NUM))
+        np.testing.assert_array_equal(tiles, reference_tiles(data, max_num=MAX_NUM))
 
     fns: dict[str, Callable[[bytes], object]] = {"ours": ours, "reference": reference}
     try:

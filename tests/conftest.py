@@ -1,4 +1,5 @@
-"""Fixtures shared by the whole suite: one tiny checkpoint per session, Redis on a test db."""
+"""Fixtures shared by the whole suite: one tiny checkpoint per session, Redis on a test db, a
+redis-server of a test's own, the in-process encoder and decoder cores, and one Ray Serve."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import os
 
 import pytest
 
-REDIS_URL = os.environ.get("INTERNVL_MESH_TEST_REDIS", "redis://127.0.0.1:6379/9")
+from tests.support.own_redis import OwnRedis
+from tests.support.shared_redis import redis_url as shared_redis_url
 
 
 @pytest.fixture(scope="session")
@@ -20,14 +22,34 @@ def tiny_checkpoint(tmp_path_factory):
 def redis_url():
     import redis
 
-    client = redis.Redis.from_url(REDIS_URL)
+    url = shared_redis_url()
+    client = redis.Redis.from_url(url)
     try:
         client.ping()
     except redis.ConnectionError:
-        pytest.fail(f"Redis is not reachable at {REDIS_URL}: .ci/run starts it; start it for local runs")
-    yield REDIS_URL
+        pytest.fail(f"Redis is not reachable at {url}: .ci/run starts it; start it for local runs")
+    yield url
     client.flushdb()
     client.close()
+
+
+@pytest.fixture
+def own_redis():
+    """A redis-server of this test's own (its own port, no persistence), for outages: the test kills,
+    pauses or restarts it by its PID."""
+    server = OwnRedis().start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def cores(tiny_checkpoint):
+    """Real encoder (in-process preprocess, LRU only) and decoder cores of the tiny checkpoint, shared
+    by the gateways of one module."""
+    from tests.support.gateway import local_cores
+
+    with local_cores(tiny_checkpoint) as built:
+        yield built
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +61,7 @@ def ray_serve():
     """
     import tempfile
 
-    from tests.support.own_redis import free_port
+    from tests.support.ports import free_port
 
     for key, value in {
         "RAY_AUTH_MODE": "disabled",

@@ -11,10 +11,11 @@ import openai
 import pytest
 import torch
 
+from services.demo.reference import reference_load_image
 from tests.convert.builders import VIT_6B, build_original_checkpoint
 from tests.convert.reference import expand_images, reference_chat_prompt
-from tests.support.gateway import UvicornThread, png
-from tests.support.images import reference_load_image
+from tests.support.gateway import UvicornThread
+from tests.support.images import png
 
 MODEL = "converted"
 

@@ -12,7 +12,7 @@ from services.decoder.engine.async_engine import DecoderCore
 from services.decoder.engine.llm_engine import LLMEngine
 from services.decoder.engine.sampling_params import SamplingParams
 from services.decoder.types import GenerateInput
-from tests.decoder.conftest import CASES, Case, make_config, make_input, tokens_of, user
+from tests.decoder.helpers import CASES, Case, make_config, make_input, tokens_of, user
 
 LONG = SamplingParams(temperature=0.0, ignore_eos=True)
 

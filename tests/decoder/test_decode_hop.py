@@ -26,7 +26,7 @@ from services.decoder.types import (
     TextContent,
 )
 from services.embedding_cache.resolver import EmbeddingResolver
-from tests.decoder.conftest import make_config
+from tests.decoder.helpers import make_config
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from services.decoder.engine.llm_engine import LLMEngine
-from tests.decoder.conftest import CASES, Case, make_config, make_input, run, tokens_of, user
+from tests.decoder.helpers import CASES, Case, make_config, make_input, run, tokens_of, user
 
 
 def test_one_request_alone(engine, reference):

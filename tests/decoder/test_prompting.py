@@ -6,7 +6,7 @@ import pytest
 
 from services.common.errors import InvalidArgument
 from services.decoder.prompting import make_prompt_builder
-from tests.decoder.conftest import CASES, user
+from tests.decoder.helpers import CASES, user
 
 
 @pytest.mark.parametrize("k", range(len(CASES)))

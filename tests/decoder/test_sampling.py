@@ -9,7 +9,7 @@ import torch
 
 from services.common.errors import InvalidArgument
 from services.decoder.engine.sampling_params import SamplingParams
-from tests.decoder.conftest import CASES, Case, make_input, run, text_of, tokens_of, user
+from tests.decoder.helpers import CASES, Case, make_input, run, text_of, tokens_of, user
 
 TEXT_CASE = Case(user("Tell me about the spring rain."), [], 16)
 

@@ -3,12 +3,9 @@ computed once per session and shared by the accuracy, mutation and end-to-end te
 
 from __future__ import annotations
 
-import base64
 import math
 
 import pytest
-
-from services.demo import DEMO_MODEL_NAME
 
 # Held-out samples per (image kind, question type): 7 groups, 210 questions.
 PER_GROUP = 30
@@ -63,24 +60,3 @@ def demo_pool(demo_untrained):
 
     model, _ = demo_untrained
     return build_pool(model.model.vision_tower, 0, 60, math.isqrt(DEMO_TOKENS_PER_TILE), log=lambda _: None)
-
-
-def ask(client, png: bytes, question: str, *, with_usage: bool = False):
-    """One question about one PNG through the OpenAI-compatible API (greedy): the answer text."""
-    uri = "data:image/png;base64," + base64.b64encode(png).decode()
-    reply = client.chat.completions.create(
-        model=DEMO_MODEL_NAME,
-        messages=[
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": uri}},
-                    {"type": "text", "text": question},
-                ],
-            }
-        ],
-        max_tokens=6,
-        temperature=0,
-    )
-    answer = reply.choices[0].message.content.strip()
-    return (answer, reply.usage) if with_usage else answer

@@ -14,9 +14,8 @@ from services.common.types import TilingParams
 from services.demo import DEMO_MODEL_NAME
 from services.demo.evaluate import accuracy, swap_partners
 from services.demo.task import QUESTION_TYPES
-from tests.demo.conftest import ask
-from tests.gateway.conftest import make_gateway
-from tests.support.gateway import UvicornThread, local_cores
+from tests.demo.helpers import ask
+from tests.support.gateway import UvicornThread, local_cores, make_gateway
 
 PER_TYPE = 10
 

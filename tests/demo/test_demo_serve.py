@@ -13,7 +13,7 @@ import pytest
 
 from services.demo import DEMO_MODEL_NAME
 from services.demo.evaluate import accuracy
-from tests.demo.conftest import ask
+from tests.demo.helpers import ask
 from tests.support.serve_process import serve_process
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -1,19 +1,11 @@
-"""Fixtures of the embedding-cache suite: Redis db 8, cleaned after the run.
-
-Every key the suite writes lives in db 8 under the conformance suite's ``conformance:`` prefix or
-under ``RUN_PREFIX`` (a key prefix unique to this run); both are deleted when the session ends.
-"""
+"""Fixtures of the embedding-cache suite: its Redis db, cleaned after the run (see ``helpers``)."""
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
-from tests.support.own_redis import suite_redis
-
-REDIS_URL = "redis://127.0.0.1:6379/8"
-RUN_PREFIX = f"ecachetest-{uuid.uuid4().hex[:8]}"
+from tests.embedding_cache.helpers import REDIS_URL, RUN_PREFIX
+from tests.support.shared_redis import suite_redis
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from services.common.config import CommonConfig, EmbeddingCacheConfig, RedisConfig
 from services.embedding_cache.config import LruConfig, lru_config, shared_store_config
 from services.embedding_cache.redis_store import RedisEmbeddingStore
-from tests.embedding_cache.conftest import REDIS_URL, RUN_PREFIX
+from tests.embedding_cache.helpers import REDIS_URL, RUN_PREFIX
 
 
 def mesh(**cache) -> CommonConfig:

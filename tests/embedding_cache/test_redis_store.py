@@ -1,4 +1,4 @@
-"""The Redis store against the shared conformance suite, on the real server (db 7)."""
+"""The Redis store against the shared conformance suite, on the real server (the suite's db)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from services.embedding_cache.config import RedisStoreConfig
 from services.embedding_cache.redis_store import RedisEmbeddingStore, tile_key
-from tests.embedding_cache.conftest import REDIS_URL
+from tests.embedding_cache.helpers import REDIS_URL
 from tests.embedding_cache.store_conformance import StoreConformance, key, make_entry
 
 

@@ -1,4 +1,5 @@
-"""EncoderCore end to end on the real Redis (db 7) with the real tiny checkpoint and the real preprocess."""
+"""EncoderCore end to end on the real Redis (the suite's db) with the real tiny checkpoint and the
+real preprocess."""
 
 from __future__ import annotations
 
@@ -17,7 +18,15 @@ from services.embedding_cache.redis_store import tile_key
 from services.encoder.config import BatchingConfig, EncoderConfig
 from services.encoder.core import EncoderCore, ImageInput, PreprocessorTileSource
 from services.preprocess.pipeline import Preprocessor
-from tests.encoder.conftest import REDIS_URL, RUN_NS, OwnRedis, namespace, png_bytes
+from tests.encoder.helpers import REDIS_URL, RUN_NS, namespace
+from tests.support.images import png
+from tests.support.own_redis import OwnRedis
+
+
+def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
+    """A PNG of per-pixel noise (every tile different), quickly compressed."""
+    return png(width, height, seed, block=1, high=256, compress_level=1)
+
 
 SQUARE = png_bytes(448, 448, seed=1)  # 1 tile
 WIDE = png_bytes(896, 448, seed=2)  # 2x1 grid + thumbnail = 3 tiles

@@ -6,7 +6,7 @@ from __future__ import annotations
 from services.common.config import CommonConfig, EmbeddingCacheConfig, ModelConfig, RedisConfig, TracingConfig
 from services.encoder.config import EncoderAppArgs
 from services.encoder.deployment import EncoderDeployment
-from tests.encoder.conftest import REDIS_URL, RUN_NS
+from tests.encoder.helpers import REDIS_URL, RUN_NS
 
 
 def replica(tiny_checkpoint, **cache) -> EncoderDeployment:

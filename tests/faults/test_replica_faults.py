@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from tests.support.gateway import png
+from tests.support.images import png
 from tests.support.mesh import deployed, one_model_mesh_config
 from tests.support.own_redis import OwnRedis
 

@@ -1,34 +1,11 @@
-"""The gateway in process: real encoder core (in-process preprocess, no Redis), real decoder core,
-served over loopback HTTP by uvicorn; gateways of one module share the cores."""
+"""The gateway in process: real encoder core (in-process preprocess, no Redis), real decoder core
+(the suite-wide ``cores`` fixture), served over loopback HTTP by uvicorn."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.support.gateway import UvicornThread, local_cores
-
-MODEL = "tiny"
-
-
-@pytest.fixture(scope="module")
-def cores(tiny_checkpoint):
-    """Real encoder (in-process preprocess, LRU only) and decoder cores."""
-    with local_cores(tiny_checkpoint) as built:
-        yield built
-
-
-def make_gateway(cores, keys, limiter, model: str = MODEL, **limits):
-    from gateway.core import Gateway, GatewayLimits, ModelRoute
-    from mesh.local_clients import LocalDecoderClient, LocalEncoderClient
-
-    route = ModelRoute(
-        model,
-        LocalEncoderClient(cores["encoder"]),
-        LocalDecoderClient(cores["frontend"]),
-        12,
-        cores["decoder"].max_model_len,
-    )
-    return Gateway([route], keys, limiter, GatewayLimits(**limits))
+from tests.support.gateway import UvicornThread, make_gateway
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import httpx
 import openai
 import pytest
 
-from tests.gateway.conftest import MODEL
-from tests.support.gateway import png, reference_answer
+from tests.support.gateway import MODEL, reference_answer
+from tests.support.images import png
 
 
 def data_uri(data: bytes) -> str:

@@ -18,10 +18,9 @@ import pytest
 import yaml
 from internvl.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from tests.gateway.conftest import MODEL, make_gateway
-from tests.support.gateway import local_cores, png
+from tests.support.gateway import MODEL, local_cores, make_gateway
 from tests.support.gateway_servers import GatewayServers
-from tests.support.images import handmade_png
+from tests.support.images import handmade_png, png
 
 TIMEOUT_S = 60
 IMG = png(64, 64, seed=3)  # one tile

@@ -11,8 +11,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from internvl.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from tests.gateway.otlp_collector import start_collector
-from tests.support.gateway import free_port, png, reference_answer
+from tests.support.gateway import reference_answer
+from tests.support.images import png
 from tests.support.mesh import deployed, one_model_mesh_config
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.ray
 

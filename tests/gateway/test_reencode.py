@@ -9,9 +9,10 @@ import openai
 import pytest
 import redis
 
-from tests.gateway.conftest import MODEL, make_gateway
-from tests.support.gateway import UvicornThread, local_encoder, png, reference_answer
-from tests.support.own_redis import OwnRedis, free_port
+from tests.support.gateway import MODEL, UvicornThread, local_encoder, make_gateway, reference_answer
+from tests.support.images import png
+from tests.support.own_redis import OwnRedis
+from tests.support.ports import free_port
 
 
 @pytest.fixture(scope="module")

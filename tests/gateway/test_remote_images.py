@@ -9,8 +9,8 @@ import pytest
 
 from gateway.fetch import RemoteImageFetcher, host_allowed, public_address
 from services.common.errors import InvalidArgument
-from tests.gateway.conftest import MODEL, make_gateway
-from tests.support.gateway import UvicornThread, png
+from tests.support.gateway import MODEL, UvicornThread, make_gateway
+from tests.support.images import png
 
 PUBLIC = "93.184.216.34"
 

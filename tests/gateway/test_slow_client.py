@@ -5,7 +5,7 @@ import time
 
 import httpx
 
-from tests.gateway.conftest import MODEL
+from tests.support.gateway import MODEL
 
 
 def test_a_stalled_stream_does_not_block_other_requests(inprocess_gateway):

@@ -11,10 +11,12 @@ import pytest
 import redis
 import yaml
 
-from tests.gateway.conftest import MODEL, make_gateway
-from tests.support.gateway import UvicornThread, free_port, png
+from tests.support.gateway import MODEL, UvicornThread, make_gateway
+from tests.support.images import png
+from tests.support.ports import free_port
+from tests.support.shared_redis import redis_url
 
-DB_URL = "redis://127.0.0.1:6379/12"
+DB_URL = redis_url("gateway")
 
 
 def _tenants_file(path):

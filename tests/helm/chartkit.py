@@ -21,6 +21,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "internvl-mesh"
 EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
+# The values files the chart is rendered with: the defaults, and each example.
+CASES = {"defaults": []} | {p.stem: [p] for p in EXAMPLES}
 # KubeRay's RayService CRD, vendored with its origin and licence in tests/helm/crds/README.md.
 CRD = Path(
     os.environ.get("KUBERAY_CRD", Path(__file__).resolve().parent / "crds" / "ray.io_rayservices.yaml")

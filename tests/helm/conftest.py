@@ -6,8 +6,6 @@ import pytest
 
 from tests.helm import chartkit
 
-CASES = {"defaults": []} | {p.stem: [p] for p in chartkit.EXAMPLES}
-
 
 @pytest.fixture(scope="session")
 def rendered():
@@ -15,7 +13,7 @@ def rendered():
 
     def get(case: str) -> list:
         if case not in cache:
-            cache[case] = chartkit.render(CASES[case])
+            cache[case] = chartkit.render(chartkit.CASES[case])
         return cache[case]
 
     return get

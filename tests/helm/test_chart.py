@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tests.helm import chartkit
-from tests.helm.conftest import CASES
+from tests.helm.chartkit import CASES
 
 BROKEN = Path(__file__).parent / "values"
 

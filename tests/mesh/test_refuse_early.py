@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.own_redis import free_port
+from tests.support.ports import free_port
 
 # The CLI's entry point (``internvl-mesh`` runs ``mesh.cli:main``), reporting on exit whether Ray
 # was ever imported: serve cannot start Ray without importing it.

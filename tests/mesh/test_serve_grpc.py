@@ -1,6 +1,5 @@
 """The README's serve command as a user runs it: a subprocess, real gRPC, SIGTERM to stop."""
 
-import io
 import os
 import signal
 import subprocess
@@ -12,16 +11,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from internvl.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from internvl.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
-from PIL import Image
 
 from services.common.grpc_server import channel_options
-from tests.support.own_redis import free_port
+from tests.support.images import png
+from tests.support.ports import free_port
 
 
 def _png() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (900, 450), (10, 200, 30)).save(buf, format="PNG")
-    return buf.getvalue()
+    return png(900, 450, colour=(10, 200, 30))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.support.gateway import png
+from tests.support.images import png
 from tests.support.serve_process import serve_process
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

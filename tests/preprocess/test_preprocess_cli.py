@@ -11,8 +11,9 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
+from services.demo.reference import reference_tiles
 from services.preprocess.cli import tiles_command
-from tests.support.images import encode, photo_like, reference_tiles
+from tests.support.images import encode, photo_like
 
 app = typer.Typer()
 app.command("tiles")(tiles_command)

@@ -14,10 +14,11 @@ from PIL import Image
 
 from services.common.errors import InvalidArgument
 from services.common.types import TilingParams
+from services.demo.reference import reference_tiles
 from services.preprocess.config import DecodeLimits
 from services.preprocess.decoding import decode_image, open_image, sniff_format
 from services.preprocess.tiling import tile_image
-from tests.support.images import encode, handmade_png, photo_like, png_chunk, reference_tiles
+from tests.support.images import encode, handmade_png, photo_like, png_chunk
 
 LIMITS = DecodeLimits()
 

@@ -8,17 +8,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from services.common.types import TilingParams  # noqa: E402
+from services.demo.reference import IMAGENET_MEAN, IMAGENET_STD, reference_load_image  # noqa: E402
 from services.preprocess.config import DecodeLimits  # noqa: E402
 from services.preprocess.decoding import decode_image  # noqa: E402
 from services.preprocess.normalize import _normalize_by_table, normalize_tiles  # noqa: E402
 from services.preprocess.tiling import tile_image  # noqa: E402
-from tests.support.images import (  # noqa: E402
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    encode,
-    photo_like,
-    reference_load_image,
-)
+from tests.support.images import encode, photo_like  # noqa: E402
 
 
 def _numpy_reference(tiles: np.ndarray) -> np.ndarray:

@@ -10,9 +10,10 @@ import pytest
 
 from services.common.errors import InvalidArgument
 from services.common.types import TilingParams, sha256_hex
+from services.demo.reference import reference_tiles
 from services.preprocess.config import DecodeLimits, PreprocessConfig
 from services.preprocess.pipeline import Preprocessor
-from tests.support.images import encode, handmade_png, photo_like, reference_tiles
+from tests.support.images import encode, handmade_png, photo_like
 
 WIDE = encode(photo_like(1000, 500, seed=1), "JPEG")  # 2x1 + thumbnail = 3 tiles at max 12
 SQUARE = encode(photo_like(300, 300, seed=2), "PNG")  # 1 tile

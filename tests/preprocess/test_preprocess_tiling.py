@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from services.common.types import TiledImage, TilingParams
+from services.demo.reference import reference_grid, reference_tiles
 from services.preprocess.config import DecodeLimits
 from services.preprocess.decoding import decode_image
 from services.preprocess.tiling import count_tiles, find_grid, tile_image
-from tests.support.images import encode, photo_like, reference_grid, reference_tiles
+from tests.support.images import encode, photo_like
 
 # INTERNVL.md, "Examples": W x H @ max_num -> (cols, rows), tiles including the thumbnail.
 EXAMPLES = [

@@ -21,10 +21,9 @@ import httpx
 import pytest
 from internvl.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from tests.gateway.conftest import MODEL, make_gateway
-from tests.support.gateway import png
+from tests.support.gateway import MODEL, make_gateway
 from tests.support.gateway_servers import GatewayServers
-from tests.support.images import handmade_png
+from tests.support.images import handmade_png, png
 
 TIMEOUT_S = 60
 SMALL = png(64, 64, seed=1)  # one tile

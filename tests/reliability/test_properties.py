@@ -21,11 +21,11 @@ from PIL import Image
 
 from services.common.errors import InvalidArgument, MeshError
 from services.common.types import MAX_TILES_PER_IMAGE, TilingParams
+from services.demo.reference import reference_grid
 from services.preprocess.tiling import count_tiles, find_grid, tile_image
-from tests.gateway.conftest import MODEL, make_gateway
-from tests.support.gateway import png
+from tests.support.gateway import MODEL, make_gateway
 from tests.support.gateway_servers import GatewayServers
-from tests.support.images import reference_grid
+from tests.support.images import png
 
 BOUNDED = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -1,29 +1,34 @@
-"""Test harness: the gateway in process (real encoder and decoder cores, real HTTP over loopback),
-and the reference pipeline the mesh must reproduce."""
+"""The gateway in process (real encoder and decoder cores, real HTTP over loopback), and the reference
+pipeline the mesh must reproduce."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import threading
 import time
 
-import numpy as np
 import torch
-from PIL import Image
 
-from tests.support.images import reference_load_image
-from tests.support.own_redis import free_port  # noqa: F401 - re-exported for the test modules
+from services.demo.reference import reference_load_image
+from tests.support.ports import free_port
+
+MODEL = "tiny"
 
 
-def png(width: int, height: int, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 255, size=(max(height // 16, 1), max(width // 16, 1), 3), dtype=np.uint8)
-    img = Image.fromarray(small).resize((width, height), Image.BILINEAR)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+def make_gateway(cores, keys, limiter, model: str = MODEL, **limits):
+    """A gateway of one route, ``model``, to the in-process ``cores`` (see :func:`local_cores`)."""
+    from gateway.core import Gateway, GatewayLimits, ModelRoute
+    from mesh.local_clients import LocalDecoderClient, LocalEncoderClient
+
+    route = ModelRoute(
+        model,
+        LocalEncoderClient(cores["encoder"]),
+        LocalDecoderClient(cores["frontend"]),
+        12,
+        cores["decoder"].max_model_len,
+    )
+    return Gateway([route], keys, limiter, GatewayLimits(**limits))
 
 
 class UvicornThread:
@@ -77,10 +82,6 @@ def reference_answer(
     with torch.no_grad():
         out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-
-
-def run(coro):
-    return asyncio.get_event_loop().run_until_complete(coro)
 
 
 @contextlib.contextmanager

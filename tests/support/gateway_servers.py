@@ -11,7 +11,7 @@ import asyncio
 import threading
 import time
 
-from tests.support.gateway import free_port
+from tests.support.ports import free_port
 
 
 class GatewayServers:

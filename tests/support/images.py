@@ -1,5 +1,9 @@
-"""The reference InternVL preprocessing (``services.demo.reference``) and the synthetic images the
-tests and the benchmark use."""
+"""The synthetic images the tests and the benchmarks use: random noise (blocky or per pixel), a solid
+colour, photo-like gradients, and PNGs written byte by byte with any header.
+
+The makers are deterministic: the same arguments give the same bytes, which some tests rely on (sizes,
+tile counts, cache keys). ``png`` with its defaults is the suites' everyday image.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +14,22 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from services.demo.reference import (  # noqa: F401  (re-exported for the tests)
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    dynamic_preprocess,
-    find_closest_aspect_ratio,
-    reference_grid,
-    reference_load_image,
-    reference_tile_images,
-    reference_tiles,
-    target_ratios,
-    to_tensor_normalize,
-)
+RESAMPLE = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+def noise(
+    width: int, height: int, seed: int = 0, *, block: int = 16, high: int = 255, resample: str = "bilinear"
+) -> Image.Image:
+    """Random RGB noise of ``width`` x ``height``: one random colour (``0 <= c < high``) per ``block`` x
+    ``block`` cell, resized with ``resample`` (``block=1``: every pixel random, nothing resized)."""
+    rng = np.random.default_rng(seed)
+    cells = (max(height // block, 1), max(width // block, 1), 3)
+    img = Image.fromarray(rng.integers(0, high, size=cells, dtype=np.uint8))
+    return img if img.size == (width, height) else img.resize((width, height), RESAMPLE[resample])
+
+
+def solid(width: int, height: int, colour: tuple[int, int, int]) -> Image.Image:
+    return Image.new("RGB", (width, height), colour)
 
 
 def photo_like(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
@@ -42,11 +50,30 @@ def photo_like(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Ima
 
 
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    """``img`` in ``fmt`` with Pillow's save options ``kwargs``; a PNG at compression level 1 unless
+    told (fast: the tests encode large noisy images)."""
     if fmt == "PNG":
-        kwargs.setdefault("compress_level", 1)  # fast: the tests encode large noisy images
+        kwargs.setdefault("compress_level", 1)
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kwargs)
     return buf.getvalue()
+
+
+def picture(
+    width: int, height: int, seed: int = 0, *, colour: tuple[int, int, int] | None = None, **noise_options
+) -> Image.Image:
+    """:func:`solid` in ``colour`` if given, else :func:`noise` (blocks of 16 pixels unless told)."""
+    return solid(width, height, colour) if colour else noise(width, height, seed, **noise_options)
+
+
+def png(width: int, height: int, seed: int = 0, *, compress_level: int = -1, **options) -> bytes:
+    """A :func:`picture` as PNG, at Pillow's default compression (-1) unless told."""
+    return encode(picture(width, height, seed, **options), "PNG", compress_level=compress_level)
+
+
+def jpeg(width: int, height: int, seed: int = 0, *, quality: int = 90, **options) -> bytes:
+    """A :func:`picture` as JPEG."""
+    return encode(picture(width, height, seed, **options), "JPEG", quality=quality)
 
 
 def png_chunk(kind: bytes, payload: bytes) -> bytes:

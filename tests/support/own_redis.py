@@ -1,44 +1,16 @@
 """A redis-server owned by one test: its own free port on 127.0.0.1, no persistence, started,
-paused, resumed and killed by its own PID (never anything else), for outage tests. Also the shared
-Redis of a suite's session, with the keys the suite wrote removed at the end."""
+paused, resumed and killed by its own PID (never anything else), for outage tests."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 
 import redis
 
-
-@contextlib.contextmanager
-def suite_redis(url: str, *patterns: str):
-    """A client of the shared Redis at ``url`` (failing the suite at once if it is down); on exit,
-    every key matching one of ``patterns`` is deleted."""
-    import pytest
-
-    client = redis.Redis.from_url(url)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.fail(f"the Redis server at {url} is not running (see TOOLING.md)")
-    try:
-        yield client
-    finally:
-        for pattern in patterns:
-            keys = list(client.scan_iter(match=pattern, count=1000))
-            for i in range(0, len(keys), 500):
-                client.delete(*keys[i : i + 500])
-        client.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support.ports import free_port
 
 
 class OwnRedis:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.own_redis import free_port
+from tests.support.ports import free_port
 
 # Two CPU cores in CI: the deployments ask for half a CPU each so all of them fit.
 SMALL_CPU = [

@@ -14,15 +14,11 @@ from services.common.grpc_server import open_channel, start_server
 from services.common.pb import tensor_from_pb
 from services.preprocess.pipeline import Preprocessor
 from services.preprocess.server import PreprocessServicer
+from tests.support.images import png
 
 
 def _png(width: int, height: int) -> bytes:
-    rng = np.random.default_rng(0)
-    arr = rng.integers(0, 255, size=(height // 8, width // 8, 3), dtype=np.uint8)
-    img = Image.fromarray(arr).resize((width, height), Image.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return png(width, height, block=8, resample="nearest")
 
 
 @pytest.fixture(scope="module")

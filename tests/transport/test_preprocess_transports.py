@@ -2,12 +2,9 @@
 (standalone server, and Serve's gRPC proxy routed by the `application` metadata) and a Serve
 DeploymentHandle (numpy through Ray's object store, as the encoder's ``HandleTileSource`` calls it)."""
 
-import io
-
 import numpy as np
 import pytest
 from internvl.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
-from PIL import Image
 
 from services.common.errors import InvalidArgument
 from services.common.grpc_server import open_channel, start_server
@@ -15,19 +12,15 @@ from services.common.pb import RequestContext, tensor_from_pb, tiling_to_pb
 from services.common.types import TilingParams
 from services.preprocess.pipeline import Preprocessor
 from services.preprocess.server import PreprocessServicer
+from tests.support.images import jpeg
 
 pytestmark = pytest.mark.ray
 
 
-def _jpeg(w, h, seed=0) -> bytes:
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-ITEMS = [(_jpeg(1280, 720, 1), TilingParams(max_num=6)), (_jpeg(300, 900, 2), TilingParams())]
+ITEMS = [
+    (jpeg(1280, 720, 1, block=1), TilingParams(max_num=6)),
+    (jpeg(300, 900, 2, block=1), TilingParams()),
+]
 REQUEST = preprocess_pb2.TileImagesRequest(
     images=[preprocess_pb2.ImageInput(data=data, tiling=tiling_to_pb(p)) for data, p in ITEMS]
 )

@@ -14,7 +14,7 @@ from gateway.audit import AUDIT_LOGGER, AuditedKeyStore, AuditLog, diff_keys
 from gateway.tenancy.keys import KeyStore
 from mesh.ops_cli import keys_app
 from services.common.config import ConfigError
-from tests.gateway.ops.conftest import HMAC_ENV, HMAC_SECRET, env, new_key, remember, write_tenants
+from tests.gateway.ops.helpers import HMAC_ENV, HMAC_SECRET, env, new_key, remember, write_tenants
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
-"""Operating the gateway over real HTTP (real encoder and decoder cores, real Redis db 13): usage records
-equal the responses' usage (plain, streamed, cancelled), keys change without a restart (revoke, rotate,
-add), and the audit log says what happened, naming keys by id only."""
+"""Operating the gateway over real HTTP (real encoder and decoder cores, the suite's real Redis db):
+usage records equal the responses' usage (plain, streamed, cancelled), keys change without a restart
+(revoke, rotate, add), and the audit log says what happened, naming keys by id only."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ import pytest
 from gateway.audit import AUDIT_LOGGER
 from gateway.tenancy import REASON_RATE
 from mesh import ops_cli
-from tests.gateway.conftest import MODEL
-from tests.gateway.ops.conftest import (
+from tests.gateway.ops.helpers import (
     REDIS_URL,
     CountingDecoder,
     env,
@@ -27,7 +26,8 @@ from tests.gateway.ops.conftest import (
     stream_name,
     write_tenants,
 )
-from tests.support.gateway import UvicornThread, png
+from tests.support.gateway import MODEL, UvicornThread
+from tests.support.images import png
 
 RELOAD_S = 0.3
 GENEROUS = {"requests_per_s": 1000, "max_concurrent": 64}

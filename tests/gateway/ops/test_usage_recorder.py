@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry
 from gateway.core import RequestRecord
 from gateway.ops_config import UsageSettings
 from gateway.usage import UsageRecord, UsageRecorder, read_jsonl, read_stream, summarise
-from tests.gateway.ops.conftest import REDIS_URL, stream_name
-from tests.support.gateway import free_port
+from tests.gateway.ops.helpers import REDIS_URL, stream_name
+from tests.support.ports import free_port
 
 
 def _request(i: int, tenant: str = "acme", status: str = "ok") -> RequestRecord:

@@ -1,25 +1,13 @@
-"""Fixtures of the tenancy suite: Redis db 11 under a key prefix unique to this run, deleted at the end.
-
-``OwnRedis`` is a redis-server owned by one test (its own port, no persistence), for outages: the test
-kills, pauses or restarts it by its PID.
-"""
+"""Fixtures of the tenancy suite: its Redis db under the run's key prefix, deleted at the end (see
+``helpers``), and Redis limiters on it. Outage tests use the suite-wide ``own_redis`` fixture."""
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
-from gateway.tenancy import RedisLimiter, Tenant, TenantLimits
-from tests.support.own_redis import OwnRedis, suite_redis
-
-REDIS_URL = "redis://127.0.0.1:6379/11"
-RUN_PREFIX = f"ivm:limtest:{uuid.uuid4().hex[:8]}:"
-
-
-def make_tenant(name: str | None = None, **limits) -> Tenant:
-    """A tenant with a fresh name (so tests never share counters) and the given limits."""
-    return Tenant(name=name or f"t{uuid.uuid4().hex[:10]}", limits=TenantLimits(**limits))
+from gateway.tenancy import RedisLimiter
+from tests.gateway.tenancy.helpers import REDIS_URL, RUN_PREFIX
+from tests.support.shared_redis import suite_redis
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +18,8 @@ def sync_redis():
 
 @pytest.fixture
 async def limiters(sync_redis):
-    """A factory of RedisLimiters on db 11, each with its own connection pool; closed after the test."""
+    """A factory of RedisLimiters on the suite's db, each with its own connection pool; closed after
+    the test."""
     made: list[RedisLimiter] = []
 
     def make(**kwargs) -> RedisLimiter:
@@ -42,10 +31,3 @@ async def limiters(sync_redis):
     yield make
     for limiter in made:
         await limiter.close()
-
-
-@pytest.fixture
-def own_redis():
-    server = OwnRedis().start()
-    yield server
-    server.kill()

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from gateway.config import GatewaySettings
 from gateway.deployment import build_tenancy, build_usage
 from services.common.config import RedisConfig
-from tests.gateway.tenancy.conftest import REDIS_URL, make_tenant
+from tests.gateway.tenancy.helpers import REDIS_URL, make_tenant
 
 
 async def test_limiter_keys_and_pool_follow_the_redis_settings(sync_redis):

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.tenancy import REASON_CONCURRENCY, FallbackLimiter, LocalLimiter, RedisLimiter
 from services.common.errors import ResourceExhausted, Unavailable
-from tests.gateway.tenancy.conftest import make_tenant
+from tests.gateway.tenancy.helpers import make_tenant
 
 
 def fallback(

@@ -8,7 +8,7 @@ import pytest
 
 from gateway.tenancy import REASON_CONCURRENCY, REASON_DAILY, REASON_RATE, REASON_TOKENS, LocalLimiter
 from services.common.errors import ResourceExhausted
-from tests.gateway.tenancy.conftest import make_tenant
+from tests.gateway.tenancy.helpers import make_tenant
 
 
 class Clock:

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.tenancy import REASON_CONCURRENCY, REASON_DAILY, REASON_RATE, REASON_TOKENS
 from services.common.errors import InvalidArgument, ResourceExhausted
-from tests.gateway.tenancy.conftest import RUN_PREFIX, make_tenant
+from tests.gateway.tenancy.helpers import REDIS_URL, RUN_PREFIX, make_tenant
 
 BIG = {"tokens_per_min": 10**9, "daily_token_quota": 10**12, "max_concurrent": 10_000}
 
@@ -193,7 +193,7 @@ def test_bad_settings_are_refused():
     from gateway.tenancy import LocalLimiter, RedisLimiter
 
     with pytest.raises(InvalidArgument):
-        RedisLimiter.from_url("redis://127.0.0.1:6379/11", prefix="has space")
+        RedisLimiter.from_url(REDIS_URL, prefix="has space")
     with pytest.raises(InvalidArgument):
         LocalLimiter(scale=0)
     with pytest.raises(InvalidArgument):
