@@ -33,7 +33,7 @@ def make_tiny_checkpoint_command(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write the checkpoint into.")],
     preset: Annotated[str, typer.Option(help="tiny (tests) or small (benchmarks).")] = "tiny",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
-    llm: Annotated[str, typer.Option(help="Language-model family: qwen2 or llama.")] = "qwen2",
+    llm: Annotated[str, typer.Option(help="Language-model family: qwen2, llama, qwen3 or phi3.")] = "qwen2",
 ) -> None:
     """Write a random-weight InternVL checkpoint in transformers' native format."""
     from services.common.tiny_checkpoint import make_tiny_checkpoint

@@ -85,7 +85,16 @@ PRESETS: dict[str, Preset] = {
     "small": Preset(256, 4, 4, 1024, 512, 6, 8, 4, 2048, 16384),
 }
 
-LLM_FAMILIES = ("qwen2", "llama")
+LLM_FAMILIES = ("qwen2", "llama", "qwen3", "phi3")
+
+# What each family's text config adds to the common dimensions. Qwen3's head_dim (24) differs from
+# hidden / heads on purpose: the q/k/v widths then differ from the hidden size, as in real Qwen3 models.
+_FAMILY_TEXT = {
+    "qwen2": {"model_type": "qwen2"},
+    "llama": {"model_type": "llama", "attention_bias": False, "mlp_bias": False},
+    "qwen3": {"model_type": "qwen3", "attention_bias": False, "head_dim": 24, "use_sliding_window": False},
+    "phi3": {"model_type": "phi3", "sliding_window": None},
+}
 
 
 def corpus_text() -> str:
@@ -143,9 +152,13 @@ def build_config(
     max_dynamic_patch: int = 12,
     patch_size: int = 14,
     downsample_ratio: float = 0.5,
+    text_overrides: dict | None = None,
 ):
     """The InternVL config of ``preset``: 448 tiles cut into ``patch_size`` patches, whose grid pixel
-    shuffle reduces by ``downsample_ratio`` per side (InternVL's own models: 14 and 0.5, 256 tokens)."""
+    shuffle reduces by ``downsample_ratio`` per side (InternVL's own models: 14 and 0.5, 256 tokens).
+
+    ``text_overrides`` replace keys of the language model's config (e.g. ``max_position_embeddings``
+    and ``rope_parameters`` for a rope variant, or Phi-3's ``original_max_position_embeddings``)."""
     from transformers import InternVLConfig
 
     factor = round(1 / downsample_ratio)
@@ -167,12 +180,9 @@ def build_config(
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
     )
-    if llm == "qwen2":
-        text_config = {"model_type": "qwen2", **text_common}
-    elif llm == "llama":
-        text_config = {"model_type": "llama", "attention_bias": False, "mlp_bias": False, **text_common}
-    else:
+    if llm not in _FAMILY_TEXT:
         raise InvalidArgument(f"llm must be one of {LLM_FAMILIES}, got {llm!r}")
+    text_config = {**_FAMILY_TEXT[llm], **text_common, **(text_overrides or {})}
     vision_config = dict(
         hidden_size=preset.vision_hidden,
         num_hidden_layers=preset.vision_layers,
@@ -201,12 +211,18 @@ def build_config(
 
 
 def make_tiny_checkpoint(
-    out_dir: str | Path, preset: str = "tiny", seed: int = 0, llm: str = "qwen2", init_std: float = 0.06
+    out_dir: str | Path,
+    preset: str = "tiny",
+    seed: int = 0,
+    llm: str = "qwen2",
+    init_std: float = 0.06,
+    text_overrides: dict | None = None,
 ) -> Path:
     """Write a random-weight native InternVL checkpoint to ``out_dir`` and return its path.
 
     ``init_std`` is larger than transformers' default (0.02) so that a random model's greedy tokens
     depend visibly on its inputs, which is what the fidelity tests need to have teeth.
+    ``text_overrides``: see :func:`build_config`.
     """
     import torch
     from transformers import InternVLForConditionalGeneration
@@ -216,7 +232,7 @@ def make_tiny_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer()
-    config = build_config(PRESETS[preset], llm, tokenizer)
+    config = build_config(PRESETS[preset], llm, tokenizer, text_overrides=text_overrides)
 
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config).eval()
@@ -231,7 +247,14 @@ def make_tiny_checkpoint(
         model,
         tokenizer,
         out,
-        {"origin": "random", "preset": preset, "seed": seed, "llm": llm, "init_std": init_std},
+        {
+            "origin": "random",
+            "preset": preset,
+            "seed": seed,
+            "llm": llm,
+            "init_std": init_std,
+            "text_overrides": text_overrides or {},
+        },
     )
 
 

@@ -34,7 +34,7 @@ Layout: ``config`` (pydantic configs), ``types`` (the API types above and the ho
 protobuf conversions), ``prompting`` (chat template,
 safe tokenization, image placeholders), ``engine/`` (pure-Python scheduler and block manager; the model
 runner, sampler, detokenizer, tensor-parallel workers, the sync ``LLMEngine`` and ``DecoderCore``),
-``models/`` (one decoder LM for the Qwen2 / Llama / Phi-3 families, Megatron-sharded layers),
+``models/`` (one decoder LM for the Qwen2 / Qwen3 / Llama / Phi-3 families, Megatron-sharded layers),
 ``attention/`` (paged torch and flash-attn backends behind a registry).
 
 Imports are lazy so that the pure modules load without torch.

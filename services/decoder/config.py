@@ -45,7 +45,13 @@ class SchedulerConfig(BaseModel):
     max_num_seqs: int = Field(64, ge=1, le=4096, description="Requests running in one step at most.")
     max_num_batched_tokens: int = Field(2048, ge=1, le=1 << 20, description="Token budget of one step.")
     max_model_len: int | None = Field(
-        None, ge=2, description="Prompt + output tokens per request (default: the checkpoint's limit)."
+        None,
+        ge=2,
+        description=(
+            "Prompt + output tokens per request. Default and upper bound: the checkpoint's positions, or "
+            "fewer where its rope changes with the length (dynamic NTK: max_position_embeddings; longrope: "
+            "original_max_position_embeddings), up to which it is served exactly."
+        ),
     )
     enable_chunked_prefill: bool = True
     max_images_per_request: int = Field(

@@ -53,12 +53,16 @@ class _RequestState:
 
 class LLMEngine:
     def __init__(self, config: DecoderConfig, clock: Callable[[], float] = time.monotonic):
-        self.config = config
-        self.clock = clock
         checkpoint = Checkpoint.open(config.model)
         # What the model runner will build is checked first (no weight read), then the tokenizer: the
         # order in which ``services.decoder.support`` checks a checkpoint before start-up.
         self.max_model_len = plan_model(config, checkpoint.text_config).max_model_len
+        # Decided once, here: every rank's runner gets the same, explicit context length.
+        config = config.model_copy(
+            update={"scheduler": config.scheduler.model_copy(update={"max_model_len": self.max_model_len})}
+        )
+        self.config = config
+        self.clock = clock
         self.prompt_builder = load_prompt_builder(checkpoint)
         self.tokenizer = self.prompt_builder.tokenizer
         self.vocab_size = int(checkpoint.text_config["vocab_size"])

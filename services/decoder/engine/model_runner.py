@@ -12,6 +12,7 @@ start-up error that names the knobs.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,8 @@ from services.decoder.engine.scheduler import ScheduledChunk
 from services.decoder.models.decoder_lm import DecoderLM, check_tp_split
 from services.decoder.models.layers import TPContext
 from services.decoder.models.registry import Family, ModelSpec, get_family
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,11 +85,19 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def max_model_len_of(config: DecoderConfig, text_config: dict[str, Any]) -> int:
-    limit = int(text_config.get("max_position_embeddings", 4096))
-    wanted = config.scheduler.max_model_len or limit
-    if wanted > limit:
-        raise FailedPrecondition(f"scheduler.max_model_len={wanted} exceeds the model's {limit} positions")
+def max_model_len_of(config: DecoderConfig, spec: ModelSpec) -> int:
+    """``scheduler.max_model_len``, refused past the longest sequence the model is served exactly for
+    (its positions, or fewer where its rope changes with the length); by default that length."""
+    bound, why = spec.context_bound()
+    wanted = config.scheduler.max_model_len
+    if wanted is None:
+        if spec.rope.exact_len is not None:
+            log.info("scheduler.max_model_len defaults to %d: %s", bound, why)
+        return bound
+    if wanted > bound:
+        raise FailedPrecondition(
+            f"scheduler.max_model_len={wanted} exceeds {bound}: {why}; set scheduler.max_model_len <= {bound}"
+        )
     return wanted
 
 
@@ -113,7 +124,7 @@ def plan_model(config: DecoderConfig, text_config: dict[str, Any]) -> ModelPlan:
         raise FailedPrecondition(
             f"the text_config of this checkpoint lacks {exc.args[0]!r}", reason="checkpoint_config_invalid"
         ) from exc
-    max_model_len = max_model_len_of(config, text_config)
+    max_model_len = max_model_len_of(config, spec)
     if spec.sliding_window and max_model_len > spec.sliding_window:
         raise FailedPrecondition(
             f"the model uses a {spec.sliding_window}-token sliding window, which the paged "
@@ -140,7 +151,7 @@ class ModelRunner:
         with torch.device("meta"):
             model = DecoderLM(self.spec, tp, self.backend, with_lm_head=tp.rank == 0)
         model = model.to_empty(device=self.device).to(self.dtype)
-        model.rotary.inv_freq = self.spec.inv_freq.to(self.device)
+        model.rotary.inv_freq = self.spec.rope.inv_freq.to(self.device)
         weights = checkpoint.load_component("language_model", dtype=self.dtype)
         head = checkpoint.load_component("lm_head", dtype=self.dtype) if tp.rank == 0 else {}
         model.load_weights(self.family, weights, head)

@@ -44,12 +44,19 @@ class Attention(nn.Module):
         self.o_proj = ParallelLinear(q_out, spec.hidden_size, spec.o_bias, tp, row_parallel=True)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
+        # Per-head norms (Qwen3): every rank holds the whole (head_dim,) weight.
+        self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
 
     def forward(self, x, cos, sin, rotary: Rotary, kv_cache, meta: AttentionMetadata):
         qkv = self.qkv_proj(x)  # (T, (H + 2 Hkv) * D) on this rank
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rotary.apply(q.view(-1, self.num_heads, self.head_dim), cos, sin)  # (T, H, D)
-        k = rotary.apply(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)  # (T, Hkv, D)
+        q = q.view(-1, self.num_heads, self.head_dim)  # (T, H, D)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rotary.apply(q, cos, sin)
+        k = rotary.apply(k, cos, sin)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         o = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # (T, H, D)
         return self.o_proj(o.reshape(-1, self.q_size))  # (T, H * D) -> (T, hidden)
@@ -102,10 +109,14 @@ class DecoderLayer(nn.Module):
             what=f"layers.{layer}.gate_up",
         )
         m.down_proj.load([w["down_proj.weight"]], biases("down_proj"), what=f"layers.{layer}.down_proj")
-        self.input_layernorm.weight.data = w["input_layernorm.weight"].to(self.input_layernorm.weight.dtype)
-        self.post_attention_layernorm.weight.data = w["post_attention_layernorm.weight"].to(
-            self.post_attention_layernorm.weight.dtype
-        )
+        norms = [
+            (self.input_layernorm, "input_layernorm"),
+            (self.post_attention_layernorm, "post_attention_layernorm"),
+        ]
+        if a.q_norm is not None:
+            norms += [(a.q_norm, "q_norm"), (a.k_norm, "k_norm")]
+        for norm, name in norms:
+            norm.weight.data = w[f"{name}.weight"].to(norm.weight.dtype)
 
 
 class DecoderLM(nn.Module):
@@ -116,7 +127,7 @@ class DecoderLM(nn.Module):
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(spec, tp, backend) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.rotary = Rotary(spec.inv_freq, spec.attention_scaling, spec.rotary_dim)
+        self.rotary = Rotary(spec.rope.inv_freq, spec.rope.attention_scaling, spec.rope.rotary_dim)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False) if with_lm_head else None
         if self.lm_head is not None:
             self.lm_head.weight.requires_grad_(False)

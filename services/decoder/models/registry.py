@@ -1,10 +1,15 @@
 """Language-model families: how each reads its config and names its weights.
 
 Every supported family is a pre-norm decoder with RMSNorm, RoPE, GQA attention and a SwiGLU MLP; they
-differ in biases, in fused checkpoint tensors (Phi-3 stores ``qkv_proj`` and ``gate_up_proj``) and in
-rope variants. A family turns checkpoint tensors into the canonical per-layer set
-(q, k, v, o, gate, up, down + norms) that ``DecoderLM`` loads; adding a family is adding a class here.
-InternLM2 checkpoints arrive converted to the Llama layout.
+differ in biases, in fused checkpoint tensors (Phi-3 stores ``qkv_proj`` and ``gate_up_proj``), in
+per-head q/k norms (Qwen3) and in rope variants. A family turns checkpoint tensors into the canonical
+per-layer set (q, k, v, o, gate, up, down + norms) that ``DecoderLM`` loads; adding a family is adding
+a class here. InternLM2 checkpoints arrive converted to the Llama layout.
+
+Rope variants that change with the sequence length are served in the form they take for short
+sequences, which is a static rope: dynamic NTK is the plain rope up to ``max_position_embeddings``,
+longrope uses its short factors (and its attention scaling) up to ``original_max_position_embeddings``.
+``ModelSpec.rope_exact_len`` records that length; the engine never serves a longer context.
 """
 
 from __future__ import annotations
@@ -18,6 +23,25 @@ import torch
 from services.common.errors import FailedPrecondition
 
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# Rope types that change with the sequence length -> the config key bounding their static form.
+SHORT_FORM_ROPE_TYPES = {
+    "dynamic": "max_position_embeddings",
+    "longrope": "original_max_position_embeddings",
+}
+MOE = "mixture-of-experts layers are not supported by the decoder"
+REFUSED_MODEL_TYPES = {"qwen3_moe": MOE, "gpt_oss": MOE}
+
+
+@dataclass
+class Rope:
+    """The static rope the decoder serves: inverse frequencies and the cos/sin scaling."""
+
+    rope_type: str
+    inv_freq: torch.Tensor
+    attention_scaling: float
+    rotary_dim: int
+    exact_len: int | None = None  # set for SHORT_FORM_ROPE_TYPES: the longest sequence served exactly
+    exact_len_key: str | None = None  # the config key ``exact_len`` was read from
 
 
 @dataclass
@@ -36,13 +60,26 @@ class ModelSpec:
     o_bias: bool
     mlp_bias: bool
     tie_word_embeddings: bool
-    inv_freq: torch.Tensor
-    attention_scaling: float
-    rotary_dim: int
+    rope: Rope
     sliding_window: int | None = None
+    qk_norm: bool = False  # RMSNorm over each head's q and k, after the projection, before rope
+
+    def context_bound(self) -> tuple[int, str]:
+        """The longest sequence served exactly, and why it is that."""
+        positions = self.max_position_embeddings
+        exact = self.rope.exact_len
+        if exact is None:
+            return positions, f"the model's {positions} positions"
+        why = (
+            f"the model's {self.rope.rope_type!r} rope changes with the sequence length and equals the "
+            f"static rope the decoder serves only up to {self.rope.exact_len_key}={exact}"
+        )
+        if exact < positions:
+            why += f" (the model declares {positions} positions)"
+        return min(exact, positions), why
 
 
-def _rope(text_config: dict[str, Any], head_dim: int) -> tuple[torch.Tensor, float, int]:
+def _rope(text_config: dict[str, Any], head_dim: int) -> Rope:
     params = dict(text_config.get("rope_parameters") or {})
     legacy = text_config.get("rope_scaling") or {}
     params = {**legacy, **params}
@@ -52,29 +89,37 @@ def _rope(text_config: dict[str, Any], head_dim: int) -> tuple[torch.Tensor, flo
     rotary_dim = int(head_dim * partial)
     if rope_type == "default":
         inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
-        return inv_freq, 1.0, rotary_dim
-    if rope_type not in STATIC_ROPE_TYPES:
+        return Rope(rope_type, inv_freq, 1.0, rotary_dim)
+    if rope_type not in STATIC_ROPE_TYPES and rope_type not in SHORT_FORM_ROPE_TYPES:
         raise FailedPrecondition(
-            f"rope type {rope_type!r} changes with sequence length and is not supported; "
-            f"supported: {', '.join(STATIC_ROPE_TYPES)}"
+            f"rope type {rope_type!r} is not supported; supported: "
+            f"{', '.join(STATIC_ROPE_TYPES + tuple(SHORT_FORM_ROPE_TYPES))}"
         )
     from transformers import CONFIG_MAPPING
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     hf_config = CONFIG_MAPPING[text_config["model_type"]](**text_config)
+    # Without a sequence length, transformers' init functions give the short-sequence form: the plain
+    # inverse frequencies for dynamic NTK, the short factors (and the attention factor) for longrope.
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
-    return inv_freq, float(scaling), rotary_dim
+    rope = Rope(rope_type, inv_freq, float(scaling), rotary_dim)
+    key = SHORT_FORM_ROPE_TYPES.get(rope_type)
+    if key is not None:
+        standard = hf_config.rope_parameters  # standardised: longrope's original length sits here
+        rope.exact_len = int(standard[key] if key in standard else getattr(hf_config, key))
+        rope.exact_len_key = key
+    return rope
 
 
 class Family:
     """Defaults shared by Qwen2 and Llama; subclasses override what differs."""
 
     name = "llama"
+    qk_norm = False  # per-head RMSNorm of q and k (``self_attn.q_norm`` / ``k_norm`` in the checkpoint)
 
     def spec(self, c: dict[str, Any]) -> ModelSpec:
         heads = int(c["num_attention_heads"])
-        head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
-        inv_freq, scaling, rotary_dim = _rope(c, head_dim)
+        head_dim = self.head_dim(c)
         return ModelSpec(
             family=self.name,
             vocab_size=int(c["vocab_size"]),
@@ -90,11 +135,13 @@ class Family:
             o_bias=bool(c.get("attention_bias", False)),
             mlp_bias=bool(c.get("mlp_bias", False)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            inv_freq=inv_freq,
-            attention_scaling=scaling,
-            rotary_dim=rotary_dim,
+            rope=_rope(c, head_dim),
             sliding_window=self.sliding_window(c),
+            qk_norm=self.qk_norm,
         )
+
+    def head_dim(self, c: dict[str, Any]) -> int:
+        return int(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
 
     def qkv_bias(self, c: dict[str, Any]) -> bool:
         return bool(c.get("attention_bias", False))
@@ -116,6 +163,9 @@ class Family:
                 key = f"{p}mlp.{name}.{kind}"
                 if key in w:
                     out[f"{name}.{kind}"] = w[key]
+        if spec.qk_norm:
+            out["q_norm.weight"] = w[f"{p}self_attn.q_norm.weight"]  # (head_dim,)
+            out["k_norm.weight"] = w[f"{p}self_attn.k_norm.weight"]
         out["input_layernorm.weight"] = w[f"{p}input_layernorm.weight"]
         out["post_attention_layernorm.weight"] = w[f"{p}post_attention_layernorm.weight"]
         return out
@@ -129,6 +179,19 @@ class Qwen2Family(Family):
 
     def sliding_window(self, c: dict[str, Any]) -> int | None:
         return c.get("sliding_window") if c.get("use_sliding_window") else None
+
+
+class Qwen3Family(Qwen2Family):
+    """Qwen2 with per-head q/k norms, biases only where ``attention_bias`` says, an explicit head_dim."""
+
+    name = "qwen3"
+    qk_norm = True
+
+    def head_dim(self, c: dict[str, Any]) -> int:
+        return int(c.get("head_dim") or 128)  # Qwen3Config's default, independent of hidden / heads
+
+    def qkv_bias(self, c: dict[str, Any]) -> bool:
+        return bool(c.get("attention_bias", False))
 
 
 class Phi3Family(Family):
@@ -159,6 +222,7 @@ class Phi3Family(Family):
 
 FAMILIES: dict[str, Callable[[], Family]] = {
     "qwen2": Qwen2Family,
+    "qwen3": Qwen3Family,
     "llama": Family,
     "phi3": Phi3Family,
 }
@@ -166,6 +230,11 @@ FAMILIES: dict[str, Callable[[], Family]] = {
 
 def get_family(text_config: dict[str, Any]) -> Family:
     model_type = text_config.get("model_type")
+    if model_type in REFUSED_MODEL_TYPES:
+        raise FailedPrecondition(
+            f"language model type {model_type!r} is not supported: {REFUSED_MODEL_TYPES[model_type]} "
+            f"(supported: {sorted(FAMILIES)})"
+        )
     if model_type not in FAMILIES:
         raise FailedPrecondition(
             f"language model type {model_type!r} is not supported; supported: {sorted(FAMILIES)} "
