@@ -7,7 +7,10 @@ the converter stream shard by shard), and which tokenizer builder its checkpoint
 - InternLM2 (InternVL 1.5, InternVL2-2B/8B/26B, 2.5-2B/8B/26B): transformers has no InternLM2 class,
   so it becomes Llama: the fused ``wqkv`` is split per key-value head group, ``w1/w3/w2`` become
   gate/up/down, the norms and embeddings are renamed, rope scaling carries over.
-- Qwen2, Phi-3 and Llama are transformers-native already: keys and config pass through.
+- Qwen2, Qwen3 (dense, InternVL3.5), Phi-3 and Llama are transformers-native already: keys and config
+  pass through.
+- Mixture-of-experts LLMs (InternVL3.5's ``Qwen3MoeForCausalLM`` and ``GptOssForCausalLM``) are refused
+  by name: the decoder has no expert layers to serve them with.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ _RUNTIME_KEYS = frozenset(
 
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
+_MOE = "mixture-of-experts layers are not supported by the decoder"
+# Architectures known and refused, with what is missing to serve them.
+REFUSED_ARCHITECTURES = {"Qwen3MoeForCausalLM": _MOE, "GptOssForCausalLM": _MOE}
+
 
 class LlmFamily:
     """Base: transformers-native families whose keys and config pass through unchanged."""
@@ -65,6 +72,13 @@ class LlmFamily:
 class Qwen2Family(LlmFamily):
     architectures = ("Qwen2ForCausalLM",)
     model_type = "qwen2"
+
+
+class Qwen3Family(LlmFamily):
+    """InternVL3.5's dense LLMs; ``q_norm`` / ``k_norm`` and the explicit ``head_dim`` pass through."""
+
+    architectures = ("Qwen3ForCausalLM",)
+    model_type = "qwen3"
 
 
 class LlamaFamily(LlmFamily):
@@ -220,6 +234,11 @@ class _Registry:
     families: tuple[LlmFamily, ...]
 
     def for_architecture(self, architecture: str) -> LlmFamily:
+        if architecture in REFUSED_ARCHITECTURES:
+            raise FailedPrecondition(
+                f"LLM architecture {architecture!r} is not supported: {REFUSED_ARCHITECTURES[architecture]}",
+                reason="unsupported_layout",
+            )
         for family in self.families:
             if architecture in family.architectures:
                 return family
@@ -230,7 +249,7 @@ class _Registry:
         )
 
 
-REGISTRY = _Registry((InternLM2Family(), Qwen2Family(), Phi3Family(), LlamaFamily()))
+REGISTRY = _Registry((InternLM2Family(), Qwen2Family(), Qwen3Family(), Phi3Family(), LlamaFamily()))
 
 
 def family_for(architecture: str) -> LlmFamily:

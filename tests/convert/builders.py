@@ -227,6 +227,7 @@ def build_original_checkpoint(
     else:
         specials = {
             "qwen2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            "qwen3": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
             "phi3": ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
         }[llm]
         fast = write_bpe_tokenizer(out, specials + INTERNVL_ADDED)
@@ -270,7 +271,14 @@ def build_original_checkpoint(
 
 
 def _hf_llm(llm: str, vocab_size: int):
-    from transformers import Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        Phi3Config,
+        Phi3ForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     common = dict(
         vocab_size=vocab_size,
@@ -286,6 +294,9 @@ def _hf_llm(llm: str, vocab_size: int):
     if llm == "qwen2":
         cfg = Qwen2Config(**common, rope_theta=1e6)
         arch, model = "Qwen2ForCausalLM", Qwen2ForCausalLM(cfg)
+    elif llm == "qwen3":  # InternVL3.5: q/k norms, head_dim 12 against hidden / heads = 8
+        cfg = Qwen3Config(**common, head_dim=12, rope_theta=1e6, attention_bias=False)
+        arch, model = "Qwen3ForCausalLM", Qwen3ForCausalLM(cfg)
     else:
         cfg = Phi3Config(**common, rope_theta=1e4)
         arch, model = "Phi3ForCausalLM", Phi3ForCausalLM(cfg)
