@@ -34,7 +34,11 @@ REFUSED = {
         "rope type 'proportional'",
     ),
     "config": (lambda t: t.pop("num_attention_heads"), {}, "text_config of this checkpoint lacks"),
-    "length": (lambda t: None, {"scheduler": SchedulerConfig(max_model_len=10**6)}, "exceeds the model's"),
+    "length": (
+        lambda t: None,
+        {"scheduler": SchedulerConfig(max_model_len=10**6)},
+        r"max_model_len=1000000 exceeds \d+: the model's",
+    ),
     "window": (lambda t: t.update(use_sliding_window=True, sliding_window=64), {}, "64-token sliding window"),
     "backend": (lambda t: None, {"attention_backend": "flash_attn"}, "'flash_attn' is not available on cpu"),
 }
