@@ -34,6 +34,7 @@ REFUSED = {
         "rope type 'proportional'",
     ),
     "config": (lambda t: t.pop("num_attention_heads"), {}, "text_config of this checkpoint lacks"),
+    "activation": (lambda t: t.update(hidden_act="gelu"), {}, "hidden_act 'gelu' is not supported"),
     "length": (
         lambda t: None,
         {"scheduler": SchedulerConfig(max_model_len=10**6)},

@@ -44,6 +44,10 @@ class Rope:
     exact_len_key: str | None = None  # the config key ``exact_len`` was read from
 
 
+# The MLP's gate activation: SiLU, under either of its names.
+SWIGLU_ACTIVATIONS = ("silu", "swish")
+
+
 @dataclass
 class ModelSpec:
     family: str
@@ -118,6 +122,12 @@ class Family:
     qk_norm = False  # per-head RMSNorm of q and k (``self_attn.q_norm`` / ``k_norm`` in the checkpoint)
 
     def spec(self, c: dict[str, Any]) -> ModelSpec:
+        activation = c.get("hidden_act", "silu")
+        if activation not in SWIGLU_ACTIVATIONS:
+            raise FailedPrecondition(
+                f"hidden_act {activation!r} is not supported: the decoder's MLP is SwiGLU "
+                f"({' / '.join(SWIGLU_ACTIVATIONS)})"
+            )
         heads = int(c["num_attention_heads"])
         head_dim = self.head_dim(c)
         return ModelSpec(
