@@ -16,7 +16,7 @@ from services.common.checkpoint import Checkpoint
 from services.common.errors import FailedPrecondition
 from services.decoder.engine.llm_engine import LLMEngine
 from services.decoder.models.registry import get_family
-from tests.decoder.conftest import CASES, Reference, make_config, make_input, run, tokens_of
+from tests.decoder.helpers import CASES, Reference, make_config, make_input, run, tokens_of
 
 
 @pytest.fixture(scope="module")

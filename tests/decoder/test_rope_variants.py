@@ -18,7 +18,7 @@ import torch
 
 from services.common.errors import FailedPrecondition
 from services.decoder.engine.llm_engine import LLMEngine
-from tests.decoder.conftest import Case, Reference, make_config, make_input, run, tokens_of, user
+from tests.decoder.helpers import Case, Reference, make_config, make_input, run, tokens_of, user
 
 BOUND = 64
 # A small theta makes the rotations turn fast enough that a wrong frequency shows in 64 positions.
