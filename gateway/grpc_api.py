@@ -14,18 +14,8 @@ from gateway.images import checked_image, decode_data_uri, is_remote
 from gateway.intake import api_key, trace_context
 from gateway.types import ChatChunk, ChatRequest, ImagePart, Message, TextPart, Usage
 from services.common.errors import InvalidArgument
-from services.decoder.types import FinishReason
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
-
-# ``ChatResponse.finish_reason`` as this API spells it ("" until the last message).
-FINISH_REASONS: dict[FinishReason, str] = {
-    FinishReason.STOP: "stop",
-    FinishReason.LENGTH: "length",
-    FinishReason.CANCELLED: "cancelled",
-    FinishReason.DEADLINE: "deadline",
-    FinishReason.ERROR: "error",
-}
 
 
 def chat_from_pb(request: gateway_pb2.ChatRequest, allow_remote: bool = False) -> ChatRequest:
@@ -121,7 +111,7 @@ def chunk_to_pb(chunk: ChatChunk) -> gateway_pb2.ChatResponse:
             )
             for lp in chunk.logprobs
         ],
-        finish_reason=FINISH_REASONS[chunk.finish_reason] if chunk.finish_reason else "",
+        finish_reason=chunk.finish_reason.value if chunk.finish_reason else "",  # "" until the last message
     )
     if chunk.usage is not None:
         pb.usage.CopyFrom(_usage_to_pb(chunk.usage))

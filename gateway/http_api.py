@@ -30,15 +30,6 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 96 * 1024 * 1024
 
-# ``finish_reason`` as this API spells it: OpenAI's words where it has them, ours where it has none.
-FINISH_REASONS: dict[FinishReason, str] = {
-    FinishReason.STOP: "stop",
-    FinishReason.LENGTH: "length",
-    FinishReason.CANCELLED: "cancelled",
-    FinishReason.DEADLINE: "deadline",
-    FinishReason.ERROR: "error",
-}
-
 
 def _error_response(exc: MeshError) -> JSONResponse:
     headers = {}
@@ -210,7 +201,7 @@ async def _collect(first, stream: AsyncIterator[ChatChunk], model: str, created:
 
 
 def _finish(reason: FinishReason | None) -> str:
-    return FINISH_REASONS[reason or FinishReason.STOP]
+    return (reason or FinishReason.STOP).value  # the domain spelling is the wire spelling
 
 
 async def _sse(first, stream, model: str, created: int, include_usage: bool, logprobs: bool | None):
