@@ -53,3 +53,28 @@ def test_special_tokens_are_skipped(tokenizer):
     ids = tokenizer("hi<|im_end|>", add_special_tokens=False)["input_ids"]
     _, deltas = stream(tokenizer, ids)
     assert "".join(deltas) == "hi"
+
+
+class CountingTokenizer:
+    """A real tokenizer that counts the scans of its vocabulary."""
+
+    def __init__(self, tokenizer):
+        self.inner = tokenizer
+        self.vocab_scans = 0
+
+    def get_vocab(self):
+        self.vocab_scans += 1
+        return self.inner.get_vocab()
+
+    def decode(self, ids, **kw):
+        return self.inner.decode(ids, **kw)
+
+
+def test_the_vocabulary_is_scanned_once_per_tokenizer_not_per_request(tokenizer):
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    first, second = CountingTokenizer(tokenizer), CountingTokenizer(tokenizer)
+    for _ in range(5):
+        _, deltas = stream(first, ids)
+        assert "".join(deltas) == TEXT
+    stream(second, ids)
+    assert (first.vocab_scans, second.vocab_scans) == (1, 1)

@@ -11,9 +11,33 @@ text from the middle of a run could differ from the final decoding.
 Text that could be the beginning of a stop string is held back; when a stop string appears, the text
 is cut before it. When a request ends any other way, the remaining text is taken from decoding all
 output tokens at once, so the streamed deltas always add up to exactly that.
+
+What the detokenizer needs from the vocabulary (its byte-fallback ids) is found by one scan per
+tokenizer, shared by every request (``byte_token_ids``): a request's admission costs nothing that
+grows with the vocabulary.
 """
 
 from __future__ import annotations
+
+import threading
+import weakref
+
+_byte_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> frozenset[int]
+_byte_ids_lock = threading.Lock()
+
+
+def byte_token_ids(tokenizer) -> frozenset[int]:
+    """The ids of ``tokenizer``'s byte-fallback tokens (``<0xE4>``); its vocabulary is scanned once."""
+    with _byte_ids_lock:
+        found = _byte_ids.get(tokenizer)
+        if found is None:
+            found = frozenset(
+                i
+                for t, i in tokenizer.get_vocab().items()
+                if len(t) == 6 and t.startswith("<0x") and t.endswith(">")
+            )
+            _byte_ids[tokenizer] = found
+        return found
 
 
 class IncrementalDetokenizer:
@@ -28,11 +52,7 @@ class IncrementalDetokenizer:
         self.text = ""  # decoded text so far (complete characters only)
         self.emitted = 0  # characters of ``text`` already handed out
         self.stopped = False
-        self._byte_ids: set[int] = {
-            i
-            for t, i in tokenizer.get_vocab().items()
-            if len(t) == 6 and t.startswith("<0x") and t.endswith(">")
-        }
+        self._byte_ids = byte_token_ids(tokenizer)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
