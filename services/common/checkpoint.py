@@ -4,7 +4,8 @@ The encoder needs only the vision tower and the projector; the decoder only the 
 module reads ``config.json`` and the safetensors index, and loads the tensors of one component without
 materialising anything else: ``safe_open`` reads a tensor's bytes only when that key is asked for, and
 every key read is recorded in ``Checkpoint.keys_read`` so a test can prove that the encoder never touches
-a language-model tensor.
+a language-model tensor. ``SliceReader`` reads parts of tensors (rows, columns): a tensor-parallel rank
+materialises its own shard of each weight and nothing else.
 
 Checkpoint key names differ between transformers releases (``language_model.model.*`` in the files
 transformers 5 writes, ``model.language_model.*`` in some hub repositories, ``lm_head.*`` or
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,21 +195,77 @@ class Checkpoint:
             by_shard.setdefault(self.weight_map[key], []).append((name, key))
         out = {}
         for shard, items in by_shard.items():
-            shard_path = self.path / shard
-            if not shard_path.is_file():
-                raise FailedPrecondition(
-                    f"shard {shard} listed in the index is missing from {self.path}",
-                    reason="checkpoint_incomplete",
-                )
-            with safe_open(str(shard_path), framework="pt", device=str(device)) as f:
+            with safe_open(str(self.shard_path(shard)), framework="pt", device=str(device)) as f:
                 for name, key in items:
                     tensor = f.get_tensor(key)
                     out[name] = (
                         tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
                     )
-                    with self._lock:
-                        self.keys_read.add(key)
+                    self.record_read(key)
         return out
+
+    def shard_path(self, shard: str) -> Path:
+        path = self.path / shard
+        if not path.is_file():
+            raise FailedPrecondition(
+                f"shard {shard} listed in the index is missing from {self.path}",
+                reason="checkpoint_incomplete",
+            )
+        return path
+
+    def record_read(self, key: str) -> None:
+        with self._lock:
+            self.keys_read.add(key)
+
+
+class SliceReader:
+    """Reads parts of one component's tensors (canonical names), materialising only the rows and
+    columns asked for (``safe_open(...).get_slice``): a tensor-parallel rank reads its own shard of
+    each weight, never a whole tensor it shards, and never the whole model. ``bytes_read`` counts
+    the bytes materialised. A context manager: the shard files stay open until it exits.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, component: str):
+        self.checkpoint = checkpoint
+        self.names = checkpoint.require_component(component)  # canonical name -> stored key
+        self.component = component
+        self.bytes_read = 0
+        self._files: dict[str, Any] = {}
+        self._stack = ExitStack()
+
+    def __enter__(self) -> SliceReader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._files.clear()
+        self._stack.close()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def read(self, name: str, rows: slice = slice(None), cols: slice | None = None):
+        """Rows ``rows`` (and columns ``cols``) of tensor ``name``, as stored (dtype included)."""
+        part = self._slice(name)
+        tensor = part[rows] if cols is None else part[rows, cols]
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def _slice(self, name: str):
+        key = self.names.get(name)
+        if key is None:
+            raise FailedPrecondition(
+                f"checkpoint {self.checkpoint.path} has no {self.component} tensor {name!r}",
+                reason="checkpoint_incomplete",
+            )
+        shard = self.checkpoint.weight_map[key]
+        f = self._files.get(shard)
+        if f is None:
+            from safetensors import safe_open
+
+            path = self.checkpoint.shard_path(shard)
+            f = self._files[shard] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+        self.checkpoint.record_read(key)
+        return f.get_slice(key)
 
 
 def support_refusals(path: str | Path, checks: dict[str, Callable[[Checkpoint], None]]) -> list[str]:

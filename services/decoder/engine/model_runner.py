@@ -4,8 +4,13 @@ Rank 0 (the driver) turns a ``SchedulerOutput`` into a ``StepInput`` of flat ten
 of the forward, computes logits and samples. Other ranks only run the forward (each layer's
 all_reduce combines the shards); they build the same ``StepInput`` from what ``tp_worker`` sends them.
 
+Loading: the model is allocated on the rank's device (``build_model``), then each weight's own
+slice is read from the safetensors files and copied into it in place, so a rank's host memory never
+holds more than one weight's shard (``bytes_read`` counts what the rank read).
+
 KV sizing: ``CacheConfig.num_blocks`` when given; otherwise the share ``memory_fraction`` of the
-device's memory, less the weights and an activation reserve, capped at what ``max_num_seqs``
+device's memory, less what is in use once the weights are loaded (on a GPU: measured, so nothing is
+counted twice; on the CPU: the weights) and an activation reserve, capped at what ``max_num_seqs``
 sequences of ``max_model_len`` tokens could ever use. Too little for one full-length sequence is a
 start-up error that names the knobs.
 """
@@ -14,18 +19,19 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from services.common.checkpoint import Checkpoint
+from services.common.checkpoint import Checkpoint, SliceReader
 from services.common.errors import FailedPrecondition
 from services.decoder.attention.registry import AttentionBackend, AttentionMetadata, get_backend
 from services.decoder.config import DecoderConfig
 from services.decoder.engine.sampler import Sampler, SamplerOutput
 from services.decoder.engine.scheduler import ScheduledChunk
-from services.decoder.models.decoder_lm import DecoderLM, check_tp_split
+from services.decoder.models.decoder_lm import DecoderLM, build_model, check_tp_split
 from services.decoder.models.layers import TPContext
 from services.decoder.models.registry import Family, ModelSpec, get_family
 
@@ -148,19 +154,36 @@ class ModelRunner:
         plan = plan_model(config, checkpoint.text_config)
         self.family, self.spec, self.max_model_len = plan.family, plan.spec, plan.max_model_len
         self.backend = plan.backend
-        with torch.device("meta"):
-            model = DecoderLM(self.spec, tp, self.backend, with_lm_head=tp.rank == 0)
-        model = model.to_empty(device=self.device).to(self.dtype)
-        model.rotary.inv_freq = self.spec.rope.inv_freq.to(self.device)
-        weights = checkpoint.load_component("language_model", dtype=self.dtype)
-        head = checkpoint.load_component("lm_head", dtype=self.dtype) if tp.rank == 0 else {}
-        model.load_weights(self.family, weights, head)
-        del weights, head
-        self.model = model.eval()
+        self.bytes_read = 0  # the bytes of the checkpoint this rank read: its own shards
+        self.model = self._load(checkpoint)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.sampler = Sampler(self.device, seed=config.seed) if tp.rank == 0 else None
+
+    def _load(self, checkpoint: Checkpoint) -> DecoderLM:
+        stored_head = bool(checkpoint.component_keys("lm_head"))  # none stored: tied to the embedding
+        with_head = self.tp.rank == 0
+        model = build_model(
+            self.spec,
+            self.tp,
+            self.backend,
+            with_lm_head=with_head,
+            tie_head=not stored_head,
+            device=self.device,
+            dtype=self.dtype,
+        )
+        with ExitStack() as files:
+            lm = files.enter_context(SliceReader(checkpoint, "language_model"))
+            head = (
+                files.enter_context(SliceReader(checkpoint, "lm_head")) if with_head and stored_head else None
+            )
+            model.load_weights(self.family, lm, head)
+            self.bytes_read = lm.bytes_read + (head.bytes_read if head is not None else 0)
+        log.info(
+            "rank %d read %.1f MiB of weights onto %s", self.tp.rank, self.bytes_read / 2**20, self.device
+        )
+        return model
 
     # -- KV cache ----------------------------------------------------------------------------------
     @property
@@ -184,8 +207,9 @@ class ModelRunner:
             per_token = elem * (6 * s.hidden_size + 3 * s.intermediate_size // self.tp.size)
             reserve = sched.max_num_batched_tokens * per_token + sched.max_num_seqs * s.vocab_size * 8
             if self.device.type == "cuda":
-                free, total = torch.cuda.mem_get_info(self.device)
-                budget = total * cache.memory_fraction - (total - free) - reserve
+                torch.cuda.empty_cache()  # blocks cached by the allocator while loading are free too
+                free, total = torch.cuda.mem_get_info(self.device)  # measured after loading: weights in use
+                budget = free - total * (1 - cache.memory_fraction) - reserve
             else:
                 total = cache.cpu_memory_bytes or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
                 budget = total * cache.memory_fraction - self.weight_bytes - reserve

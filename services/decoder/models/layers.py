@@ -2,8 +2,9 @@
 
 Column-parallel layers keep ``1/tp`` of the output features (q/k/v, gate/up); row-parallel layers
 keep ``1/tp`` of the input features and sum the partial outputs with ``all_reduce`` (o, down). Each
-layer knows how to take its shard from a full checkpoint tensor (``load``), so the loader never
-needs to know the split rules.
+layer knows how to take its shard of a stored weight (``load``): it reads only that slice of the
+checkpoint (``read_part``) and copies it into its parameter in place, on whatever device the
+parameter lives, so the loader never needs to know the split rules and never moves a parameter.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from services.common.checkpoint import SliceReader
 from services.common.errors import FailedPrecondition
+from services.decoder.models.registry import Source
 
 
 @dataclass
@@ -26,42 +29,78 @@ class TPContext:
     group: Any = None  # the torch.distributed process group for all_reduce; None when size == 1
 
 
-def shard(tensor: torch.Tensor, dim: int, tp: TPContext, what: str) -> torch.Tensor:
-    if tensor.shape[dim] % tp.size != 0:
+def read_part(
+    reader: SliceReader, source: Source, split_dim: int | None, tp: TPContext, what: str
+) -> torch.Tensor:
+    """This rank's part of ``source`` (its rows, for a part of a fused tensor), split over the ranks
+    along ``split_dim`` (0: rows, 1: columns; None: the whole part on every rank); only that slice is read."""
+    shape = reader.shape(source.key)
+    start, stop = source.rows or (0, shape[0])
+    if split_dim is None:
+        return reader.read(source.key, slice(start, stop))
+    size = stop - start if split_dim == 0 else shape[1]
+    if size % tp.size != 0:
         raise FailedPrecondition(
-            f"{what}: dimension {dim} of size {tensor.shape[dim]} does not split over {tp.size} ranks"
+            f"{what}: dimension {split_dim} of size {size} does not split over {tp.size} ranks"
         )
-    return tensor.chunk(tp.size, dim=dim)[tp.rank]
+    n = size // tp.size
+    lo = tp.rank * n
+    if split_dim == 0:
+        return reader.read(source.key, slice(start + lo, start + lo + n))
+    return reader.read(source.key, slice(start, stop), slice(lo, lo + n))
+
+
+def copy_parts(param: torch.Tensor, parts: list[torch.Tensor], what: str) -> None:
+    """Copy ``parts`` stacked by rows into ``param`` in place (its storage and device stay its own)."""
+    shape = (sum(t.shape[0] for t in parts), *parts[0].shape[1:])
+    if shape != tuple(param.shape):
+        raise FailedPrecondition(f"{what}: weight shape {shape} != expected {tuple(param.shape)}")
+    row = 0
+    with torch.no_grad():
+        for t in parts:
+            param[row : row + t.shape[0]].copy_(t)
+            row += t.shape[0]
+
+
+def load_whole(param: torch.Tensor, reader: SliceReader, source: Source, what: str) -> None:
+    """A replicated weight (norms, embedding, head): every rank copies all of ``source``."""
+    copy_parts(param, [read_part(reader, source, None, TPContext(), what)], what)
 
 
 class ParallelLinear(nn.Module):
     """``y = x W^T (+ b)`` with W sharded by rows (column-parallel) or columns (row-parallel)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPContext, row_parallel: bool):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        tp: TPContext,
+        row_parallel: bool,
+        dtype: torch.dtype,
+    ):
         super().__init__()
         self.tp = tp
         self.row_parallel = row_parallel
         in_local = in_features // tp.size if row_parallel else in_features
         out_local = out_features if row_parallel else out_features // tp.size
-        self.weight = nn.Parameter(torch.empty(out_local, in_local), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_local), requires_grad=False) if bias else None
+        self.weight = nn.Parameter(torch.empty(out_local, in_local, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_local, dtype=dtype), requires_grad=False) if bias else None
 
     def load(
-        self, weights: list[torch.Tensor], biases: list[torch.Tensor] | None = None, what: str = ""
+        self, reader: SliceReader, weights: list[Source], biases: list[Source] | None = None, what: str = ""
     ) -> None:
-        """Load the full tensors of one or several fused projections (e.g. q, k, v), each sharded."""
+        """Load this rank's shard of one or several fused projections (e.g. q, k, v): each part is
+        split over the ranks on its own and the shards are stacked in order."""
         dim = 1 if self.row_parallel else 0
-        w = torch.cat([shard(t, dim, self.tp, what) for t in weights], dim=0)
-        if w.shape != self.weight.shape:
-            raise FailedPrecondition(
-                f"{what}: weight shape {tuple(w.shape)} != expected {tuple(self.weight.shape)}"
-            )
-        self.weight.data = w.to(self.weight.dtype).contiguous()
+        copy_parts(self.weight, [read_part(reader, s, dim, self.tp, what) for s in weights], what)
         if self.bias is not None:
             if not biases:
                 raise FailedPrecondition(f"{what}: the checkpoint has no bias for a biased projection")
-            b = biases[0] if self.row_parallel else torch.cat([shard(t, 0, self.tp, what) for t in biases])
-            self.bias.data = b.to(self.bias.dtype).contiguous()
+            if self.row_parallel:  # added once, after the all_reduce: every rank holds all of it
+                copy_parts(self.bias, [read_part(reader, biases[0], None, self.tp, what)], what)
+            else:
+                copy_parts(self.bias, [read_part(reader, s, 0, self.tp, what) for s in biases], what)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.row_parallel:
@@ -75,10 +114,10 @@ class ParallelLinear(nn.Module):
 class RMSNorm(nn.Module):
     """Computed in float32 and cast back before the weight, as transformers' Llama/Qwen2 do."""
 
-    def __init__(self, hidden: int, eps: float):
+    def __init__(self, hidden: int, eps: float, dtype: torch.dtype):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden), requires_grad=False)
+        self.weight = nn.Parameter(torch.ones(hidden, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

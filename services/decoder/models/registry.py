@@ -2,9 +2,11 @@
 
 Every supported family is a pre-norm decoder with RMSNorm, RoPE, GQA attention and a SwiGLU MLP; they
 differ in biases, in fused checkpoint tensors (Phi-3 stores ``qkv_proj`` and ``gate_up_proj``), in
-per-head q/k norms (Qwen3) and in rope variants. A family turns checkpoint tensors into the canonical
-per-layer set (q, k, v, o, gate, up, down + norms) that ``DecoderLM`` loads; adding a family is adding
-a class here. InternLM2 checkpoints arrive converted to the Llama layout.
+per-head q/k norms (Qwen3) and in rope variants. A family names, for each canonical per-layer weight
+(q, k, v, o, gate, up, down + norms), where it is stored (``Source``: a tensor, or a row range of a
+fused one); the layers take their tensor-parallel shard of that part, so a rank reads only its own
+slice of the files. Adding a family is adding a class here. InternLM2 checkpoints arrive converted to
+the Llama layout.
 
 Rope variants that change with the sequence length are served in the form they take for short
 sequences, which is a static rope: dynamic NTK is the plain rope up to ``max_position_embeddings``,
@@ -14,7 +16,7 @@ longrope uses its short factors (and its attention scaling) up to ``original_max
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,8 +46,18 @@ class Rope:
     exact_len_key: str | None = None  # the config key ``exact_len`` was read from
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where one canonical weight is stored: the language model's tensor ``key``, or only its rows
+    ``[start, stop)`` where the checkpoint fuses several weights into one (Phi-3's ``qkv_proj``)."""
+
+    key: str
+    rows: tuple[int, int] | None = None
+
+
 # The MLP's gate activation: SiLU, under either of its names.
 SWIGLU_ACTIVATIONS = ("silu", "swish")
+MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -159,25 +171,22 @@ class Family:
     def sliding_window(self, c: dict[str, Any]) -> int | None:
         return None
 
-    def layer_weights(self, w: dict[str, torch.Tensor], i: int, spec: ModelSpec) -> dict[str, torch.Tensor]:
-        """Canonical tensors of layer ``i``: q/k/v/o/gate/up/down (weight, bias?) and the two norms."""
+    def layer_sources(self, keys: Collection[str], i: int, spec: ModelSpec) -> dict[str, Source]:
+        """Where layer ``i``'s canonical weights are stored, by canonical name: q/k/v/o/gate/up/down
+        (weight, bias where ``keys``, the language model's stored names, have one) and the norms."""
         p = f"layers.{i}."
         out = {}
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            for kind in ("weight", "bias"):
-                key = f"{p}self_attn.{name}.{kind}"
-                if key in w:
-                    out[f"{name}.{kind}"] = w[key]
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            for kind in ("weight", "bias"):
-                key = f"{p}mlp.{name}.{kind}"
-                if key in w:
-                    out[f"{name}.{kind}"] = w[key]
+        for module, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", MLP_NAMES)):
+            for name in names:
+                for kind in ("weight", "bias"):
+                    key = f"{p}{module}.{name}.{kind}"
+                    if key in keys:
+                        out[f"{name}.{kind}"] = Source(key)
         if spec.qk_norm:
-            out["q_norm.weight"] = w[f"{p}self_attn.q_norm.weight"]  # (head_dim,)
-            out["k_norm.weight"] = w[f"{p}self_attn.k_norm.weight"]
-        out["input_layernorm.weight"] = w[f"{p}input_layernorm.weight"]
-        out["post_attention_layernorm.weight"] = w[f"{p}post_attention_layernorm.weight"]
+            out["q_norm.weight"] = Source(f"{p}self_attn.q_norm.weight")  # (head_dim,)
+            out["k_norm.weight"] = Source(f"{p}self_attn.k_norm.weight")
+        out["input_layernorm.weight"] = Source(f"{p}input_layernorm.weight")
+        out["post_attention_layernorm.weight"] = Source(f"{p}post_attention_layernorm.weight")
         return out
 
 
@@ -210,23 +219,25 @@ class Phi3Family(Family):
     def sliding_window(self, c: dict[str, Any]) -> int | None:
         return c.get("sliding_window")
 
-    def layer_weights(self, w: dict[str, torch.Tensor], i: int, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    def layer_sources(self, keys: Collection[str], i: int, spec: ModelSpec) -> dict[str, Source]:
         p = f"layers.{i}."
-        q_size = spec.num_heads * spec.head_dim
-        kv_size = spec.num_kv_heads * spec.head_dim
-        qkv = w[f"{p}self_attn.qkv_proj.weight"]  # (q + 2 kv, hidden)
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=0)
-        gate, up = w[f"{p}mlp.gate_up_proj.weight"].chunk(2, dim=0)  # (2 I, hidden) -> 2 x (I, hidden)
+        q, kv, inter = (
+            spec.num_heads * spec.head_dim,
+            spec.num_kv_heads * spec.head_dim,
+            spec.intermediate_size,
+        )
+        qkv = f"{p}self_attn.qkv_proj.weight"  # (q + 2 kv, hidden): q, k, v stacked by rows
+        gate_up = f"{p}mlp.gate_up_proj.weight"  # (2 I, hidden): gate, up
         return {
-            "q_proj.weight": q,
-            "k_proj.weight": k,
-            "v_proj.weight": v,
-            "o_proj.weight": w[f"{p}self_attn.o_proj.weight"],
-            "gate_proj.weight": gate,
-            "up_proj.weight": up,
-            "down_proj.weight": w[f"{p}mlp.down_proj.weight"],
-            "input_layernorm.weight": w[f"{p}input_layernorm.weight"],
-            "post_attention_layernorm.weight": w[f"{p}post_attention_layernorm.weight"],
+            "q_proj.weight": Source(qkv, (0, q)),
+            "k_proj.weight": Source(qkv, (q, q + kv)),
+            "v_proj.weight": Source(qkv, (q + kv, q + 2 * kv)),
+            "o_proj.weight": Source(f"{p}self_attn.o_proj.weight"),
+            "gate_proj.weight": Source(gate_up, (0, inter)),
+            "up_proj.weight": Source(gate_up, (inter, 2 * inter)),
+            "down_proj.weight": Source(f"{p}mlp.down_proj.weight"),
+            "input_layernorm.weight": Source(f"{p}input_layernorm.weight"),
+            "post_attention_layernorm.weight": Source(f"{p}post_attention_layernorm.weight"),
         }
 
 
