@@ -1,5 +1,6 @@
-"""Fixtures shared by the whole suite: one tiny checkpoint per session, Redis on a test db, a
-redis-server of a test's own, the in-process encoder and decoder cores, and one Ray Serve."""
+"""Fixtures shared by the whole suite: one tiny checkpoint per session, the family checkpoints (built
+on first use), Redis on a test db, a redis-server of a test's own, the in-process encoder and decoder
+cores, and one Ray Serve."""
 
 from __future__ import annotations
 
@@ -100,3 +101,22 @@ def ray_serve():
     yield {"http_port": http_port, "grpc_port": grpc_port}
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def family_checkpoint(tmp_path_factory):
+    """``family_checkpoint(name)``: the original-layout checkpoint of the row ``name`` of
+    ``tests/support/families.py``, built on first use and shared by the session."""
+    from tests.support.families import FAMILIES
+    from tests.support.family_checkpoints import build_family_checkpoint
+
+    root = tmp_path_factory.mktemp("families")
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            seed = list(FAMILIES).index(name)
+            built[name] = build_family_checkpoint(FAMILIES[name], root / name, seed=seed)
+        return built[name]
+
+    return get

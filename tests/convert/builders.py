@@ -52,7 +52,7 @@ INTERNVL_ADDED = [
 
 CHECKPOINT_SYSTEM_MESSAGE = 'You are a tiny test model. 你好 😀 "quoted"'
 
-_NEVER_RUN = "raise RuntimeError('checkpoint code must never be executed by the converter')\n"
+NEVER_RUN = "raise RuntimeError('checkpoint code must never be executed by the converter')\n"
 
 
 def train_spm(*, vocab_size: int = 400, internlm2_style: bool = True) -> bytes:
@@ -121,10 +121,10 @@ def write_internlm2_tokenizer(out: Path, *, internlm2_style: bool = True) -> Ref
     decoder: dict[str, dict] = {}
     added: dict[str, int] = {}
     for piece in ["<unk>", "<s>", "</s>"] + (INTERNLM2_SPM_SYMBOLS if internlm2_style else []):
-        decoder[str(sp.piece_to_id(piece))] = _added_spec(piece)
+        decoder[str(sp.piece_to_id(piece))] = added_spec(piece)
         added[piece] = sp.piece_to_id(piece)
     for i, token in enumerate(INTERNVL_ADDED):
-        decoder[str(sp.get_piece_size() + i)] = _added_spec(token)
+        decoder[str(sp.get_piece_size() + i)] = added_spec(token)
         added[token] = sp.get_piece_size() + i
     config = {
         "tokenizer_class": "InternLM2Tokenizer",
@@ -141,12 +141,12 @@ def write_internlm2_tokenizer(out: Path, *, internlm2_style: bool = True) -> Ref
         "model_max_length": 4096,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
-    (out / "tokenization_internlm2.py").write_text(_NEVER_RUN)
+    (out / "tokenization_internlm2.py").write_text(NEVER_RUN)
     specials = {k: v for k, v in added.items() if k not in ("<unk>", "<s>", "</s>")}
     return ReferenceInternLM2Tokenizer(model, specials | {"<s>": 1, "</s>": 2, "<unk>": 0})
 
 
-def _added_spec(content: str) -> dict:
+def added_spec(content: str) -> dict:
     return {
         "content": content,
         "lstrip": False,
@@ -194,7 +194,7 @@ VIT_300M = VitConfig(qkv_bias=True, qk_normalization=False, norm_type="layer_nor
 VIT_6B = VitConfig(qkv_bias=False, qk_normalization=True, norm_type="rms_norm")
 
 
-def _randomize(model: torch.nn.Module, seed: int, std: float = 0.3) -> None:
+def randomize(model: torch.nn.Module, seed: int, std: float = 0.3) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in sorted(model.named_parameters()):
@@ -237,9 +237,9 @@ def build_original_checkpoint(
         hidden = llm_config["hidden_size"]
 
     model = InternVLChat(vit, language_model, hidden, ps_version).eval()
-    _randomize(model, seed)
+    randomize(model, seed)
     state = model.state_dict_original()
-    _write_weights(out, state, shards, weight_format)
+    write_weights(out, state, shards, weight_format)
 
     config = {
         "architectures": ["InternVLChatModel"],
@@ -259,9 +259,9 @@ def build_original_checkpoint(
         "llm_config": llm_config,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "conversation.py").write_text(_conversation_py(template, CHECKPOINT_SYSTEM_MESSAGE))
+    (out / "conversation.py").write_text(conversation_py(template, CHECKPOINT_SYSTEM_MESSAGE))
     (out / "modeling_internvl_chat.py").write_text(
-        _NEVER_RUN + "class InternVLChatModel:\n    def __init__(self):\n        self.system_message = None\n"
+        NEVER_RUN + "class InternVLChatModel:\n    def __init__(self):\n        self.system_message = None\n"
     )
     tokens_per_tile = (vit.image_size // vit.patch_size) ** 2 // 4
     return OriginalCheckpoint(
@@ -306,7 +306,7 @@ def _hf_llm(llm: str, vocab_size: int):
     return HFCausalLM(model.eval()), config
 
 
-def _write_weights(out: Path, state: dict[str, torch.Tensor], shards: int, weight_format: str) -> None:
+def write_weights(out: Path, state: dict[str, torch.Tensor], shards: int, weight_format: str) -> None:
     from safetensors.torch import save_file
 
     names = sorted(state)
@@ -326,9 +326,9 @@ def _write_weights(out: Path, state: dict[str, torch.Tensor], shards: int, weigh
         (out / f"{stem}.{ext}.index.json").write_text(json.dumps(index))
 
 
-def _conversation_py(template: str, system_message: str) -> str:
+def conversation_py(template: str, system_message: str) -> str:
     return (
-        _NEVER_RUN
+        NEVER_RUN
         + "register_conv_template(\n    Conversation(\n"
         + f"        name={template!r},\n"
         + "        system_template='<|im_start|>system\\n{system_message}',\n"
