@@ -136,3 +136,15 @@ def test_reference_honours_ps_version_v1(tiny_checkpoint, tmp_path):
         theirs = reference.embeddings(pixels)
         reference.close()
         assert ((ours - theirs).abs().max().item() <= 1e-5) is agrees
+
+
+@pytest.mark.slow
+def test_a_family_fixture_passes_every_check(family_checkpoint, tmp_path):
+    """InternVL2-8B's real configuration (InternLM2.5 with dynamic NTK rope, its 92,553-token vocabulary and
+    special-token ids), converted from the original layout as an operator would, then verified."""
+    from services.convert.converter import convert_checkpoint
+
+    native = convert_checkpoint(family_checkpoint("InternVL2-8B"), tmp_path / "native", progress=False).dst
+    run = verify("--model", str(native), *QUICK)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert verdicts(run.stdout) == {"tiles": "PASS", "embeddings": "PASS", "tokens": "PASS"}
