@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tests.convert.reference import HFCausalLM, InternLM2Config, InternLM2ForCausalLM, InternVLChat, VitConfig
+from tests.support.families import INTERNVL_TOKENS
 
 CORPUS = [
     "Hello world, this is a tiny corpus for InternVL conversion tests.",
@@ -38,17 +39,7 @@ INTERNLM2_SPM_SYMBOLS = [
     "<|im_end|>",
     "<|im_start|>",
 ]
-INTERNVL_ADDED = [
-    "<img>",
-    "</img>",
-    "<IMG_CONTEXT>",
-    "<quad>",
-    "</quad>",
-    "<ref>",
-    "</ref>",
-    "<box>",
-    "</box>",
-]
+INTERNVL_ADDED = INTERNVL_TOKENS  # the tokens InternVL adds to its LLM tokenizer, in order
 
 CHECKPOINT_SYSTEM_MESSAGE = 'You are a tiny test model. 你好 😀 "quoted"'
 
