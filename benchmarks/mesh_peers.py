@@ -143,7 +143,7 @@ class InProcess:
         return self.loop.run_until_complete(self._run(question, data, max_tokens))
 
     async def _run(self, question: str, data: bytes, max_tokens: int) -> dict[str, Any]:
-        from services.common.pb import RequestContext
+        from services.common.context import RequestContext
 
         params = TilingParams(max_num=MAX_NUM)
         t0 = time.perf_counter()
@@ -173,7 +173,7 @@ class InProcess:
         return self.loop.run_until_complete(self._cached(question, data, max_tokens))
 
     async def _cached(self, question: str, data: bytes, max_tokens: int) -> dict[str, Any]:
-        from services.common.pb import RequestContext
+        from services.common.context import RequestContext
         from services.encoder.core import ImageInput
 
         t0 = time.perf_counter()

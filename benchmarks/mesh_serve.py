@@ -149,7 +149,7 @@ class Mesh:
 
     # the same request through the applications' handles from this process (no proxy, no gateway)
     def handles(self, question: str, data: bytes, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
-        from services.common.pb import RequestContext
+        from services.common.context import RequestContext
 
         params = TilingParams(max_num=MAX_NUM)
         t0 = time.perf_counter()
@@ -188,7 +188,7 @@ class Mesh:
 
     def handles_cached(self, question: str, data: bytes, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
         """The same image and question again through the handles: embedding hit + KV prefix hit."""
-        from services.common.pb import RequestContext
+        from services.common.context import RequestContext
 
         ctx = RequestContext(
             request_id=f"hop-{uuid.uuid4().hex[:12]}", cache_namespace="default", deadline=time.time() + 600

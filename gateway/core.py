@@ -22,6 +22,7 @@ from gateway.tenancy.keys import Authenticator
 from gateway.tenancy.limiter import Limiter
 from gateway.types import ChatChunk, ChatRequest, ImagePart, TextPart, TokenLogprob, Usage
 from services.common import tracing
+from services.common.context import RequestContext
 from services.common.errors import (
     DeadlineExceeded,
     EmbeddingUnresolvable,
@@ -32,7 +33,6 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.limits import MAX_TILES_PER_IMAGE
-from services.common.pb import RequestContext
 from services.common.refs import EmbeddingRef
 from services.common.types import TOKENS_PER_TILE, TilingParams
 from services.decoder.types import DecodeRequest, FinishReason, GenerationEvent

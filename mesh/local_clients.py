@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from services.common.pb import RequestContext
+from services.common.context import RequestContext
 from services.common.refs import EmbeddingRef
 from services.common.types import TilingParams
 from services.decoder.server import DecoderFrontend

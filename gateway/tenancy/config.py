@@ -28,7 +28,12 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.common.errors import InvalidArgument, PermissionDenied
-from services.common.limits import MAX_IMAGES_PER_REQUEST, MAX_TILES_PER_REQUEST, MAX_TOKENS_PER_REQUEST
+from services.common.limits import (
+    MAX_IMAGES_PER_REQUEST,
+    MAX_PRIORITY,
+    MAX_TILES_PER_REQUEST,
+    MAX_TOKENS_PER_REQUEST,
+)
 
 TENANT_NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 # No '-' in a key id: keys are ``ivm-<key_id>-<secret>`` and the id is what lies between the dashes.
@@ -132,8 +137,8 @@ class Tenant(_Strict):
     limits: TenantLimits = Field(default_factory=TenantLimits)
     priority: int = Field(
         default=0,
-        ge=-10,
-        le=10,
+        ge=-MAX_PRIORITY,
+        le=MAX_PRIORITY,
         description="Passed to the decoder's scheduler and the encoder's batching; higher runs first.",
     )
     cache_namespace: str | None = Field(

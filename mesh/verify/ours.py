@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from mesh.verify.options import Setup
-from services.common.pb import RequestContext
+from services.common.context import RequestContext
 from services.common.refs import EmbeddingRef
 from services.common.types import TiledImage, TilingParams
 from services.decoder.types import ChatMessage, DecodeRequest, FinishReason, ImagePlaceholder, TextContent

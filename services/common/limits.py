@@ -23,3 +23,6 @@ MAX_MESSAGES = 256
 MAX_TEXT_BYTES = 1 * MIB  # UTF-8 bytes of all text parts of a request
 MAX_TOP_LOGPROBS = 20
 MAX_TOKENS_PER_REQUEST = 1_000_000  # the cap of max_tokens; the model's context bounds it further
+
+# Scheduling: a tenant's priority (higher runs first) lies in -MAX_PRIORITY..MAX_PRIORITY.
+MAX_PRIORITY = 10

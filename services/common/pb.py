@@ -6,11 +6,9 @@ protobuf out.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-
 from internvl.common.v1 import common_pb2
 
+from services.common.context import RequestContext
 from services.common.errors import InvalidArgument
 from services.common.refs import DEFAULT_NAMESPACE, KIND_CACHE, KIND_INLINE, KIND_OBJECT, EmbeddingRef
 from services.common.tensors import WireTensor
@@ -62,21 +60,6 @@ def tiling_to_pb(t: TilingParams) -> common_pb2.TilingParams:
     return common_pb2.TilingParams(min_num=t.min_num, max_num=t.max_num, use_thumbnail=t.use_thumbnail)
 
 
-@dataclass(frozen=True)
-class RequestContext:
-    """Who is asking, how urgently, and until when (``deadline`` in epoch seconds, None = none)."""
-
-    request_id: str = ""
-    tenant: str = ""
-    cache_namespace: str = DEFAULT_NAMESPACE
-    priority: int = 0
-    deadline: float | None = None
-    trace: dict[str, str] = field(default_factory=dict)  # W3C trace context of the caller's span
-
-    def remaining(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.time()
-
-
 def context_from_pb(pb: common_pb2.RequestContext) -> RequestContext:
     return RequestContext(
         request_id=pb.request_id,
@@ -85,6 +68,8 @@ def context_from_pb(pb: common_pb2.RequestContext) -> RequestContext:
         priority=pb.priority,
         deadline=pb.deadline_unix_ms / 1000.0 if pb.deadline_unix_ms else None,
         trace=dict(pb.trace_context),
+        expires=pb.expires_unix_ms / 1000.0,
+        signature=pb.signature,
     )
 
 
@@ -94,8 +79,10 @@ def context_to_pb(ctx: RequestContext) -> common_pb2.RequestContext:
         tenant=ctx.tenant,
         cache_namespace=ctx.cache_namespace,
         priority=ctx.priority,
-        deadline_unix_ms=int(ctx.deadline * 1000) if ctx.deadline else 0,
+        deadline_unix_ms=round(ctx.deadline * 1000) if ctx.deadline else 0,
         trace_context=ctx.trace,
+        expires_unix_ms=round(ctx.expires * 1000),
+        signature=ctx.signature,
     )
 
 

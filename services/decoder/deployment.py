@@ -12,7 +12,7 @@ import asyncio
 from typing import Any
 
 from services.common import tracing
-from services.common.pb import RequestContext
+from services.common.context import RequestContext
 from services.common.refs import EmbeddingRef
 from services.common.serve_args import app_args, redis_url_with_password, resolve_device
 from services.decoder.config import DecoderAppArgs

@@ -17,7 +17,8 @@ from typing import Any
 from internvl.decoder.v1 import decoder_pb2, decoder_pb2_grpc
 
 from services.common import tracing
-from services.common.pb import RequestContext, context_from_pb, ref_from_pb
+from services.common.context import RequestContext
+from services.common.pb import context_from_pb, ref_from_pb
 from services.common.refs import EmbeddingRef
 from services.decoder.pb import decode_request_from_pb, event_to_pb, messages_from_pb
 from services.decoder.types import (

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from services.common import tracing
-from services.common.pb import RequestContext
+from services.common.context import RequestContext
 from services.common.refs import KIND_OBJECT
 from services.common.serve_args import app_args, redis_url_with_password, resolve_device
 from services.common.types import TilingParams

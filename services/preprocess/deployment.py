@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.common import tracing
-from services.common.pb import RequestContext
+from services.common.context import RequestContext
 from services.common.serve_args import app_args
 from services.preprocess.config import PreprocessAppArgs
 from services.preprocess.pipeline import Preprocessor

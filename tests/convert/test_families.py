@@ -19,7 +19,7 @@ import json
 import pytest
 import torch
 
-from services.common.pb import RequestContext
+from services.common.context import RequestContext
 from services.common.types import TilingParams
 from services.convert.converter import convert_checkpoint
 from services.decoder.engine.sampling_params import SamplingParams

@@ -10,8 +10,9 @@ import pickle
 import pytest
 from internvl.decoder.v1 import decoder_pb2_grpc
 
+from services.common.context import RequestContext
 from services.common.grpc_server import open_channel, start_server
-from services.common.pb import RequestContext, context_to_pb, ref_to_pb
+from services.common.pb import context_to_pb, ref_to_pb
 from services.common.refs import KIND_INLINE, EmbeddingRef
 from services.common.tensors import WireTensor
 from services.decoder.engine.async_engine import DecoderCore

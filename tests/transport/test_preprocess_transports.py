@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from internvl.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 
+from services.common.context import RequestContext
 from services.common.errors import InvalidArgument
 from services.common.grpc_server import open_channel, start_server
-from services.common.pb import RequestContext, tensor_from_pb, tiling_to_pb
+from services.common.pb import tensor_from_pb, tiling_to_pb
 from services.common.types import TilingParams
 from services.preprocess.pipeline import Preprocessor
 from services.preprocess.server import PreprocessServicer

@@ -60,7 +60,7 @@ class TilingParams(_message.Message):
     def __init__(self, min_num: _Optional[int] = ..., max_num: _Optional[int] = ..., use_thumbnail: _Optional[bool] = ...) -> None: ...
 
 class RequestContext(_message.Message):
-    __slots__ = ("request_id", "tenant", "cache_namespace", "priority", "deadline_unix_ms", "trace_context")
+    __slots__ = ("request_id", "tenant", "cache_namespace", "priority", "deadline_unix_ms", "trace_context", "expires_unix_ms", "signature")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -74,13 +74,17 @@ class RequestContext(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tenant: str
     cache_namespace: str
     priority: int
     deadline_unix_ms: int
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, request_id: _Optional[str] = ..., tenant: _Optional[str] = ..., cache_namespace: _Optional[str] = ..., priority: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    expires_unix_ms: int
+    signature: bytes
+    def __init__(self, request_id: _Optional[str] = ..., tenant: _Optional[str] = ..., cache_namespace: _Optional[str] = ..., priority: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., expires_unix_ms: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class EmbeddingRef(_message.Message):
     __slots__ = ("kind", "key", "image_sha256", "tiles", "tokens_per_tile", "dim", "dtype", "grid_cols", "grid_rows", "cache_hit", "tensor")
