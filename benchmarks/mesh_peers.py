@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from services.common.context import ContextSigner
 from services.common.types import TilingParams
 from services.decoder.types import (
     ChatMessage,
@@ -137,7 +138,8 @@ class InProcess:
         self.decoder = DecoderCore(
             DecoderConfig(model=str(ckpt), dtype="float32", device="cpu", cache=CacheConfig(**KV_CACHE))
         )
-        self.frontend = DecoderFrontend(self.decoder, EmbeddingResolver(None))
+        self.signer = ContextSigner(ContextSigner.new_secret().encode())  # signs and verifies in process
+        self.frontend = DecoderFrontend(self.decoder, EmbeddingResolver(None), self.signer)
 
     def run(self, question: str, data: bytes, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
         return self.loop.run_until_complete(self._run(question, data, max_tokens))
@@ -152,7 +154,9 @@ class InProcess:
         refs = await self.encoder.embed_tiles(tiled, "default", params)
         t2 = time.perf_counter()
         request = decode_request(question, max_tokens)
-        ctx = RequestContext(request_id=f"inproc-{uuid.uuid4().hex[:12]}", cache_namespace="default")
+        ctx = self.signer.sign(
+            RequestContext(request_id=f"inproc-{uuid.uuid4().hex[:12]}", cache_namespace="default")
+        )
         first, tokens = None, 0
         async for event in self.frontend.generate(request, refs, ctx):
             first = first or time.perf_counter()
@@ -179,7 +183,9 @@ class InProcess:
         t0 = time.perf_counter()
         refs = await self.encoder.embed_images([ImageInput(data, TilingParams(max_num=MAX_NUM))], "default")
         t1 = time.perf_counter()
-        ctx = RequestContext(request_id=f"inproc-{uuid.uuid4().hex[:12]}", cache_namespace="default")
+        ctx = self.signer.sign(
+            RequestContext(request_id=f"inproc-{uuid.uuid4().hex[:12]}", cache_namespace="default")
+        )
         first = None
         async for _event in self.frontend.generate(decode_request(question, max_tokens), refs, ctx):
             first = first or time.perf_counter()

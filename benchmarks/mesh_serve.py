@@ -152,12 +152,16 @@ class Mesh:
         from services.common.context import RequestContext
 
         params = TilingParams(max_num=MAX_NUM)
-        t0 = time.perf_counter()
-        self.preprocess.tile.remote([(data, params)]).result()  # timed alone; it caches nothing
-        t1 = time.perf_counter()
-        ctx = RequestContext(
-            request_id=f"hop-{uuid.uuid4().hex[:12]}", cache_namespace="default", deadline=time.time() + 600
+        ctx = _signed(
+            RequestContext(
+                request_id=f"hop-{uuid.uuid4().hex[:12]}",
+                cache_namespace="default",
+                deadline=time.time() + 600,
+            )
         )
+        t0 = time.perf_counter()
+        self.preprocess.tile.remote([(data, params)], ctx).result()  # timed alone; it caches nothing
+        t1 = time.perf_counter()
         refs = self.encoder.embed.remote([(data, params)], ctx).result()
         t2 = time.perf_counter()
         first, tokens = None, 0
@@ -190,8 +194,12 @@ class Mesh:
         """The same image and question again through the handles: embedding hit + KV prefix hit."""
         from services.common.context import RequestContext
 
-        ctx = RequestContext(
-            request_id=f"hop-{uuid.uuid4().hex[:12]}", cache_namespace="default", deadline=time.time() + 600
+        ctx = _signed(
+            RequestContext(
+                request_id=f"hop-{uuid.uuid4().hex[:12]}",
+                cache_namespace="default",
+                deadline=time.time() + 600,
+            )
         )
         t0 = time.perf_counter()
         refs = self.encoder.embed.remote([(data, TilingParams(max_num=MAX_NUM))], ctx).result()
@@ -234,3 +242,11 @@ class Mesh:
             serve.delete(app["name"])
         serve.shutdown()
         ray.shutdown()
+
+
+def _signed(ctx):
+    """The context signed with the mesh secret the replicas were started with (the gateway's job; this
+    benchmark calls the handles directly, as the gateway does)."""
+    from services.common.serve_args import mesh_signer
+
+    return mesh_signer().sign(ctx)

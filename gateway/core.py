@@ -22,7 +22,7 @@ from gateway.tenancy.keys import Authenticator
 from gateway.tenancy.limiter import Limiter
 from gateway.types import ChatChunk, ChatRequest, ImagePart, TextPart, TokenLogprob, Usage
 from services.common import tracing
-from services.common.context import RequestContext
+from services.common.context import ContextSigner, RequestContext
 from services.common.errors import (
     DeadlineExceeded,
     EmbeddingUnresolvable,
@@ -123,8 +123,11 @@ class Gateway:
         limits: GatewayLimits | None = None,
         observers: Sequence[GatewayObserver] = (),
         fetcher: Any = None,
+        *,
+        signer: ContextSigner,
     ):
         self.routes = {r.name: r for r in routes}
+        self.signer = signer  # signs the context of every hop (services.common.context)
         self.keys = keys
         self.limiter = limiter
         self.limits = limits or GatewayLimits()
@@ -237,7 +240,7 @@ class Gateway:
             started = False
             gen_span = tracing.start_span(tracing.SPAN_GENERATE, parent=root)
             try:
-                gen_ctx = replace(ctx, trace=tracing.carrier_of(gen_span))
+                gen_ctx = self.signer.sign(replace(ctx, trace=tracing.carrier_of(gen_span)))
                 async for event in route.decoder.generate(decode, refs, gen_ctx):
                     if not started:
                         record.ttft_s = time.monotonic() - record.started
@@ -278,7 +281,7 @@ class Gateway:
         try:
             refs = await route.encoder.embed(
                 [(img.data, t) for img, t in zip(images, tilings)],
-                replace(ctx, trace=tracing.carrier_of(span)),
+                self.signer.sign(replace(ctx, trace=tracing.carrier_of(span))),
                 inline=inline,
             )
             span.set_attribute(tracing.ATTR_TILES, sum(r.tiles for r in refs))

@@ -20,7 +20,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.usage import UsageRecorder
 from services.common import tracing
 from services.common.config import RedisConfig
-from services.common.serve_args import app_args, redis_url_with_password
+from services.common.serve_args import app_args, mesh_signer, redis_url_with_password
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ class GatewayDeployment:
             ),
             observers=observers,
             fetcher=_fetcher(self.settings),
+            signer=mesh_signer(),
         )
         self.grpc = None
         if self.settings.grpc_port:

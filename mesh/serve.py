@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mesh.topology import MeshConfig, render_serve_config
+from services.common.context import MESH_SECRET_ENV, ContextSigner
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,21 @@ def local_num_cpus(serve_config: dict[str, Any], cores: int | None = None) -> in
     return max(cores or os.cpu_count() or 1, math.ceil(first_replicas_cpus(serve_config)))
 
 
+def _mesh_secret(address: str | None) -> None:
+    """The mesh secret the replicas sign and verify request contexts with. A Ray started here inherits
+    this process's environment: without a secret of the operator's, one is made for this run. A Ray
+    cluster started elsewhere must have it in the environment of every node already."""
+    if os.environ.get(MESH_SECRET_ENV):
+        return
+    if address is not None:
+        log.warning(
+            "%s is not set here: the cluster's nodes must have it, or no replica starts", MESH_SECRET_ENV
+        )
+        return
+    os.environ[MESH_SECRET_ENV] = ContextSigner.new_secret()
+    log.info("made a mesh secret for this run's local Ray (set %s to choose it)", MESH_SECRET_ENV)
+
+
 def start_ray(
     cfg: MeshConfig, *, num_cpus: int | None = None, num_gpus: int | None = None, address: str | None = None
 ) -> None:
@@ -73,6 +89,7 @@ def start_ray(
 
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
+    _mesh_secret(address)
     serve_config = render_serve_config(cfg)
     if address is None and num_cpus is None:
         num_cpus = local_num_cpus(serve_config)

@@ -2,7 +2,9 @@
 
 ``internvl-mesh serve-grpc`` builds this from flags. Preprocess and the vision encoder share one
 gRPC server (one port); the encoder tiles misses through the in-process preprocessor. Health reports
-SERVING only after the weights are loaded and a warm-up image has gone through the encoder.
+SERVING only after the weights are loaded and a warm-up image has gone through the encoder. As under
+Ray, every call must carry a request context signed with the mesh secret (``IVM_MESH_SECRET``, read at
+start; ``services.common.context.ContextSigner`` signs): these servers trust no caller that lacks it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.grpc_server import MAX_MESSAGE_BYTES, start_server
+from services.common.serve_args import mesh_signer
 from services.common.types import TilingParams
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,7 @@ async def serve_standalone(config: StandaloneConfig, ready: asyncio.Event | None
     from services.preprocess.pipeline import Preprocessor
     from services.preprocess.server import PreprocessServicer
 
+    signer = mesh_signer()  # callers sign their contexts with the same secret
     ckpt = Checkpoint.open(config.model)
     max_num = ckpt.max_dynamic_patch()
     preprocessor = Preprocessor(PreprocessConfig.model_validate(config.preprocess))
@@ -83,8 +87,8 @@ async def serve_standalone(config: StandaloneConfig, ready: asyncio.Event | None
     )
     server = await start_server(
         [
-            PreprocessServicer(preprocessor, max_num).registration(),
-            EncoderServicer(encoder, max_num).registration(),
+            PreprocessServicer(preprocessor, signer, max_num).registration(),
+            EncoderServicer(encoder, signer, max_num).registration(),
         ],
         host=config.host,
         port=config.port,

@@ -10,6 +10,11 @@ import pytest
 
 from tests.support.own_redis import OwnRedis
 from tests.support.shared_redis import redis_url as shared_redis_url
+from tests.support.signing import ENV as MESH_SECRET_ENV
+
+# Every Serve replica verifies request contexts with the mesh secret it inherits from the process that
+# starts Ray; subprocesses (``serve``, the CLI) inherit it from here too.
+os.environ.update(MESH_SECRET_ENV)
 
 
 @pytest.fixture(scope="session")

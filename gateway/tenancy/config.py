@@ -261,4 +261,4 @@ def parse_key_id(api_key: str) -> str | None:
     parts = api_key.split("-", 2)
     if len(parts) != 3 or parts[0] != "ivm" or not parts[2]:
         return None
-    return parts[1] if re.match(KEY_ID_PATTERN, parts[1]) else None
+    return parts[1] if re.fullmatch(KEY_ID_PATTERN, parts[1]) else None

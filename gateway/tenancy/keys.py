@@ -80,7 +80,7 @@ def create_key(
     or None when the file has none. ``key_id`` defaults to 12 random hex characters.
     """
     key_id = key_id if key_id is not None else secrets.token_hex(6)
-    if not re.match(KEY_ID_PATTERN, key_id):
+    if not re.fullmatch(KEY_ID_PATTERN, key_id):
         raise InvalidArgument(f"key_id {key_id!r} must be 1-64 letters, digits or '_' (no '-')")
     plain = f"{KEY_PREFIX}-{key_id}-{secrets.token_urlsafe(32)}"
     entry = ApiKeyEntry(

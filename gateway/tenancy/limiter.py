@@ -251,7 +251,7 @@ class RedisLimiter:
         utcnow: UtcNow = _utcnow,
         owns_client: bool = False,
     ):
-        if not re.match(r"^[A-Za-z0-9_.:\-]{1,64}$", prefix):
+        if not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,64}", prefix):
             raise InvalidArgument(f"limiter key prefix {prefix!r} must be 1-64 of [A-Za-z0-9_.:-]")
         _check_lease(lease_s, concurrency_retry_after_s)
         self.client = client

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from mesh.verify.options import Setup
-from services.common.context import RequestContext
+from services.common.context import ContextSigner, RequestContext
 from services.common.refs import EmbeddingRef
 from services.common.types import TiledImage, TilingParams
 from services.decoder.types import ChatMessage, DecodeRequest, FinishReason, ImagePlaceholder, TextContent
@@ -117,7 +117,8 @@ async def mesh_generate(
     from services.embedding_cache.resolver import EmbeddingResolver
 
     core = DecoderCore(decoder_config(setup, max(r.tiles for r in refs), max_new_tokens))
-    frontend = DecoderFrontend(core, EmbeddingResolver(None))
+    signer = ContextSigner(ContextSigner.new_secret().encode())  # this process signs and verifies
+    frontend = DecoderFrontend(core, EmbeddingResolver(None), signer)
     out = []
     try:
         for k, (ref, prompt) in enumerate(zip(refs, prompts, strict=True)):
@@ -126,7 +127,7 @@ async def mesh_generate(
                 sampling=SamplingParams(temperature=0.0),
                 max_tokens=max_new_tokens,
             )
-            ctx = RequestContext(request_id=f"verify-{k}", cache_namespace=NAMESPACE)
+            ctx = signer.sign(RequestContext(request_id=f"verify-{k}", cache_namespace=NAMESPACE))
             events = [e async for e in frontend.generate(request, [ref], ctx)]
             last = events[-1]
             out.append(

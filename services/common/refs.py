@@ -34,7 +34,7 @@ DEFAULT_NAMESPACE = "default"
 
 
 def validate_namespace(namespace: str) -> str:
-    if not _NAMESPACE_RE.match(namespace or ""):
+    if not _NAMESPACE_RE.fullmatch(namespace or ""):
         raise InvalidArgument(
             f"cache namespace {namespace!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
         )
@@ -60,15 +60,23 @@ def embedding_key(
     ``prefix``) so a tenant's entries can be listed or dropped by prefix, and so that no two tenants
     ever share a key unless configured to.
     """
-    if not _KEY_PREFIX_RE.match(prefix):
+    if not _KEY_PREFIX_RE.fullmatch(prefix):
         raise InvalidArgument(
             f"key prefix {prefix!r} must be 1-32 characters of letters, digits, '_', '.', '-'"
         )
     validate_namespace(namespace)
-    if not _SHA256_RE.match(image_sha256):
+    if not _SHA256_RE.fullmatch(image_sha256):
         raise InvalidArgument("image_sha256 must be 64 lowercase hex characters")
     enc = hashlib.sha256(encoder_id.encode()).hexdigest()[:16]
     return f"{prefix}:emb:v1:{namespace}:{enc}:{tiling.cache_token()}:{image_sha256}"
+
+
+def key_namespace(key: str) -> str | None:
+    """The namespace of a key made by :func:`embedding_key`, or None for anything else."""
+    parts = key.split(":")
+    if len(parts) != 7 or parts[1:3] != ["emb", "v1"]:
+        return None
+    return parts[3] if _NAMESPACE_RE.fullmatch(parts[3]) else None
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 A Serve replica is an entry point: this is where a deployment turns its (secret-free) args, one typed
 model per application, into validated configs and, only here, reads the environment variables that the
-args name (the Redis password). Nothing below a deployment reads the environment.
+args name (the Redis password) and the mesh secret. Nothing below a deployment reads the environment.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from pydantic import BaseModel
 
 from services.common.config import CommonConfig, build
+from services.common.context import MESH_SECRET_ENV, ContextSigner
 
 Args = TypeVar("Args", bound=BaseModel)
 
@@ -48,3 +49,9 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def mesh_signer(environ: dict[str, str] | None = None) -> ContextSigner:
+    """The signer of the mesh secret (``IVM_MESH_SECRET``): the gateway signs every request context
+    with it, every service verifies. A replica without it does not start."""
+    return ContextSigner.from_env(MESH_SECRET_ENV, environ)

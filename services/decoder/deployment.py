@@ -3,7 +3,8 @@
 Handles call ``generate`` as a streaming method (``handle.options(stream=True)``) with a ``DecodeRequest``,
 its embedding references and the ``RequestContext``, and get ``GenerationEvent`` s back (both pickle);
 closing the handle's stream cancels the request in the engine, freeing its KV blocks. Serve's gRPC proxy calls
-``Generate`` / ``CountTokens``, the same servicer as a standalone server.
+``Generate`` / ``CountTokens``, the same servicer as a standalone server. Every entry point goes through
+the frontend, which verifies the gateway's signature on the context first.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 from services.common import tracing
 from services.common.context import RequestContext
 from services.common.refs import EmbeddingRef
-from services.common.serve_args import app_args, redis_url_with_password, resolve_device
+from services.common.serve_args import app_args, mesh_signer, redis_url_with_password, resolve_device
 from services.decoder.config import DecoderAppArgs
 from services.decoder.server import DecoderFrontend, DecoderServicer
 from services.decoder.types import ChatMessage, DecodeRequest
@@ -32,7 +33,7 @@ class DecoderDeployment:
         self.core = DecoderCore(args.decoder_config(resolve_device(model.device).split(":")[0]))
         shared = shared_store_config(cfg, redis_url_with_password(cfg))
         store = RedisEmbeddingStore(shared) if shared is not None else None
-        self.frontend = DecoderFrontend(self.core, EmbeddingResolver(store))
+        self.frontend = DecoderFrontend(self.core, EmbeddingResolver(store), mesh_signer())
         self.servicer = DecoderServicer(self.frontend)
         self._gauges = _ray_gauges(model.name)
         self._stats_task = asyncio.get_running_loop().create_task(self._publish_stats())
@@ -49,8 +50,10 @@ class DecoderDeployment:
         async for event in self.frontend.generate(request, refs, ctx):
             yield event
 
-    def count_tokens(self, messages: list[ChatMessage], image_tiles: list[int]) -> tuple[int, int]:
-        return self.frontend.count_tokens(messages, image_tiles)
+    def count_tokens(
+        self, messages: list[ChatMessage], image_tiles: list[int], ctx: RequestContext
+    ) -> tuple[int, int]:
+        return self.frontend.count_tokens(messages, image_tiles, ctx)
 
     def info(self) -> dict[str, Any]:
         return {"max_model_len": self.core.max_model_len, **self.core.stats()}

@@ -5,10 +5,17 @@ its embedding references and the request context into the engine's ``GenerateInp
 reference, whatever its kind — and streams the engine's ``GenerationEvent`` s back with the token strings
 of their log-probabilities filled in. The same objects travel over Ray handles. ``DecoderServicer`` is the
 gRPC face of the same thing: protobuf → ``services.decoder.pb`` → the frontend → protobuf.
+
+The frontend is the decoder's one entry point, for handles and gRPC alike: it verifies the gateway's
+signature on the request context before anything else (``services.common.context``), checks the
+request against the mesh's bounds (``services.decoder.bounds``), and takes the tenant's namespace and
+priority from the verified context only. Embedding references resolve only inside that namespace, and
+an inline tensor's prefix-cache identity is the hash of its bytes, never a key the caller names.
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -17,9 +24,10 @@ from typing import Any
 from internvl.decoder.v1 import decoder_pb2, decoder_pb2_grpc
 
 from services.common import tracing
-from services.common.context import RequestContext
+from services.common.context import ContextSigner, RequestContext
 from services.common.pb import context_from_pb, ref_from_pb
-from services.common.refs import EmbeddingRef
+from services.common.refs import KIND_INLINE, EmbeddingRef
+from services.decoder.bounds import check_image_tiles, check_messages, check_request
 from services.decoder.pb import decode_request_from_pb, event_to_pb, messages_from_pb
 from services.decoder.types import (
     ChatMessage,
@@ -37,13 +45,16 @@ SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_na
 
 
 class DecoderFrontend:
-    def __init__(self, core: Any, resolver: EmbeddingResolver):
+    def __init__(self, core: Any, resolver: EmbeddingResolver, signer: ContextSigner):
         self.core = core
         self.resolver = resolver
+        self.signer = signer
 
     async def generate(
         self, request: DecodeRequest, refs: list[EmbeddingRef], ctx: RequestContext
     ) -> AsyncIterator[GenerationEvent]:
+        ctx = self.signer.verify(ctx)
+        check_request(request, refs)
         root = tracing.start_span(
             tracing.SPAN_DECODER,
             carrier=ctx.trace or None,
@@ -74,17 +85,19 @@ class DecoderFrontend:
             phase.end()
             root.end()
 
-    def count_tokens(self, messages: list[ChatMessage], image_tiles: list[int]) -> tuple[int, int]:
+    def count_tokens(
+        self, messages: list[ChatMessage], image_tiles: list[int], ctx: RequestContext
+    ) -> tuple[int, int]:
+        self.signer.verify(ctx)
+        check_messages(messages)
+        check_image_tiles(image_tiles)
         return self.core.count_tokens(template_messages(messages), image_tiles)
 
     async def _input(
         self, request: DecodeRequest, refs: list[EmbeddingRef], ctx: RequestContext
     ) -> GenerateInput:
-        tensors = await self.resolver.resolve_all(refs)
-        images = [
-            ImageEmbedding(t.to_torch(), ref.tiles, ref.key or f"{ref.image_sha256}:{ref.tiles}")
-            for t, ref in zip(tensors, refs)
-        ]
+        tensors = await self.resolver.resolve_all(refs, ctx.cache_namespace)
+        images = [ImageEmbedding(t.to_torch(), ref.tiles, _identity(ref, t)) for t, ref in zip(tensors, refs)]
         return GenerateInput(
             # A caller without an id still gets a unique one: the engine refuses an id in use.
             request_id=ctx.request_id or f"decode-{uuid.uuid4().hex[:24]}",
@@ -113,6 +126,16 @@ class DecoderFrontend:
         return text, text.encode("utf-8", "replace")
 
 
+def _identity(ref: EmbeddingRef, tensor: Any) -> str:
+    """What names an image in the KV prefix cache (the engine adds the namespace): the key the encoder
+    made for a cache or object reference (checked against the namespace when resolved), the hash of the
+    bytes for an inline tensor, so no caller can file a tensor of its own under another image's name."""
+    if ref.kind == KIND_INLINE:
+        digest = hashlib.sha256(tensor.data).hexdigest()
+        return f"inline:{tensor.dtype}:{'x'.join(map(str, tensor.shape))}:{digest}"
+    return ref.key
+
+
 class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
     def __init__(self, frontend: DecoderFrontend):
         self.frontend = frontend
@@ -125,7 +148,9 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
 
     async def CountTokens(self, request, context):  # noqa: N802 - gRPC method name
         messages = messages_from_pb(request.messages, len(request.image_tiles))
-        total, image = self.frontend.count_tokens(messages, list(request.image_tiles))
+        total, image = self.frontend.count_tokens(
+            messages, list(request.image_tiles), context_from_pb(request.context)
+        )
         return decoder_pb2.CountTokensResponse(total_tokens=total, image_tokens=image)
 
     def registration(self):

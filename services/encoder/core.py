@@ -33,7 +33,9 @@ from prometheus_client import CollectorRegistry
 
 from services.common import tracing
 from services.common.checkpoint import Checkpoint
+from services.common.context import RequestContext
 from services.common.errors import DeadlineExceeded, InvalidArgument
+from services.common.limits import MAX_IMAGES_PER_REQUEST, MAX_TILES_PER_REQUEST
 from services.common.refs import (
     DEFAULT_KEY_PREFIX,
     KIND_CACHE,
@@ -60,9 +62,13 @@ log = logging.getLogger(__name__)
 
 
 class TileSource(Protocol):
-    """Where tiles come from for images that must be encoded: in-process, a Ray handle or gRPC."""
+    """Where tiles come from for images that must be encoded: in-process, a Ray handle or gRPC.
+    ``ctx`` is the verified context of the request the tiles are for, passed on to the preprocess
+    service (which verifies it again)."""
 
-    async def tile(self, items: Sequence[tuple[bytes, TilingParams]]) -> list[TiledImage]: ...
+    async def tile(
+        self, items: Sequence[tuple[bytes, TilingParams]], ctx: RequestContext | None = None
+    ) -> list[TiledImage]: ...
 
 
 class PreprocessorTileSource:
@@ -71,7 +77,9 @@ class PreprocessorTileSource:
     def __init__(self, preprocessor: Any):
         self.preprocessor = preprocessor
 
-    async def tile(self, items: Sequence[tuple[bytes, TilingParams]]) -> list[TiledImage]:
+    async def tile(
+        self, items: Sequence[tuple[bytes, TilingParams]], ctx: RequestContext | None = None
+    ) -> list[TiledImage]:
         return await self.preprocessor.atile_images(items)
 
 
@@ -201,6 +209,7 @@ class EncoderCore:
         priority: int = 0,
         deadline: float | None = None,
         inline: bool = False,
+        ctx: RequestContext | None = None,
     ) -> list[EmbeddingRef]:
         """Embed images given as encoded bytes; tiles are fetched from the tile source for misses only.
 
@@ -224,7 +233,7 @@ class EncoderCore:
                 _Job(
                     embedding_key(namespace, self.identity, tiling, sha, self.key_prefix),
                     sha,
-                    self._tiler(image.data, tiling),
+                    self._tiler(image.data, tiling, ctx),
                     priority,
                     deadline,
                 )
@@ -247,6 +256,7 @@ class EncoderCore:
         :meth:`embed_images`.
         """
         validate_namespace(namespace)
+        _check_request_tiles([int(getattr(image.tiles, "shape", (0,))[0]) for image in images])
         tilings = [tiling] * len(images) if isinstance(tiling, TilingParams) else list(tiling)
         if len(tilings) != len(images):
             raise InvalidArgument(f"{len(images)} images but {len(tilings)} tiling parameter sets")
@@ -434,9 +444,11 @@ class EncoderCore:
         self.metrics.cache_lookups.labels(self.label, level, "hit").inc()
         self.metrics.images.labels(self.label, "hit").inc()
 
-    def _tiler(self, data: bytes, tiling: TilingParams) -> Callable[[], Awaitable[TiledImage]]:
+    def _tiler(
+        self, data: bytes, tiling: TilingParams, ctx: RequestContext | None
+    ) -> Callable[[], Awaitable[TiledImage]]:
         async def tile() -> TiledImage:
-            (tiled,) = await self.tile_source.tile([(data, tiling)])  # type: ignore[union-attr]
+            (tiled,) = await self.tile_source.tile([(data, tiling)], ctx)  # type: ignore[union-attr]
             return tiled
 
         return tile
@@ -504,3 +516,28 @@ def _store_observer(metrics: EncoderMetrics, label: str) -> Callable[[str], None
 
     gauge.set(1)
     return observe
+
+
+def _header_tiles(image: ImageInput) -> int:
+    """The tiles an image will take, from its header alone (no pixels decoded)."""
+    from services.preprocess.config import DecodeLimits
+    from services.preprocess.decoding import open_image
+    from services.preprocess.tiling import count_tiles
+
+    if not image.data:
+        raise InvalidArgument("an image has no bytes")
+    header = open_image(image.data, DecodeLimits())
+    return count_tiles(header.width, header.height, image.tiling.validate())
+
+
+def _check_request_tiles(tiles: list[int]) -> None:
+    if len(tiles) > MAX_IMAGES_PER_REQUEST:
+        raise InvalidArgument(
+            f"{len(tiles)} images, over the limit of {MAX_IMAGES_PER_REQUEST} per request",
+            reason="too_many_images",
+        )
+    if sum(tiles) > MAX_TILES_PER_REQUEST:
+        raise InvalidArgument(
+            f"the images take {sum(tiles)} tiles, over the limit of {MAX_TILES_PER_REQUEST} per request",
+            reason="too_many_tiles",
+        )

@@ -3,7 +3,8 @@
 A plain class; ``build_app`` decorates and binds it, and a Serve config names it by ``import_path``.
 Handles call ``embed`` (image bytes in, ``EmbeddingRef``s out; on a Redis outage the references are
 Ray ``ObjectRef``s that the gateway hands to the decoder unread). Serve's gRPC proxy calls
-``EmbedImages``, the same servicer as the standalone server.
+``EmbedImages``, the same servicer as the standalone server. Both verify the gateway's signature on the
+request context first, and pass the verified context on to the preprocess application.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from services.common import tracing
 from services.common.context import RequestContext
 from services.common.refs import KIND_OBJECT
-from services.common.serve_args import app_args, redis_url_with_password, resolve_device
+from services.common.serve_args import app_args, mesh_signer, redis_url_with_password, resolve_device
 from services.common.types import TilingParams
 from services.encoder.config import EncoderAppArgs
 from services.encoder.core import EncoderCore, ImageInput
@@ -33,9 +35,11 @@ class HandleTileSource:
 
         self.handle = serve.get_app_handle(app_name)
 
-    async def tile(self, items: Sequence[tuple[bytes, TilingParams]]):
-        # Runs inside the encoder's span (contextvars follow the task): pass it to preprocess.
-        return await self.handle.tile.remote(list(items), RequestContext(trace=tracing.current_carrier()))
+    async def tile(self, items: Sequence[tuple[bytes, TilingParams]], ctx: RequestContext | None = None):
+        # Runs inside the encoder's span (contextvars follow the task): pass it to preprocess, with the
+        # signed context of the request (preprocess verifies it too).
+        ctx = replace(ctx or RequestContext(), trace=tracing.current_carrier())
+        return await self.handle.tile.remote(list(items), ctx)
 
 
 class EncoderDeployment:
@@ -45,7 +49,8 @@ class EncoderDeployment:
         config = args.encoder_config(resolve_device(model.device), redis_url_with_password(cfg))
         tile_source = HandleTileSource(args.preprocess_app) if args.preprocess_app else None
         self.core = EncoderCore.from_config(config, tile_source=tile_source)
-        self.servicer = EncoderServicer(self.core, model.max_tiles_per_image)
+        self.signer = mesh_signer()
+        self.servicer = EncoderServicer(self.core, self.signer, model.max_tiles_per_image)
         self.model_name = model.name
         self._recent: collections.deque = collections.deque()
 
@@ -56,12 +61,18 @@ class EncoderDeployment:
         asks for that when a first set of references could not be read by the decoder."""
         import time
 
+        ctx = self.signer.verify(ctx)
         remaining = ctx.remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         inputs = [ImageInput(data, tiling) for data, tiling in images]
         with tracing.span_from(ctx.trace, tracing.SPAN_ENCODER, {tracing.ATTR_IMAGES: len(inputs)}) as span:
             refs = await self.core.embed_images(
-                inputs, namespace=ctx.cache_namespace, priority=ctx.priority, deadline=deadline, inline=inline
+                inputs,
+                namespace=ctx.cache_namespace,
+                priority=ctx.priority,
+                deadline=deadline,
+                inline=inline,
+                ctx=ctx,
             )
             span.set_attribute(tracing.ATTR_CACHE_HIT, all(r.cache_hit for r in refs))
             self._hold([r.object_ref for r in refs if r.kind == KIND_OBJECT])

@@ -1,4 +1,8 @@
-"""The encoder servicer: protobuf in, one call to ``EncoderCore``, protobuf out."""
+"""The encoder servicer: protobuf in, one call to ``EncoderCore``, protobuf out.
+
+The request context is verified first (the gateway's signature, ``services.common.context``); the
+namespace and priority come from it only.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import time
 
 from internvl.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 
+from services.common.context import ContextSigner
 from services.common.errors import InvalidArgument
 from services.common.pb import context_from_pb, ref_to_pb, tensor_from_pb, tiling_from_pb
 from services.common.refs import KIND_INLINE
@@ -17,13 +22,14 @@ SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_na
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
-    def __init__(self, core: EncoderCore, default_max_num: int = 12):
+    def __init__(self, core: EncoderCore, signer: ContextSigner, default_max_num: int = 12):
         self.core = core
+        self.signer = signer
         self.default_max_num = default_max_num
         self.resolver = EmbeddingResolver(core.store)
 
     async def EmbedImages(self, request, context):  # noqa: N802 - gRPC method name
-        ctx = context_from_pb(request.context)
+        ctx = self.signer.verify(context_from_pb(request.context))
         remaining = ctx.remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         by_bytes, by_tiles = [], []
@@ -44,7 +50,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         common = dict(namespace=ctx.cache_namespace, priority=ctx.priority, deadline=deadline)
         if by_bytes:
             for (i, _), ref in zip(
-                by_bytes, await self.core.embed_images([b for _, b in by_bytes], **common)
+                by_bytes, await self.core.embed_images([b for _, b in by_bytes], **common, ctx=ctx)
             ):
                 refs[i] = ref
         if by_tiles:
@@ -54,13 +60,14 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             for (i, *_), ref in zip(by_tiles, got):
                 refs[i] = ref
         if request.return_inline:
-            refs = [await self._inline(r) for r in refs]
+            refs = [await self._inline(r, ctx.cache_namespace) for r in refs]
         return encoder_pb2.EmbedImagesResponse(embeddings=[ref_to_pb(r) for r in refs])
 
-    async def _inline(self, ref):
+    async def _inline(self, ref, ref_namespace: str):
         if ref.kind == KIND_INLINE:
             return ref
-        return ref.with_kind(KIND_INLINE, tensor=await self.resolver.resolve(ref), object_ref=None)
+        tensor = await self.resolver.resolve(ref, ref_namespace)
+        return ref.with_kind(KIND_INLINE, tensor=tensor, object_ref=None)
 
     def registration(self):
         return (encoder_pb2_grpc.add_EncoderServiceServicer_to_server, self, SERVICE_NAME)

@@ -11,7 +11,7 @@ from typing import Any
 
 from services.common import tracing
 from services.common.context import RequestContext
-from services.common.serve_args import app_args
+from services.common.serve_args import app_args, mesh_signer
 from services.preprocess.config import PreprocessAppArgs
 from services.preprocess.pipeline import Preprocessor
 from services.preprocess.server import PreprocessServicer
@@ -21,12 +21,12 @@ class PreprocessDeployment:
     def __init__(self, args: PreprocessAppArgs):
         tracing.setup_tracing(args.common.tracing, "preprocess")
         self.preprocessor = Preprocessor(args.config)
-        self.servicer = PreprocessServicer(self.preprocessor, args.default_max_num)
+        self.signer = mesh_signer()
+        self.servicer = PreprocessServicer(self.preprocessor, self.signer, args.default_max_num)
 
-    async def tile(self, items, ctx: RequestContext | None = None):
-        with tracing.span_from(
-            ctx.trace if ctx else None, tracing.SPAN_PREPROCESS, {tracing.ATTR_IMAGES: len(items)}
-        ):
+    async def tile(self, items, ctx: RequestContext):
+        ctx = self.signer.verify(ctx)
+        with tracing.span_from(ctx.trace, tracing.SPAN_PREPROCESS, {tracing.ATTR_IMAGES: len(items)}):
             return await self.preprocessor.atile_images(items)
 
     async def TileImages(self, request, grpc_context=None):  # noqa: N802 - gRPC method name

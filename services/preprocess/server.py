@@ -1,10 +1,14 @@
-"""The preprocess servicer: protobuf in, one call to the ``Preprocessor``, protobuf out."""
+"""The preprocess servicer: protobuf in, one call to the ``Preprocessor``, protobuf out.
+
+The request context is verified first (the gateway's signature, ``services.common.context``).
+"""
 
 from __future__ import annotations
 
 from internvl.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 
-from services.common.pb import tensor_to_pb, tiling_from_pb
+from services.common.context import ContextSigner
+from services.common.pb import context_from_pb, tensor_to_pb, tiling_from_pb
 from services.common.tensors import WireTensor
 from services.common.types import TiledImage
 from services.preprocess.pipeline import Preprocessor
@@ -25,11 +29,13 @@ def tiled_to_pb(image: TiledImage) -> preprocess_pb2.TiledImage:
 
 
 class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
-    def __init__(self, preprocessor: Preprocessor, default_max_num: int = 12):
+    def __init__(self, preprocessor: Preprocessor, signer: ContextSigner, default_max_num: int = 12):
         self.preprocessor = preprocessor
+        self.signer = signer
         self.default_max_num = default_max_num
 
     async def TileImages(self, request, context):  # noqa: N802 - gRPC method name
+        self.signer.verify(context_from_pb(request.context))
         items = [(img.data, tiling_from_pb(img.tiling, self.default_max_num)) for img in request.images]
         tiled = await self.preprocessor.atile_images(items)
         return preprocess_pb2.TileImagesResponse(images=[tiled_to_pb(t) for t in tiled])

@@ -19,7 +19,6 @@ import json
 import pytest
 import torch
 
-from services.common.context import RequestContext
 from services.common.types import TilingParams
 from services.convert.converter import convert_checkpoint
 from services.decoder.engine.sampling_params import SamplingParams
@@ -32,6 +31,7 @@ from tests.convert.reference import as_rendered, expand_images, pixel_shuffle, r
 from tests.support.families import FAMILIES, Family
 from tests.support.gateway import local_cores
 from tests.support.images import png
+from tests.support.signing import signed
 
 QUESTION = "Describe the image in detail."
 MAX_TOKENS = 8
@@ -124,7 +124,7 @@ def _served(native, image: bytes):
     )
 
     async def ask(cores):
-        ctx = RequestContext(request_id="family")
+        ctx = signed(request_id="family")
         refs = await cores["encoder"].embed_images(
             [ImageInput(image, TilingParams())], ctx.cache_namespace, inline=True
         )

@@ -16,6 +16,7 @@ from tests.convert.builders import VIT_6B, build_original_checkpoint
 from tests.convert.reference import expand_images, reference_chat_prompt
 from tests.support.gateway import UvicornThread
 from tests.support.images import png
+from tests.support.signing import SIGNER
 
 MODEL = "converted"
 
@@ -55,11 +56,13 @@ def served_converted(tmp_path_factory):
     route = ModelRoute(
         MODEL,
         LocalEncoderClient(encoder),
-        LocalDecoderClient(DecoderFrontend(decoder, EmbeddingResolver(None))),
+        LocalDecoderClient(DecoderFrontend(decoder, EmbeddingResolver(None), SIGNER)),
         12,
         decoder.max_model_len,
     )
-    with UvicornThread(create_http_app(Gateway([route], KeyStore(None), LocalLimiter()))) as server:
+    with UvicornThread(
+        create_http_app(Gateway([route], KeyStore(None), LocalLimiter(), signer=SIGNER))
+    ) as server:
         yield original, server
     decoder.shutdown()
     preprocessor.close()

@@ -10,7 +10,6 @@ import pickle
 import pytest
 from internvl.decoder.v1 import decoder_pb2_grpc
 
-from services.common.context import RequestContext
 from services.common.grpc_server import open_channel, start_server
 from services.common.pb import context_to_pb, ref_to_pb
 from services.common.refs import KIND_INLINE, EmbeddingRef
@@ -28,12 +27,13 @@ from services.decoder.types import (
 )
 from services.embedding_cache.resolver import EmbeddingResolver
 from tests.decoder.helpers import make_config
+from tests.support.signing import SIGNER, signed
 
 
 @pytest.fixture(scope="module")
 async def decoder(tiny_ckpt):
     core = DecoderCore(make_config(tiny_ckpt, cache={"num_blocks": 128}))
-    frontend = DecoderFrontend(core, EmbeddingResolver(None))
+    frontend = DecoderFrontend(core, EmbeddingResolver(None), SIGNER)
     server = await start_server([DecoderServicer(frontend).registration()])
     yield frontend, server.port
     await server.stop(0)
@@ -86,8 +86,8 @@ async def test_the_grpc_stream_equals_the_handle_stream(decoder, reference, name
     frontend, port = decoder
     request, refs = REQUESTS[name], [inline_ref(reference, 3)]
     # Separate prefix-cache namespaces, so neither run is served from the other's KV blocks.
-    local_ctx = RequestContext(request_id=f"hop-{name}", cache_namespace=f"local-{name}")
-    grpc_ctx = RequestContext(request_id=f"hop-{name}", cache_namespace=f"grpc-{name}")
+    local_ctx = signed(request_id=f"hop-{name}", cache_namespace=f"local-{name}")
+    grpc_ctx = signed(request_id=f"hop-{name}", cache_namespace=f"grpc-{name}")
 
     local = [pickle.loads(pickle.dumps(e)) async for e in frontend.generate(request, refs, local_ctx)]
 

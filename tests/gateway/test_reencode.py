@@ -13,6 +13,7 @@ from tests.support.gateway import MODEL, UvicornThread, local_encoder, make_gate
 from tests.support.images import png
 from tests.support.own_redis import OwnRedis
 from tests.support.ports import free_port
+from tests.support.signing import SIGNER
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def split_cache_gateway(cores, tiny_checkpoint):
             split = {
                 "encoder": encoder,
                 "decoder": cores["decoder"],
-                "frontend": DecoderFrontend(cores["decoder"], EmbeddingResolver(unreachable)),
+                "frontend": DecoderFrontend(cores["decoder"], EmbeddingResolver(unreachable), SIGNER),
             }
             gateway = make_gateway(split, KeyStore(None), LocalLimiter())
             with UvicornThread(create_http_app(gateway)) as server:

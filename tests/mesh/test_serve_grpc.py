@@ -13,8 +13,10 @@ from internvl.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from internvl.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 
 from services.common.grpc_server import channel_options
+from services.common.pb import context_to_pb
 from tests.support.images import png
 from tests.support.ports import free_port
+from tests.support.signing import signed
 
 
 def _png() -> bytes:
@@ -66,11 +68,17 @@ def served(tiny_checkpoint):
 def test_serves_preprocess_and_encoder(served):
     _, channel = served
     tiles = preprocess_pb2_grpc.PreprocessServiceStub(channel).TileImages(
-        preprocess_pb2.TileImagesRequest(images=[preprocess_pb2.ImageInput(data=_png())]), timeout=30
+        preprocess_pb2.TileImagesRequest(
+            context=context_to_pb(signed()), images=[preprocess_pb2.ImageInput(data=_png())]
+        ),
+        timeout=30,
     )
     assert (tiles.images[0].grid_cols, tiles.images[0].grid_rows) == (2, 1)
     emb = encoder_pb2_grpc.EncoderServiceStub(channel).EmbedImages(
-        encoder_pb2.EmbedImagesRequest(images=[encoder_pb2.ImageSource(data=_png())]), timeout=60
+        encoder_pb2.EmbedImagesRequest(
+            context=context_to_pb(signed()), images=[encoder_pb2.ImageSource(data=_png())]
+        ),
+        timeout=60,
     )
     assert emb.embeddings[0].tiles == 3
 
@@ -79,7 +87,9 @@ def test_bad_input_is_invalid_argument_and_the_server_lives_on(served):
     _, channel = served
     with pytest.raises(grpc.RpcError) as err:
         encoder_pb2_grpc.EncoderServiceStub(channel).EmbedImages(
-            encoder_pb2.EmbedImagesRequest(images=[encoder_pb2.ImageSource(data=b"\x89PNG broken")]),
+            encoder_pb2.EmbedImagesRequest(
+                context=context_to_pb(signed()), images=[encoder_pb2.ImageSource(data=b"\x89PNG broken")]
+            ),
             timeout=30,
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

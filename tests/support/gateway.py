@@ -12,6 +12,7 @@ import torch
 
 from services.demo.reference import reference_load_image
 from tests.support.ports import free_port
+from tests.support.signing import SIGNER
 
 MODEL = "tiny"
 
@@ -28,7 +29,7 @@ def make_gateway(cores, keys, limiter, model: str = MODEL, **limits):
         12,
         cores["decoder"].max_model_len,
     )
-    return Gateway([route], keys, limiter, GatewayLimits(**limits))
+    return Gateway([route], keys, limiter, GatewayLimits(**limits), signer=SIGNER)
 
 
 class UvicornThread:
@@ -122,7 +123,7 @@ def local_cores(checkpoint, **decoder_settings):
             yield {
                 "encoder": encoder,
                 "decoder": decoder,
-                "frontend": DecoderFrontend(decoder, EmbeddingResolver(None)),
+                "frontend": DecoderFrontend(decoder, EmbeddingResolver(None), SIGNER),
             }
         finally:
             decoder.shutdown()

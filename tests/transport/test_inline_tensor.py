@@ -8,12 +8,13 @@ from internvl.common.v1 import common_pb2
 from internvl.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 
 from services.common.grpc_server import open_channel, start_server
-from services.common.pb import ref_from_pb, tensor_to_pb
+from services.common.pb import context_to_pb, ref_from_pb, tensor_to_pb
 from services.common.tensors import WireTensor
 from services.encoder.config import EncoderConfig
 from services.encoder.core import EncoderCore
 from services.encoder.server import EncoderServicer
 from services.preprocess.normalize import normalize_tiles
+from tests.support.signing import SIGNER, signed
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ async def encoder_server(tiny_checkpoint):
     core = EncoderCore.from_config(
         EncoderConfig(checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32")
     )
-    server = await start_server([EncoderServicer(core).registration()])
+    server = await start_server([EncoderServicer(core, SIGNER).registration()])
     yield server
     await server.stop(0)
     await core.close()
@@ -31,7 +32,7 @@ async def test_41_tiles_inline_request_and_inline_embeddings(encoder_server, tin
     rng = np.random.default_rng(0)
     tiles = rng.integers(0, 256, size=(41, 448, 448, 3), dtype=np.uint8)
     request = encoder_pb2.EmbedImagesRequest(
-        context=common_pb2.RequestContext(cache_namespace="transport-test"),
+        context=context_to_pb(signed(cache_namespace="transport-test")),
         images=[
             encoder_pb2.ImageSource(
                 tiles=tensor_to_pb(WireTensor.from_numpy(tiles)),

@@ -11,10 +11,11 @@ from internvl.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 from PIL import Image
 
 from services.common.grpc_server import open_channel, start_server
-from services.common.pb import tensor_from_pb
+from services.common.pb import context_to_pb, tensor_from_pb
 from services.preprocess.pipeline import Preprocessor
 from services.preprocess.server import PreprocessServicer
 from tests.support.images import png
+from tests.support.signing import SIGNER, signed
 
 
 def _png(width: int, height: int) -> bytes:
@@ -24,7 +25,7 @@ def _png(width: int, height: int) -> bytes:
 @pytest.fixture(scope="module")
 async def preprocess_server():
     pre = Preprocessor()
-    server = await start_server([PreprocessServicer(pre).registration()])
+    server = await start_server([PreprocessServicer(pre, SIGNER).registration()])
     yield server
     await server.stop(0)
     pre.close()
@@ -33,7 +34,8 @@ async def preprocess_server():
 async def test_41_tile_image_over_grpc(preprocess_server):
     data = _png(8 * 448, 5 * 448)  # aspect 1.6 -> an 8x5 grid at max_num 40, plus the thumbnail
     request = preprocess_pb2.TileImagesRequest(
-        images=[preprocess_pb2.ImageInput(data=data, tiling=common_pb2.TilingParams(max_num=40))]
+        context=context_to_pb(signed()),
+        images=[preprocess_pb2.ImageInput(data=data, tiling=common_pb2.TilingParams(max_num=40))],
     )
     async with open_channel(f"127.0.0.1:{preprocess_server.port}") as channel:
         reply = await preprocess_pb2_grpc.PreprocessServiceStub(channel).TileImages(request)
@@ -51,7 +53,8 @@ async def test_41_tile_image_over_grpc(preprocess_server):
 async def test_default_grpc_limit_would_refuse_it(preprocess_server):
     data = _png(8 * 448, 5 * 448)
     request = preprocess_pb2.TileImagesRequest(
-        images=[preprocess_pb2.ImageInput(data=data, tiling=common_pb2.TilingParams(max_num=40))]
+        context=context_to_pb(signed()),
+        images=[preprocess_pb2.ImageInput(data=data, tiling=common_pb2.TilingParams(max_num=40))],
     )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{preprocess_server.port}") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -60,13 +63,17 @@ async def test_default_grpc_limit_would_refuse_it(preprocess_server):
 
 
 async def test_bad_image_is_invalid_argument_with_reason(preprocess_server):
-    request = preprocess_pb2.TileImagesRequest(images=[preprocess_pb2.ImageInput(data=b"not an image")])
+    request = preprocess_pb2.TileImagesRequest(
+        context=context_to_pb(signed()), images=[preprocess_pb2.ImageInput(data=b"not an image")]
+    )
     async with open_channel(f"127.0.0.1:{preprocess_server.port}") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await preprocess_pb2_grpc.PreprocessServiceStub(channel).TileImages(request)
         # The server keeps serving after bad input.
         ok = await preprocess_pb2_grpc.PreprocessServiceStub(channel).TileImages(
-            preprocess_pb2.TileImagesRequest(images=[preprocess_pb2.ImageInput(data=_png(64, 64))])
+            preprocess_pb2.TileImagesRequest(
+                context=context_to_pb(signed()), images=[preprocess_pb2.ImageInput(data=_png(64, 64))]
+            )
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert dict(err.value.trailing_metadata())["x-error-reason"]

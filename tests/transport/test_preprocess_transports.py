@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from internvl.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 
-from services.common.context import RequestContext
 from services.common.errors import InvalidArgument
 from services.common.grpc_server import open_channel, start_server
-from services.common.pb import tensor_from_pb, tiling_to_pb
+from services.common.pb import context_to_pb, tensor_from_pb, tiling_to_pb
 from services.common.types import TilingParams
 from services.preprocess.pipeline import Preprocessor
 from services.preprocess.server import PreprocessServicer
 from tests.support.images import jpeg
+from tests.support.signing import SIGNER, signed
 
 pytestmark = pytest.mark.ray
 
@@ -22,9 +22,13 @@ ITEMS = [
     (jpeg(1280, 720, 1, block=1), TilingParams(max_num=6)),
     (jpeg(300, 900, 2, block=1), TilingParams()),
 ]
-REQUEST = preprocess_pb2.TileImagesRequest(
-    images=[preprocess_pb2.ImageInput(data=data, tiling=tiling_to_pb(p)) for data, p in ITEMS]
-)
+
+
+def request() -> preprocess_pb2.TileImagesRequest:
+    return preprocess_pb2.TileImagesRequest(
+        context=context_to_pb(signed()),
+        images=[preprocess_pb2.ImageInput(data=data, tiling=tiling_to_pb(p)) for data, p in ITEMS],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +54,10 @@ def _same_pb(reply: preprocess_pb2.TileImagesResponse, want):
 
 async def test_grpc_server_gives_the_pipelines_tiles(expected):
     pre = Preprocessor()
-    server = await start_server([PreprocessServicer(pre).registration()])
+    server = await start_server([PreprocessServicer(pre, SIGNER).registration()])
     try:
         async with open_channel(f"127.0.0.1:{server.port}") as channel:
-            reply = await preprocess_pb2_grpc.PreprocessServiceStub(channel).TileImages(REQUEST)
+            reply = await preprocess_pb2_grpc.PreprocessServiceStub(channel).TileImages(request())
         _same_pb(reply, expected)
     finally:
         await server.stop(0)
@@ -76,13 +80,13 @@ def preprocess_app(ray_serve):
 
 
 async def test_serve_handle_tile(preprocess_app, expected):
-    _same(await preprocess_app.tile.remote(list(ITEMS), RequestContext(request_id="r1")), expected)
+    _same(await preprocess_app.tile.remote(list(ITEMS), signed(request_id="r1")), expected)
     with pytest.raises(InvalidArgument):
-        await preprocess_app.tile.remote([(b"garbage", TilingParams())], RequestContext())
+        await preprocess_app.tile.remote([(b"garbage", TilingParams())], signed())
 
 
 async def test_serve_grpc_proxy_routes_by_application(preprocess_app, ray_serve, expected):
     async with open_channel(f"127.0.0.1:{ray_serve['grpc_port']}") as channel:
         stub = preprocess_pb2_grpc.PreprocessServiceStub(channel)
-        reply = await stub.TileImages(REQUEST, metadata=(("application", "preprocess"),))
+        reply = await stub.TileImages(request(), metadata=(("application", "preprocess"),))
     _same_pb(reply, expected)

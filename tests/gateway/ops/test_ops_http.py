@@ -28,6 +28,7 @@ from tests.gateway.ops.helpers import (
 )
 from tests.support.gateway import MODEL, UvicornThread
 from tests.support.images import png
+from tests.support.signing import SIGNER
 
 RELOAD_S = 0.3
 GENEROUS = {"requests_per_s": 1000, "max_concurrent": 64}
@@ -75,7 +76,12 @@ def ops(cores, tmp_path_factory, sync_redis):
     )
     metrics = GatewayMetrics(registry, tenant_labels=settings.metrics.tenant_labels)
     gateway = Gateway(
-        [route], keys, LocalLimiter(), GatewayLimits(default_timeout_s=60), [metrics, audit, recorder]
+        [route],
+        keys,
+        LocalLimiter(),
+        GatewayLimits(default_timeout_s=60),
+        [metrics, audit, recorder],
+        signer=SIGNER,
     )
     app = create_http_app(gateway)
 

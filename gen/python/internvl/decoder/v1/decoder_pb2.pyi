@@ -144,12 +144,14 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., error_message: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., image_tokens: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CountTokensRequest(_message.Message):
-    __slots__ = ("messages", "image_tiles")
+    __slots__ = ("messages", "image_tiles", "context")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     IMAGE_TILES_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     image_tiles: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., image_tiles: _Optional[_Iterable[int]] = ...) -> None: ...
+    context: _common_pb2.RequestContext
+    def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., image_tiles: _Optional[_Iterable[int]] = ..., context: _Optional[_Union[_common_pb2.RequestContext, _Mapping]] = ...) -> None: ...
 
 class CountTokensResponse(_message.Message):
     __slots__ = ("total_tokens", "image_tokens")

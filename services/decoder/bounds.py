@@ -1,0 +1,63 @@
+"""The decoder's own bounds on what it is asked, whoever asks (``services.common.limits``).
+
+The gateway checks the same bounds for the public APIs before any work is done; the decoder checks them
+again on every entry point, so that a request that did not come through the gateway's checks (a bug, or
+an internal client) still cannot make it build a prompt of millions of tokens or hold the batch with
+hundreds of images. The engine itself bounds ``max_tokens`` by the context and validates the sampling
+parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from services.common.errors import InvalidArgument
+from services.common.limits import (
+    MAX_IMAGES_PER_REQUEST,
+    MAX_MESSAGES,
+    MAX_TEXT_BYTES,
+    MAX_TILES_PER_IMAGE,
+    MAX_TILES_PER_REQUEST,
+)
+from services.common.refs import EmbeddingRef
+from services.decoder.types import ChatMessage, DecodeRequest, TextContent
+
+
+def check_messages(messages: Sequence[ChatMessage]) -> None:
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidArgument(
+            f"{len(messages)} messages, over the limit of {MAX_MESSAGES}", reason="too_many_messages"
+        )
+    size = sum(
+        len(p.text.encode("utf-8", "surrogatepass"))
+        for m in messages
+        for p in m.content
+        if isinstance(p, TextContent)
+    )
+    if size > MAX_TEXT_BYTES:
+        raise InvalidArgument(f"message text exceeds {MAX_TEXT_BYTES} bytes", reason="prompt_too_long")
+
+
+def check_image_tiles(tiles: Sequence[int]) -> None:
+    """At most ``MAX_IMAGES_PER_REQUEST`` images of 1..``MAX_TILES_PER_IMAGE`` tiles (+ a thumbnail),
+    ``MAX_TILES_PER_REQUEST`` in all."""
+    if len(tiles) > MAX_IMAGES_PER_REQUEST:
+        raise InvalidArgument(
+            f"{len(tiles)} images, over the limit of {MAX_IMAGES_PER_REQUEST} per request",
+            reason="too_many_images",
+        )
+    for k, n in enumerate(tiles):
+        if not 1 <= n <= MAX_TILES_PER_IMAGE + 1:
+            raise InvalidArgument(
+                f"image {k}: {n} tiles, outside 1..{MAX_TILES_PER_IMAGE + 1}", reason="too_many_tiles"
+            )
+    if sum(tiles) > MAX_TILES_PER_REQUEST:
+        raise InvalidArgument(
+            f"{sum(tiles)} tiles, over the limit of {MAX_TILES_PER_REQUEST} per request",
+            reason="too_many_tiles",
+        )
+
+
+def check_request(request: DecodeRequest, refs: Sequence[EmbeddingRef]) -> None:
+    check_messages(request.messages)
+    check_image_tiles([r.tiles for r in refs])
