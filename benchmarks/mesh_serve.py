@@ -249,4 +249,4 @@ def _signed(ctx):
     benchmark calls the handles directly, as the gateway does)."""
     from services.common.serve_args import mesh_signer
 
-    return mesh_signer().sign(ctx)
+    return mesh_signer("benchmark").sign(ctx)

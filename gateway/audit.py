@@ -18,11 +18,13 @@ Events:
   differences between two successive loads of the tenants file, seen by ``AuditedKeyStore``;
 - ``tenants_file_rejected`` (``path``): a changed file failed to load and the previous keys stay in force
   (the reason is in the gateway's own log, which the key store writes).
+
+The services write ``context_refused`` on the same logger (``services.common.context``): a request
+context without a valid, unexpired signature reached one of their entry points.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,8 +34,7 @@ from typing import Any
 from gateway.core import RequestRecord
 from gateway.tenancy.config import ApiKeyEntry
 from gateway.tenancy.keys import KeyStore
-
-AUDIT_LOGGER = "internvl_mesh.audit"
+from services.common.audit import AUDIT_LOGGER, audit_event
 
 
 class AuditLog:
@@ -43,8 +44,7 @@ class AuditLog:
         self.logger = logger or logging.getLogger(AUDIT_LOGGER)
 
     def event(self, event: str, **fields: Any) -> None:
-        payload = {"event": event, **{k: v for k, v in fields.items() if v is not None}}
-        self.logger.info(json.dumps(payload, sort_keys=True, default=str), extra={"audit": payload})
+        audit_event(event, self.logger, **fields)
 
     # -- GatewayObserver ------------------------------------------------------------------------
     def on_complete(self, record: RequestRecord) -> None:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from services.common.context import RequestContext
-from services.common.errors import ResourceExhausted, Unavailable
+from services.common.errors import MeshError, ResourceExhausted, Unavailable
 from services.common.refs import EmbeddingRef
 from services.common.types import TilingParams
 from services.decoder.types import DecodeRequest, GenerationEvent
@@ -30,6 +30,13 @@ def _replica_failures() -> tuple[type[BaseException], ...]:
         DeploymentUnavailableError,
         ReplicaUnavailableError,
     )
+
+
+def _replicas_own(exc: MeshError) -> MeshError:
+    """The error a replica raised. Ray raises a subclass of both ``RayTaskError`` and the replica's error
+    class, whose class attributes (``reason``) shadow those of the error itself, held as ``cause``."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, MeshError) else exc
 
 
 def _unavailable(what: str, exc: BaseException) -> Unavailable:
@@ -58,6 +65,8 @@ class HandleEncoderClient:
                 raise ResourceExhausted(
                     "the vision encoders are saturated", reason="encoder_busy", retry_after=1.0
                 ) from exc
+            except MeshError as exc:
+                raise _replicas_own(exc) from None
             except failures as exc:
                 if attempt == 2:
                     raise _unavailable("encoder", exc) from exc
@@ -85,6 +94,8 @@ class HandleDecoderClient:
             raise ResourceExhausted(
                 "the decoders are saturated", reason="decoder_busy", retry_after=1.0
             ) from exc
+        except MeshError as exc:
+            raise _replicas_own(exc) from None
         except failures as exc:
             # A stream cannot be resumed elsewhere: it ends with an error (an error event for a
             # streaming client, 503 otherwise); new requests go to the replacement replica.

@@ -117,7 +117,7 @@ class GatewayDeployment:
             ),
             observers=observers,
             fetcher=_fetcher(self.settings),
-            signer=mesh_signer(),
+            signer=mesh_signer("gateway"),
         )
         self.grpc = None
         if self.settings.grpc_port:

@@ -78,7 +78,7 @@ async def serve_standalone(config: StandaloneConfig, ready: asyncio.Event | None
     from services.preprocess.pipeline import Preprocessor
     from services.preprocess.server import PreprocessServicer
 
-    signer = mesh_signer()  # callers sign their contexts with the same secret
+    signer = mesh_signer("standalone")  # callers sign their contexts with the same secret
     ckpt = Checkpoint.open(config.model)
     max_num = ckpt.max_dynamic_patch()
     preprocessor = Preprocessor(PreprocessConfig.model_validate(config.preprocess))

@@ -21,6 +21,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from services.common.audit import audit_event
 from services.common.errors import FailedPrecondition, Unauthenticated
 from services.common.limits import MAX_PRIORITY
 from services.common.refs import DEFAULT_NAMESPACE
@@ -74,13 +75,14 @@ def _ms(t: float | None) -> int:
 class ContextSigner:
     """Signs contexts (the gateway) and verifies them (every service) with the mesh secret."""
 
-    def __init__(self, secret: bytes, *, ttl_s: float = 60.0, skew_s: float = 30.0):
+    def __init__(self, secret: bytes, *, ttl_s: float = 60.0, skew_s: float = 30.0, service: str = ""):
         if len(secret) < MIN_SECRET_BYTES:
             raise FailedPrecondition(
                 f"the mesh secret must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)}",
                 reason="mesh_secret_too_short",
             )
         self._secret = secret
+        self.service = service  # names the verifier in audit events
         self.ttl_s = ttl_s
         self.skew_s = skew_s
 
@@ -111,7 +113,21 @@ class ContextSigner:
         return replace(unsigned, signature=self._mac(unsigned))
 
     def verify(self, ctx: RequestContext | None, *, now: float | None = None) -> RequestContext:
-        """``ctx`` if its signature is valid and unexpired; UNAUTHENTICATED otherwise."""
+        """``ctx`` if its signature is valid and unexpired; UNAUTHENTICATED otherwise, with a
+        ``context_refused`` audit event (the claimed tenant and request id are the caller's words)."""
+        try:
+            return self._verified(ctx, time.time() if now is None else now)
+        except Unauthenticated as exc:
+            audit_event(
+                "context_refused",
+                service=self.service or None,
+                reason=exc.reason,
+                claimed_tenant=(ctx.tenant[:64] if ctx is not None else None) or None,
+                request_id=(ctx.request_id[:64] if ctx is not None else None) or None,
+            )
+            raise
+
+    def _verified(self, ctx: RequestContext | None, now: float) -> RequestContext:
         if ctx is None or not ctx.signature:
             raise Unauthenticated(
                 "the request context is not signed; internal services are reached through the gateway",
@@ -119,7 +135,6 @@ class ContextSigner:
             )
         if not hmac.compare_digest(ctx.signature, self._mac(ctx)):
             raise Unauthenticated("the request context's signature is not valid", reason="context_invalid")
-        now = time.time() if now is None else now
         if ctx.expires < now - self.skew_s:
             raise Unauthenticated("the request context has expired", reason="context_expired")
         if ctx.expires > now + self.ttl_s + self.skew_s:

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,6 +191,36 @@ async def start_server(
     result = GrpcServer(server, bound, health_servicer, names)
     result.set_serving(serving)
     return result
+
+
+async def via_serve_proxy(call: Awaitable[Any], grpc_context: Any, empty: Callable[[], Any]) -> Any:
+    """A servicer call made by Serve's gRPC proxy (``grpc_context`` is Serve's, None over a handle): a
+    domain error becomes its status code, reason and message, as ``ErrorInterceptor`` gives a server of
+    our own, instead of INTERNAL with the replica's traceback."""
+    try:
+        return await call
+    except MeshError as exc:
+        if grpc_context is None:
+            raise
+        _set_status(grpc_context, exc)
+        return empty()
+
+
+async def stream_via_serve_proxy(stream: AsyncIterator[Any], grpc_context: Any) -> AsyncIterator[Any]:
+    """:func:`via_serve_proxy` for a server-streaming call."""
+    try:
+        async for item in stream:
+            yield item
+    except MeshError as exc:
+        if grpc_context is None:
+            raise
+        _set_status(grpc_context, exc)
+
+
+def _set_status(grpc_context: Any, error: MeshError) -> None:
+    grpc_context.set_code(status_code(error))
+    grpc_context.set_details(error.message)
+    grpc_context.set_trailing_metadata(trailing_metadata(error))
 
 
 def open_channel(target: str, max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Channel:

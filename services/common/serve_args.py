@@ -51,7 +51,8 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def mesh_signer(environ: dict[str, str] | None = None) -> ContextSigner:
+def mesh_signer(service: str, environ: dict[str, str] | None = None) -> ContextSigner:
     """The signer of the mesh secret (``IVM_MESH_SECRET``): the gateway signs every request context
-    with it, every service verifies. A replica without it does not start."""
-    return ContextSigner.from_env(MESH_SECRET_ENV, environ)
+    with it, every service verifies (``service`` names it in audit events). A replica without it does
+    not start."""
+    return ContextSigner.from_env(MESH_SECRET_ENV, environ, service=service)

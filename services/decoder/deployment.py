@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from internvl.decoder.v1 import decoder_pb2
+
 from services.common import tracing
 from services.common.context import RequestContext
+from services.common.grpc_server import stream_via_serve_proxy, via_serve_proxy
 from services.common.refs import EmbeddingRef
 from services.common.serve_args import app_args, mesh_signer, redis_url_with_password, resolve_device
 from services.decoder.config import DecoderAppArgs
@@ -33,7 +36,7 @@ class DecoderDeployment:
         self.core = DecoderCore(args.decoder_config(resolve_device(model.device).split(":")[0]))
         shared = shared_store_config(cfg, redis_url_with_password(cfg))
         store = RedisEmbeddingStore(shared) if shared is not None else None
-        self.frontend = DecoderFrontend(self.core, EmbeddingResolver(store), mesh_signer())
+        self.frontend = DecoderFrontend(self.core, EmbeddingResolver(store), mesh_signer("decoder"))
         self.servicer = DecoderServicer(self.frontend)
         self._gauges = _ray_gauges(model.name)
         self._stats_task = asyncio.get_running_loop().create_task(self._publish_stats())
@@ -59,11 +62,13 @@ class DecoderDeployment:
         return {"max_model_len": self.core.max_model_len, **self.core.stats()}
 
     async def Generate(self, request, grpc_context=None):  # noqa: N802 - gRPC method name
-        async for item in self.servicer.Generate(request, grpc_context):
+        async for item in stream_via_serve_proxy(self.servicer.Generate(request, grpc_context), grpc_context):
             yield item
 
     async def CountTokens(self, request, grpc_context=None):  # noqa: N802 - gRPC method name
-        return await self.servicer.CountTokens(request, grpc_context)
+        return await via_serve_proxy(
+            self.servicer.CountTokens(request, grpc_context), grpc_context, decoder_pb2.CountTokensResponse
+        )
 
     def check_health(self) -> None:
         return None

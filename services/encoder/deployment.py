@@ -15,8 +15,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from internvl.encoder.v1 import encoder_pb2
+
 from services.common import tracing
 from services.common.context import RequestContext
+from services.common.grpc_server import via_serve_proxy
 from services.common.refs import KIND_OBJECT
 from services.common.serve_args import app_args, mesh_signer, redis_url_with_password, resolve_device
 from services.common.types import TilingParams
@@ -49,7 +52,7 @@ class EncoderDeployment:
         config = args.encoder_config(resolve_device(model.device), redis_url_with_password(cfg))
         tile_source = HandleTileSource(args.preprocess_app) if args.preprocess_app else None
         self.core = EncoderCore.from_config(config, tile_source=tile_source)
-        self.signer = mesh_signer()
+        self.signer = mesh_signer("encoder")
         self.servicer = EncoderServicer(self.core, self.signer, model.max_tiles_per_image)
         self.model_name = model.name
         self._recent: collections.deque = collections.deque()
@@ -93,7 +96,9 @@ class EncoderDeployment:
         return self.core.stats.as_dict()
 
     async def EmbedImages(self, request, grpc_context=None):  # noqa: N802 - gRPC method name
-        return await self.servicer.EmbedImages(request, grpc_context)
+        return await via_serve_proxy(
+            self.servicer.EmbedImages(request, grpc_context), grpc_context, encoder_pb2.EmbedImagesResponse
+        )
 
     async def check_health(self) -> None:
         return None

@@ -13,7 +13,7 @@ from internvl.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.context import ContextSigner
 from services.common.errors import InvalidArgument
 from services.common.pb import context_from_pb, ref_to_pb, tensor_from_pb, tiling_from_pb
-from services.common.refs import KIND_INLINE
+from services.common.refs import KIND_INLINE, KIND_OBJECT
 from services.common.types import TiledImage
 from services.embedding_cache.resolver import EmbeddingResolver
 from services.encoder.core import EncoderCore, ImageInput
@@ -59,8 +59,14 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             )
             for (i, *_), ref in zip(by_tiles, got):
                 refs[i] = ref
-        if request.return_inline:
-            refs = [await self._inline(r, ctx.cache_namespace) for r in refs]
+        # A Ray object reference (the fallback while the shared cache is down) cannot travel over gRPC:
+        # the caller gets the tensor itself.
+        refs = [
+            await self._inline(r, ctx.cache_namespace)
+            if request.return_inline or r.kind == KIND_OBJECT
+            else r
+            for r in refs
+        ]
         return encoder_pb2.EmbedImagesResponse(embeddings=[ref_to_pb(r) for r in refs])
 
     async def _inline(self, ref, ref_namespace: str):

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from internvl.preprocess.v1 import preprocess_pb2
+
 from services.common import tracing
 from services.common.context import RequestContext
+from services.common.grpc_server import via_serve_proxy
 from services.common.serve_args import app_args, mesh_signer
 from services.preprocess.config import PreprocessAppArgs
 from services.preprocess.pipeline import Preprocessor
@@ -21,7 +24,7 @@ class PreprocessDeployment:
     def __init__(self, args: PreprocessAppArgs):
         tracing.setup_tracing(args.common.tracing, "preprocess")
         self.preprocessor = Preprocessor(args.config)
-        self.signer = mesh_signer()
+        self.signer = mesh_signer("preprocess")
         self.servicer = PreprocessServicer(self.preprocessor, self.signer, args.default_max_num)
 
     async def tile(self, items, ctx: RequestContext):
@@ -30,7 +33,9 @@ class PreprocessDeployment:
             return await self.preprocessor.atile_images(items)
 
     async def TileImages(self, request, grpc_context=None):  # noqa: N802 - gRPC method name
-        return await self.servicer.TileImages(request, grpc_context)
+        return await via_serve_proxy(
+            self.servicer.TileImages(request, grpc_context), grpc_context, preprocess_pb2.TileImagesResponse
+        )
 
     def check_health(self) -> None:
         return None
