@@ -165,10 +165,9 @@ class Gateway:
             deadline=time.time() + timeout,
         )
         estimate = _text_token_bound(req) + image_tokens + max_tokens
-        root = tracing.start_span(
+        root = tracing.start_root_span(
             tracing.SPAN_CHAT,
-            carrier=req.trace or None,
-            server=True,
+            caller=req.trace or None,
             attributes={
                 tracing.ATTR_REQUEST_ID: req.request_id,
                 tracing.ATTR_TENANT: tenant.name,

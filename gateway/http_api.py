@@ -43,7 +43,7 @@ def _error_response(exc: MeshError) -> JSONResponse:
 def create_http_app(
     gateway: Gateway, *, ready: Callable[[], bool] = lambda: True, metrics_text=None
 ) -> FastAPI:
-    app = FastAPI(title="InternVL Mesh", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="InternVL Mesh", docs_url=None, redoc_url=None, openapi_url=None, **_no_telemetry())
 
     @app.exception_handler(MeshError)
     async def _mesh_error(_: Request, exc: MeshError):
@@ -75,6 +75,17 @@ def create_http_app(
         return await _chat(gateway, parsed, request.headers.items())
 
     return app
+
+
+def _no_telemetry() -> dict[str, Any]:
+    """FastAPI's own OpenTelemetry spans, metrics and logs off (where this FastAPI has them): its spans
+    would take the caller's ``traceparent`` as their parent (sampling forced by the caller) and its logs
+    quote exception messages. The gateway's spans are the mesh's own (``services.common.tracing``)."""
+    import inspect
+
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}}
 
 
 def _add_probes(app: FastAPI, ready: Callable[[], bool], metrics_text) -> None:

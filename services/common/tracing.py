@@ -4,6 +4,13 @@
 Spans cross process boundaries in W3C trace context: as gRPC metadata on gRPC hops, and as the
 ``RequestContext.trace`` carrier on Ray DeploymentHandle hops (which carry no metadata). Span and
 attribute names live here, in one place.
+
+A caller outside the mesh does not decide anything about the mesh's traces: the gateway starts every
+request's trace as a new root (sampled by the mesh's own ``sampling_ratio``) and records the caller's
+trace context, if it sent one, as a *link* of that root span, so a caller cannot force sampling (and the
+cost of exporting) nor graft the mesh's spans into a trace of its choosing. Spans never carry user
+text: attributes are ids, counts and reasons, and an error is recorded by its type and reason only
+(exception messages can quote prompts or stop strings).
 """
 
 from __future__ import annotations
@@ -136,8 +143,8 @@ def start_span(
     server: bool = False,
 ) -> trace.Span:
     """Start a span that is *not* made current: for async generators, whose code resumes in other
-    contexts between yields. Its parent is ``parent``, else the span named by ``carrier``, else the
-    current span. End it with ``span.end()``."""
+    contexts between yields. Its parent is ``parent``, else the span named by ``carrier`` (a hop inside
+    the mesh), else the current span. End it with ``span.end()``."""
     if parent is not None:
         ctx = trace.set_span_in_context(parent)
     elif carrier is not None:
@@ -148,6 +155,25 @@ def start_span(
     return tracer().start_span(name, context=ctx, kind=kind, attributes=_clean(attributes))
 
 
+def start_root_span(
+    name: str, *, caller: Mapping[str, str] | None = None, attributes: Mapping[str, Any] | None = None
+) -> trace.Span:
+    """A new trace for a request from outside the mesh: no parent, sampled by the mesh's sampler, the
+    caller's trace context (``traceparent`` / ``tracestate``) recorded as a link only."""
+    links = []
+    if caller:
+        linked = trace.get_current_span(_propagator.extract(dict(caller))).get_span_context()
+        if linked.is_valid:
+            links.append(trace.Link(linked))
+    return tracer().start_span(
+        name,
+        context=otel_context.Context(),
+        kind=trace.SpanKind.SERVER,
+        attributes=_clean(attributes),
+        links=links,
+    )
+
+
 def carrier_of(span_: trace.Span) -> dict[str, str]:
     """The W3C trace context naming ``span_`` as the parent of the next hop's spans."""
     carrier: dict[str, str] = {}
@@ -156,7 +182,9 @@ def carrier_of(span_: trace.Span) -> dict[str, str]:
 
 
 def record_error(span_: trace.Span, exc: BaseException) -> None:
+    """The error's type and reason, never its message (it can quote the caller's text)."""
     from opentelemetry.trace import Status, StatusCode
 
-    span_.record_exception(exc)
-    span_.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
+    reason = getattr(exc, "reason", None) or type(exc).__name__
+    span_.add_event("exception", {"exception.type": type(exc).__name__, "internvl.error.reason": reason})
+    span_.set_status(Status(StatusCode.ERROR, reason))

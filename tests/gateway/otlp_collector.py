@@ -34,6 +34,8 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
                                 "trace_id": s.trace_id.hex(),
                                 "span_id": s.span_id.hex(),
                                 "parent": s.parent_span_id.hex(),
+                                "links": [link.trace_id.hex() for link in s.links],
+                                "text": repr([*s.attributes, *s.events, s.status]),
                             }
                         )
         return trace_service_pb2.ExportTraceServiceResponse()

@@ -140,6 +140,8 @@ def test_public_grpc_with_health_and_reflection(mesh):
 
 
 def test_one_trace_spans_gateway_encoder_preprocess_and_decoder(mesh):
+    """One trace of the mesh's own (the caller's traceparent is a link of its root, never its parent)
+    across every service, with no text of the request in any span."""
     import time
 
     import httpx
@@ -179,10 +181,15 @@ def test_one_trace_spans_gateway_encoder_preprocess_and_decoder(mesh):
     }
     deadline = time.monotonic() + 30
     while True:
-        spans = [s for s in mesh["collector"].snapshot() if s["trace_id"] == trace_id]
+        snapshot = mesh["collector"].snapshot()
+        roots = [s for s in snapshot if s["name"] == "gateway.chat" and trace_id in s["links"]]
+        ours = roots[0]["trace_id"] if roots else None
+        spans = [s for s in snapshot if s["trace_id"] == ours]
         if wanted <= {s["name"] for s in spans} or time.monotonic() > deadline:
             break
         time.sleep(0.2)
+    assert ours != trace_id and not [s for s in snapshot if s["trace_id"] == trace_id]
+    assert not [s["name"] for s in spans if "Trace me" in s["text"]]
     assert wanted <= {s["name"] for s in spans}, sorted({s["name"] for s in spans})
     services = {s["service"] for s in spans}
     assert {
