@@ -230,7 +230,10 @@ class RemoteImageFetcher:
         transport = self.transport or httpx.AsyncHTTPTransport()
         async with httpx.AsyncClient(transport=transport, follow_redirects=False, trust_env=False) as client:
             request = client.build_request(
-                "GET", image_url.at(address), headers={"Host": image_url.host_header}, extensions=extensions
+                "GET",
+                image_url.at(address),
+                headers={"Host": image_url.host_header, "Accept-Encoding": "identity"},
+                extensions=extensions,
             )
             response = await client.send(request, stream=True)
             try:
@@ -243,11 +246,18 @@ class RemoteImageFetcher:
             raise InvalidArgument(
                 f"the image URL answered HTTP {response.status_code}", reason="image_fetch_failed"
             )
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            # Counting inflated bytes would inflate first: a small body can be a huge one.
+            raise InvalidArgument(
+                f"the image URL answered a {encoding[:32]}-encoded body; images are fetched unencoded",
+                reason="image_fetch_failed",
+            )
         declared = response.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
             raise InvalidArgument(f"image is larger than {self.max_bytes} bytes", reason="image_too_large")
         chunks, size = [], 0
-        async for chunk in response.aiter_bytes():
+        async for chunk in response.aiter_bytes():  # identity only: nothing is inflated
             size += len(chunk)
             if size > self.max_bytes:
                 raise InvalidArgument(

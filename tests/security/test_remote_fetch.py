@@ -38,9 +38,10 @@ class ImageServer:
     """An HTTP(S) server on 127.0.0.1: counts the connections it accepts and records, per request, the
     ``Host`` header, the path and (with TLS) the SNI name the client sent."""
 
-    def __init__(self, body: bytes, tls: ssl.SSLContext | None = None):
+    def __init__(self, body: bytes, tls: ssl.SSLContext | None = None, headers: dict[str, str] | None = None):
         self.connections = 0
         self.requests: list[tuple[str | None, str]] = []
+        self.accept_encoding: list[str | None] = []
         self.sni: list[str | None] = []
         owner = self
 
@@ -49,7 +50,10 @@ class ImageServer:
 
             def do_GET(self):
                 owner.requests.append((self.headers.get("Host"), self.path))
+                owner.accept_encoding.append(self.headers.get("Accept-Encoding"))
                 self.send_response(200)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -327,3 +331,19 @@ async def test_malformed_urls_are_invalid_and_never_resolved(url):
         await fetcher.fetch(url)
     assert err.value.reason == "image_url_invalid"
     assert resolver.calls == [] and backend.connects == []
+
+
+async def test_a_compressed_body_is_refused_before_it_is_inflated():
+    """A gzip bomb (8 KiB on the wire, 64 MiB inflated) from a server that ignores the fetcher's
+    ``Accept-Encoding: identity``: refused from its headers, nothing inflated."""
+    import gzip
+
+    bomb = gzip.compress(b"\0" * (64 << 20))
+    resolver = Rebinding([PUBLIC], ["127.0.0.1"])
+    with ImageServer(bomb, headers={"Content-Encoding": "gzip"}) as server:
+        backend = LocalOnlyBackend(divert_to=server.port)
+        fetcher = _fetcher(["img.example.com"], resolver, LocalTransport(backend))
+        with pytest.raises(InvalidArgument) as err:
+            await fetcher.fetch("http://img.example.com/bomb.png")
+    assert err.value.reason == "image_fetch_failed" and "gzip" in err.value.message
+    assert server.accept_encoding == ["identity"]
