@@ -35,7 +35,15 @@ class GatewaySettings(StrictModel):
     )
     http_port: int = Field(default=8000, ge=1, le=65535)
     grpc_port: int = Field(default=9000, ge=0, le=65535, description="Public gRPC port; 0 disables it.")
-    serve_grpc_port: int = Field(default=9100, ge=0, le=65535, description="Serve's own gRPC proxy; 0 off.")
+    serve_grpc_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description=(
+            "Ray Serve's own gRPC proxy to the internal services (routed by `application` metadata); 0 = off. "
+            "Development only: it listens on every interface, unauthenticated, bypassing the gateway."
+        ),
+    )
     tenants_file: str = Field(
         default="", description="YAML of tenants and API-key digests; empty = single tenant."
     )

@@ -7,15 +7,20 @@ password and API keys are named by environment variable / file path, filled in b
 
 Applications (one Serve application per service, plus the gateway as the ingress):
 
-- ``preprocess``: the CPU pool (``num_cpus``), route ``/_internal/preprocess``;
+- ``preprocess``: the CPU pool (``num_cpus``);
 - ``encoder-<model>``: the vision pool (``num_gpus`` + the ``vision_pool`` custom resource on GPU);
 - ``decoder-<model>``: the language pool; with tensor parallelism a placement group of one bundle
   per rank (``STRICT_PACK``);
 - ``gateway``: the public HTTP API on ``/`` (Serve's HTTP proxy) and the public gRPC API on its own
   port (each gateway replica runs a grpc.aio server; SO_REUSEPORT lets replicas on one node share it).
 
-Internal applications have an ``/_internal/...`` route only so that Serve's gRPC proxy (which routes
-by the ``application`` metadata) can reach their servicers; they define no HTTP handler.
+Internal applications have no HTTP route (``route_prefix: null``): nothing of theirs is reachable
+through Serve's HTTP proxy, and the gateway reaches them through DeploymentHandles by application
+name. The one exception is Serve's own gRPC proxy (``gateway.serve_grpc_port``, off by default, for
+development only): it routes by the ``application`` metadata, but Ray Serve 2.60's proxy router knows
+only applications that have a route, so while it is on the internal applications get an
+``/_internal/<app>`` route again (Serve's HTTP proxy then answers those paths with 500s: they define
+no HTTP handler).
 """
 
 from __future__ import annotations
@@ -180,7 +185,7 @@ def decoder_options(m: ServedModel) -> dict[str, Any]:
     return options
 
 
-def _app(name: str, route: str, import_path: str, kind: type[StrictModel], args: dict[str, Any]):
+def _app(name: str, route: str | None, import_path: str, kind: type[StrictModel], args: dict[str, Any]):
     """One application of the Serve config. Its ``args`` are checked against the builder's typed model
     here, so ``config render`` fails where a replica would; settings appear as set (the defaults stay
     with the services), the shared sections in full (the chart renders the same)."""
@@ -201,6 +206,12 @@ def _set(settings: BaseModel) -> dict[str, Any]:
     return settings.model_dump(mode="json", exclude_unset=True)
 
 
+def _internal_route(cfg: MeshConfig, app: str) -> str | None:
+    """No HTTP route for an internal application, unless Serve's own gRPC proxy is on (its router finds
+    an application by name only among those with a route)."""
+    return f"{INTERNAL_PREFIX}/{app}" if cfg.gateway.serve_grpc_port else None
+
+
 def _model_apps(cfg: MeshConfig, m: ServedModel) -> list[dict[str, Any]]:
     encoder = {
         "model": _model_args(m),
@@ -217,8 +228,8 @@ def _model_apps(cfg: MeshConfig, m: ServedModel) -> list[dict[str, Any]]:
         "deployment_options": decoder_options(m),
     }
     return [
-        _app(m.encoder_app, f"{INTERNAL_PREFIX}/{m.encoder_app}", ENCODER_BUILDER, EncoderAppArgs, encoder),
-        _app(m.decoder_app, f"{INTERNAL_PREFIX}/{m.decoder_app}", DECODER_BUILDER, DecoderAppArgs, decoder),
+        _app(m.encoder_app, _internal_route(cfg, m.encoder_app), ENCODER_BUILDER, EncoderAppArgs, encoder),
+        _app(m.decoder_app, _internal_route(cfg, m.decoder_app), DECODER_BUILDER, DecoderAppArgs, decoder),
     ]
 
 
@@ -251,7 +262,13 @@ def render_serve_config(cfg: MeshConfig) -> dict[str, Any]:
         "deployment_options": cfg.preprocess_deployment.serve_options(),
     }
     apps = [
-        _app("preprocess", f"{INTERNAL_PREFIX}/preprocess", PREPROCESS_BUILDER, PreprocessAppArgs, preprocess)
+        _app(
+            "preprocess",
+            _internal_route(cfg, "preprocess"),
+            PREPROCESS_BUILDER,
+            PreprocessAppArgs,
+            preprocess,
+        )
     ]
     for m in cfg.models:
         apps += _model_apps(cfg, m)

@@ -44,6 +44,11 @@ one STRICT_PACK bundle, since the rank processes it spawns only see the replica'
 {{- toYaml $opts }}
 {{- end }}
 
+{{/* An internal application's route: "" (rendered as null) or <prefix><app>. (dict "prefix" "app") */}}
+{{- define "internvl-mesh.internalRoute" -}}
+{{- if .prefix }}{{ printf "%s%s" .prefix .app }}{{ end }}
+{{- end }}
+
 {{- define "internvl-mesh.serveConfig" -}}
 {{- $mesh := .Values.mesh }}
 {{- $gw := $mesh.gateway }}
@@ -53,16 +58,19 @@ one STRICT_PACK bundle, since the rank processes it spawns only see the replica'
 {{- /* The exporter endpoint reaches the pods as OTEL_EXPORTER_OTLP_ENDPOINT, so none is set here. */}}
 {{- $tracing := dict "enabled" $mesh.tracing.enabled "service_name" $mesh.tracing.serviceName "sampling_ratio" $mesh.tracing.samplingRatio "otlp_endpoint" "" "export_delay_ms" 2000 }}
 {{- $common := dict "redis" $redis "cache" $cache "grpc" (dict "max_message_bytes" $mesh.grpc.maxMessageBytes) "tracing" $tracing }}
+{{- /* Internal applications have no HTTP route, unless Serve's own gRPC proxy is on: its router finds
+an application by name only among those with a route (topology._internal_route). */}}
+{{- $internal := ternary "/_internal/" "" (ne (int $gw.serveGrpcPort) 0) }}
 {{- $apps := list }}
-{{- $apps = append $apps (dict "name" "preprocess" "route_prefix" "/_internal/preprocess" "import_path" "services.preprocess.deployment:build_app" "args" (dict "config" $mesh.preprocess "common" $common "deployment_options" (include "internvl-mesh.serveOptions" (dict "d" $mesh.preprocessDeployment) | fromYaml))) }}
+{{- $apps = append $apps (dict "name" "preprocess" "route_prefix" (include "internvl-mesh.internalRoute" (dict "prefix" $internal "app" "preprocess") | default nil) "import_path" "services.preprocess.deployment:build_app" "args" (dict "config" $mesh.preprocess "common" $common "deployment_options" (include "internvl-mesh.serveOptions" (dict "d" $mesh.preprocessDeployment) | fromYaml))) }}
 {{- $gwModels := list }}
 {{- range $m := $models }}
 {{- $slug := include "internvl-mesh.slug" $m.name }}
 {{- $encApp := printf "encoder-%s" $slug }}
 {{- $decApp := printf "decoder-%s" $slug }}
 {{- $model := dict "name" $m.name "path" $m.path "dtype" $m.dtype "device" $m.device "max_tiles_per_image" $m.maxTilesPerImage }}
-{{- $apps = append $apps (dict "name" $encApp "route_prefix" (printf "/_internal/%s" $encApp) "import_path" "services.encoder.deployment:build_app" "args" (dict "model" $model "settings" $m.encoderSettings "common" $common "preprocess_app" "preprocess" "deployment_options" (include "internvl-mesh.serveOptions" (dict "d" $m.encoder) | fromYaml))) }}
-{{- $apps = append $apps (dict "name" $decApp "route_prefix" (printf "/_internal/%s" $decApp) "import_path" "services.decoder.deployment:build_app" "args" (dict "model" $model "settings" $m.decoderSettings "tensor_parallel_size" $m.tensorParallelSize "common" $common "deployment_options" (include "internvl-mesh.decoderOptions" (dict "m" $m) | fromYaml))) }}
+{{- $apps = append $apps (dict "name" $encApp "route_prefix" (include "internvl-mesh.internalRoute" (dict "prefix" $internal "app" $encApp) | default nil) "import_path" "services.encoder.deployment:build_app" "args" (dict "model" $model "settings" $m.encoderSettings "common" $common "preprocess_app" "preprocess" "deployment_options" (include "internvl-mesh.serveOptions" (dict "d" $m.encoder) | fromYaml))) }}
+{{- $apps = append $apps (dict "name" $decApp "route_prefix" (include "internvl-mesh.internalRoute" (dict "prefix" $internal "app" $decApp) | default nil) "import_path" "services.decoder.deployment:build_app" "args" (dict "model" $model "settings" $m.decoderSettings "tensor_parallel_size" $m.tensorParallelSize "common" $common "deployment_options" (include "internvl-mesh.decoderOptions" (dict "m" $m) | fromYaml))) }}
 {{- $gwModels = append $gwModels (dict "name" $m.name "encoder_app" $encApp "decoder_app" $decApp "max_tiles_per_image" $m.maxTilesPerImage) }}
 {{- end }}
 {{- $gateway := dict "host" "0.0.0.0" "http_port" $gw.httpPort "grpc_port" $gw.grpcPort "serve_grpc_port" $gw.serveGrpcPort "tenants_file" (include "internvl-mesh.tenantsFile" .) "default_timeout_s" $gw.defaultTimeoutS "max_timeout_s" $gw.maxTimeoutS "allow_remote_images" $gw.allowRemoteImages "limits_fail_closed" $gw.limitsFailClosed }}
