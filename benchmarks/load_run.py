@@ -297,14 +297,14 @@ def report(results: Results, *, clients: int, duration_s: float, cache: dict[str
 # -- the mesh ---------------------------------------------------------------------------------------
 
 
-def mesh_config(checkpoint: str, http_port: int, *, autoscale: bool):
+def mesh_config(checkpoint: str, http_port: int, metrics_port: int = 0, *, autoscale: bool):
     from mesh.topology import MeshConfig
     from services.common.config import build
 
     pools = {} if autoscale else {"encoder": ONE_REPLICA, "decoder": ONE_REPLICA}
     doc: dict[str, Any] = {
         "models": [{"name": MODEL, "path": checkpoint, "dtype": "float32", "device": "cpu", **pools}],
-        "gateway": {"http_port": http_port, "grpc_port": 0, "serve_grpc_port": 0},
+        "gateway": {"http_port": http_port, "grpc_port": 0, "metrics_port": metrics_port},
     }
     if not autoscale:
         doc["preprocess_deployment"] = ONE_REPLICA
@@ -340,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     log = lambda msg: print(f"[load_run] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     checkpoint = make_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="ivm-load-")) / "tiny", preset="tiny")
-    http_port = free_port()
-    cfg = mesh_config(str(checkpoint), http_port, autoscale=args.autoscale)
+    http_port, metrics_port = free_port(), free_port()
+    cfg = mesh_config(str(checkpoint), http_port, metrics_port, autoscale=args.autoscale)
     serve_config = render_serve_config(cfg)
     t0 = time.monotonic()
     start_ray(cfg, num_cpus=8, num_gpus=0)
@@ -350,9 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         log(
             f"mesh deployed in {time.monotonic() - t0:.1f} s; {args.clients} clients for {args.duration:.0f} s"
         )
-        base = f"http://127.0.0.1:{http_port}"
+        base, metrics = f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics"
         images = make_images(args.seed)
-        before = cache_counters(httpx.get(base + "/metrics", timeout=30).text)
+        before = cache_counters(httpx.get(metrics, timeout=30).text)
         results = asyncio.run(
             run_load(
                 base + "/v1",
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
             )
         )
-        after = cache_counters(httpx.get(base + "/metrics", timeout=30).text)
+        after = cache_counters(httpx.get(metrics, timeout=30).text)
         hits, misses = after[0] - before[0], after[1] - before[1]
         cache = {
             "hits": hits,

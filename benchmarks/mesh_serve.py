@@ -101,7 +101,7 @@ class Mesh:
                 ],
                 "preprocess_deployment": DEPLOYMENT,
                 "gateway_deployment": DEPLOYMENT,
-                "gateway": {"http_port": self.http_port, "grpc_port": 0, "serve_grpc_port": 0},
+                "gateway": {"http_port": self.http_port, "grpc_port": 0, "metrics_port": 0},
             },
             "mesh_bench",
         )

@@ -31,10 +31,22 @@ class RemoteImageSettings(StrictModel):
 class GatewaySettings(StrictModel):
     host: str = Field(
         default="127.0.0.1",
-        description="Bind address of the HTTP and gRPC servers; 0.0.0.0 to serve other machines (the chart sets it).",
+        description=(
+            "Bind address of every listener of the mesh (Serve's HTTP proxy, the gateway's gRPC server, "
+            "the metrics listener); 0.0.0.0 to serve other machines (the chart sets it)."
+        ),
     )
     http_port: int = Field(default=8000, ge=1, le=65535)
     grpc_port: int = Field(default=9000, ge=0, le=65535, description="Public gRPC port; 0 disables it.")
+    metrics_port: int = Field(
+        default=9464,
+        ge=0,
+        le=65535,
+        description=(
+            "Prometheus metrics (GET /metrics) of each gateway replica, on its own listener bound to host; "
+            "0 disables it. Never on the public HTTP port."
+        ),
+    )
     serve_grpc_port: int = Field(
         default=0,
         ge=0,

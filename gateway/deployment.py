@@ -2,9 +2,9 @@
 
 HTTP comes through Serve's HTTP proxy into the FastAPI app built per replica
 (``__serve_build_asgi_app__``). The public gRPC API is this replica's own grpc.aio server on
-``grpc_port`` with standard health and reflection (gRPC sets SO_REUSEPORT, so several replicas on one
-node share the port). Encoders and decoders are reached through DeploymentHandles of their
-applications.
+``grpc_port`` with standard health and reflection, and its Prometheus metrics are its own listener on
+``metrics_port``, both bound to ``host`` (both set SO_REUSEPORT, so several replicas on one node share
+the ports). Encoders and decoders are reached through DeploymentHandles of their applications.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from gateway.audit import AuditedKeyStore, AuditLog
 from gateway.clients import HandleDecoderClient, HandleEncoderClient
 from gateway.config import GatewayAppArgs, GatewaySettings
 from gateway.core import Gateway, GatewayLimits, ModelRoute
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, MetricsListener
 from gateway.usage import UsageRecorder
 from services.common import tracing
 from services.common.config import RedisConfig
@@ -129,13 +129,14 @@ class GatewayDeployment:
                 max_message_bytes=cfg.grpc.max_message_bytes,
                 **({"credentials": tls} if tls is not None else {}),
             )
+        self.metrics = None
+        if self.settings.metrics_port:
+            self.metrics = MetricsListener(self.settings.host, self.settings.metrics_port)
 
     def __serve_build_asgi_app__(self):
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
         from gateway.http_api import create_http_app
 
-        return create_http_app(self.gateway, metrics_text=lambda: (generate_latest(), CONTENT_TYPE_LATEST))
+        return create_http_app(self.gateway)
 
     async def check_health(self) -> None:
         return None
@@ -144,6 +145,8 @@ class GatewayDeployment:
         # Serve calls this when the replica stops: write the buffered usage records first.
         if getattr(self, "usage", None) is not None:
             self.usage.close(timeout=2.0)
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
 
 
 def build_app(args: dict[str, Any] | GatewayAppArgs):

@@ -1,4 +1,7 @@
-"""The OpenAI-compatible HTTP API: ``POST /v1/chat/completions``, ``GET /v1/models``, health, metrics.
+"""The OpenAI-compatible HTTP API: ``POST /v1/chat/completions``, ``GET /v1/models``, health.
+
+These are the only routes of the public HTTP port; metrics have their own listener
+(``gateway.metrics.MetricsListener``).
 
 Errors use OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``) with the status of the
 domain error. A streamed response starts only after the request has been admitted and its first chunk
@@ -16,7 +19,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from gateway.core import Gateway
@@ -40,9 +43,7 @@ def _error_response(exc: MeshError) -> JSONResponse:
     )
 
 
-def create_http_app(
-    gateway: Gateway, *, ready: Callable[[], bool] = lambda: True, metrics_text=None
-) -> FastAPI:
+def create_http_app(gateway: Gateway, *, ready: Callable[[], bool] = lambda: True) -> FastAPI:
     app = FastAPI(title="InternVL Mesh", docs_url=None, redoc_url=None, openapi_url=None, **_no_telemetry())
 
     @app.exception_handler(MeshError)
@@ -54,7 +55,7 @@ def create_http_app(
         first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
         return JSONResponse(error_body(_describe(first), 400, "invalid_request"), status_code=400)
 
-    _add_probes(app, ready, metrics_text)
+    _add_probes(app, ready)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -88,8 +89,8 @@ def _no_telemetry() -> dict[str, Any]:
     return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}}
 
 
-def _add_probes(app: FastAPI, ready: Callable[[], bool], metrics_text) -> None:
-    """Liveness, readiness and Prometheus metrics."""
+def _add_probes(app: FastAPI, ready: Callable[[], bool]) -> None:
+    """Liveness and readiness."""
 
     @app.get("/health")
     async def health():
@@ -100,13 +101,6 @@ def _add_probes(app: FastAPI, ready: Callable[[], bool], metrics_text) -> None:
         if not ready():
             return JSONResponse({"status": "starting"}, status_code=503)
         return {"status": "ready"}
-
-    @app.get("/metrics")
-    async def metrics():
-        if metrics_text is None:
-            return PlainTextResponse("", status_code=404)
-        body, content_type = metrics_text()
-        return PlainTextResponse(body, media_type=content_type)
 
 
 def _parse_chat(body: bytes) -> ChatCompletionRequest | JSONResponse:

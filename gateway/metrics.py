@@ -1,6 +1,11 @@
-"""The gateway's Prometheus metrics, with the names people know from vLLM under ``internvl_mesh_``.
+"""The gateway's Prometheus metrics, with the names people know from vLLM under ``internvl_mesh_``, and
+the listener that serves them.
 
-Served on the gateway's ``GET /metrics``. The decoder's gauges (running and waiting requests, KV-cache
+Each gateway replica serves its own process's registry on ``GET /metrics`` of its own listener
+(``MetricsListener``: ``gateway.metrics_port`` on ``gateway.host``), never on the public HTTP port. The
+listener sets SO_REUSEPORT, as the public gRPC server does, so several replicas on one node share the
+port: the kernel hands each connection to one of them, so one scrape reads one replica's registry.
+The decoder's gauges (running and waiting requests, KV-cache
 usage, preemptions) live in its replicas and are exported through Ray's metrics agent on every node
 (``ray_internvl_mesh_*``); the encoder's (``internvl_mesh_encoder_*``) are registered in its own
 process. See the README's "Observability" section. Tenant labels are bounded: tenants outside
@@ -9,9 +14,13 @@ process. See the README's "Observability" section. Tenant labels are bounded: te
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Iterable
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, make_wsgi_app
 
 from gateway.core import RequestRecord
 
@@ -126,3 +135,40 @@ class GatewayMetrics:
             self.cache_misses.labels(r.model).inc(r.images - r.cache_hits)
             for n in r.tile_counts:
                 self.tiles.labels(r.model).observe(n)
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        """One line per scrape is noise: log nothing."""
+
+
+class MetricsListener:
+    """Prometheus text format on ``GET /metrics`` at ``host:port`` (anything else: 404), served by a
+    daemon thread. ``port`` 0 takes a free one (``.port`` says which)."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry = REGISTRY):
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+        class Server(ThreadingMixIn, WSGIServer):
+            address_family = family
+            allow_reuse_port = True  # several gateway replicas on one node share the port
+            daemon_threads = True
+
+        self._httpd = make_server(host, port, _only_metrics(make_wsgi_app(registry)), Server, _Quiet)
+        self.port: int = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def _only_metrics(app):
+    def route(environ, start_response):
+        if environ.get("PATH_INFO") != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found\n"]
+        return app(environ, start_response)
+
+    return route

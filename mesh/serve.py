@@ -129,6 +129,13 @@ def run(cfg: MeshConfig, *, announce: Callable[[str], None] = print) -> None:
     announce(f"internvl-mesh: ready. HTTP (OpenAI API) on http://{g.host}:{g.http_port}/v1")
     if g.grpc_port:
         announce(f"internvl-mesh: gRPC (internvl.gateway.v1.GatewayService) on {g.host}:{g.grpc_port}")
+    if g.metrics_port:
+        announce(f"internvl-mesh: metrics (Prometheus) on http://{g.host}:{g.metrics_port}/metrics")
+    if g.serve_grpc_port:
+        announce(
+            f"internvl-mesh: Ray Serve's gRPC proxy to the internal services on every interface, port "
+            f"{g.serve_grpc_port}: unauthenticated, for development only"
+        )
     announce("internvl-mesh: models: " + ", ".join(m.name for m in cfg.models))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -11,8 +11,9 @@ Applications (one Serve application per service, plus the gateway as the ingress
 - ``encoder-<model>``: the vision pool (``num_gpus`` + the ``vision_pool`` custom resource on GPU);
 - ``decoder-<model>``: the language pool; with tensor parallelism a placement group of one bundle
   per rank (``STRICT_PACK``);
-- ``gateway``: the public HTTP API on ``/`` (Serve's HTTP proxy) and the public gRPC API on its own
-  port (each gateway replica runs a grpc.aio server; SO_REUSEPORT lets replicas on one node share it).
+- ``gateway``: the public HTTP API on ``/`` (Serve's HTTP proxy), the public gRPC API on its own
+  port, and Prometheus metrics on another (each gateway replica runs both listeners, bound to
+  ``gateway.host``; SO_REUSEPORT lets replicas on one node share them).
 
 Internal applications have no HTTP route (``route_prefix: null``): nothing of theirs is reachable
 through Serve's HTTP proxy, and the gateway reaches them through DeploymentHandles by application

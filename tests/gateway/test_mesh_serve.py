@@ -23,19 +23,20 @@ MODEL = "tiny-mesh"
 
 @pytest.fixture(scope="module")
 def mesh(ray_serve, tiny_checkpoint):
-    grpc_port, otlp_port = free_port(), free_port()
+    grpc_port, otlp_port, metrics_port = free_port(), free_port(), free_port()
     collector, collector_server = start_collector(otlp_port)
     cfg = one_model_mesh_config(
         ray_serve["http_port"],
         tiny_checkpoint,
         MODEL,
-        gateway={"grpc_port": grpc_port},
+        gateway={"grpc_port": grpc_port, "metrics_port": metrics_port},
         tracing={"otlp_endpoint": f"127.0.0.1:{otlp_port}", "export_delay_ms": 100},
     )
     with deployed(cfg):
         yield {
             "http": f"http://127.0.0.1:{ray_serve['http_port']}/v1",
             "grpc": f"127.0.0.1:{grpc_port}",
+            "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
             "collector": collector,
             "checkpoint": tiny_checkpoint,
         }
@@ -228,7 +229,7 @@ def test_metrics_with_documented_names(mesh, ray_serve):
         ],
     }
     assert httpx.post(mesh["http"] + "/chat/completions", json=body, timeout=120).status_code == 200
-    text = httpx.get(f"http://127.0.0.1:{ray_serve['http_port']}/metrics", timeout=30).text
+    text = httpx.get(mesh["metrics"], timeout=30).text
     for name in METRIC_NAMES:
         assert name in text, name
     assert f'internvl_mesh_requests_total{{model="{MODEL}",status="ok",tenant="default"}}' in text

@@ -90,7 +90,7 @@ ENCODER_REFUSED = (
 @pytest.mark.parametrize("edit,reason", [DECODER_REFUSED, ENCODER_REFUSED], ids=["decoder", "encoder"])
 def test_serve_refuses_before_ray_starts(tiny_checkpoint, tmp_path, edit, reason):
     model = _refused_copy(tiny_checkpoint, tmp_path / "refused-model", edit)
-    ports = ["--http-port", str(free_port()), "--grpc-port", "0", "--set", "gateway.serve_grpc_port=0"]
+    ports = ["--http-port", str(free_port()), "--grpc-port", "0", "--set", "gateway.metrics_port=0"]
     rc, out, elapsed = _run_cli(tmp_path, "serve", "--model", str(model), *ports)
     _assert_refused(rc, out, elapsed, "refused-model", model.resolve(), reason)
     assert not any(tmp_path.glob("**/session_*")), "a Ray session directory was written"

@@ -14,12 +14,13 @@ ONE = {"autoscaling": {"min_replicas": 1, "max_replicas": 1}, "num_cpus": 0.5}
 def one_model_mesh_config(
     http_port: int, checkpoint, model: str, *, model_extra: dict | None = None, **sections
 ):
-    """A MeshConfig for one tiny model, fp32 on CPU, one replica each; ``sections`` add or override
-    top-level sections (``gateway`` entries are merged into the test defaults)."""
+    """A MeshConfig for one tiny model, fp32 on CPU, one replica each, without the gateway's gRPC and
+    metrics listeners; ``sections`` add or override top-level sections (``gateway`` entries are merged
+    into the test defaults)."""
     from mesh.topology import MeshConfig
     from services.common.config import build
 
-    gateway = {"http_port": http_port, "grpc_port": 0, "serve_grpc_port": 0, **sections.pop("gateway", {})}
+    gateway = {"http_port": http_port, "grpc_port": 0, "metrics_port": 0, **sections.pop("gateway", {})}
     data: dict[str, Any] = {
         "models": [
             {

@@ -1,5 +1,6 @@
 """`internvl-mesh serve` as a user runs it: a subprocess with its own Ray, in its own process group,
-ready once it prints "ready."; killed (group and all) when the block ends."""
+ready once it prints "internvl-mesh: ready." (Serve's own log says "Application '...' is ready." of
+each application); killed (group and all) when the block ends."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 from tests.support.ports import free_port
 
+READY = "internvl-mesh: ready."
 # Two CPU cores in CI: the deployments ask for half a CPU each so all of them fit.
 SMALL_CPU = [
     "--set",
@@ -32,12 +34,12 @@ SMALL_CPU = [
 def serve_process(log: Path, *args: str, ready_timeout_s: float = 240, small_cpu: bool = True):
     """``small_cpu`` False runs the deployments with their default CPU requests, as a user's ``serve``
     does (the local Ray then gets more logical CPUs than the machine has cores)."""
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     command = [
         sys.executable, "-m", "mesh.cli", "serve",
         "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-        "--set", "gateway.serve_grpc_port=0", *(SMALL_CPU if small_cpu else ()), *args,
+        "--set", f"gateway.metrics_port={metrics_port}", *(SMALL_CPU if small_cpu else ()), *args,
     ]  # fmt: skip
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -45,11 +47,18 @@ def serve_process(log: Path, *args: str, ready_timeout_s: float = 240, small_cpu
         )
     try:
         deadline = time.monotonic() + ready_timeout_s
-        while "ready." not in log.read_text():
+        while READY not in log.read_text():
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"serve did not become ready:\n{log.read_text()[-5000:]}")
             time.sleep(0.5)
-        yield {"proc": proc, "base": f"http://127.0.0.1:{http_port}", "log": log, "grpc_port": grpc_port}
+        yield {
+            "proc": proc,
+            "base": f"http://127.0.0.1:{http_port}",
+            "log": log,
+            "http_port": http_port,
+            "grpc_port": grpc_port,
+            "metrics_port": metrics_port,
+        }
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -183,6 +183,10 @@ Cross-field checks the schema cannot express; each fails with what to change.
 {{- fail (printf "workerGroups.%s: need minReplicas <= replicas <= maxReplicas." $g) }}
 {{- end }}
 {{- end }}
+{{- $gw := .Values.mesh.gateway }}
+{{- if and $gw.metricsPort (has (int $gw.metricsPort) (list (int $gw.httpPort) (int $gw.grpcPort) (int .Values.observability.metricsPort))) }}
+{{- fail (printf "mesh.gateway.metricsPort (%d) must differ from mesh.gateway.httpPort, mesh.gateway.grpcPort and observability.metricsPort (Ray's)." (int $gw.metricsPort)) }}
+{{- end }}
 {{- if and (not .Values.redis.enabled) .Values.redis.external.url (regexMatch "^rediss?://[^/]*@" .Values.redis.external.url) }}
 {{- fail "redis.external.url must not contain credentials: put the password in a Secret and name it in redis.external.existingSecret." }}
 {{- end }}

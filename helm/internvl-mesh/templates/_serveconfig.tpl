@@ -73,7 +73,7 @@ an application by name only among those with a route (topology._internal_route).
 {{- $apps = append $apps (dict "name" $decApp "route_prefix" (include "internvl-mesh.internalRoute" (dict "prefix" $internal "app" $decApp) | default nil) "import_path" "services.decoder.deployment:build_app" "args" (dict "model" $model "settings" $m.decoderSettings "tensor_parallel_size" $m.tensorParallelSize "common" $common "deployment_options" (include "internvl-mesh.decoderOptions" (dict "m" $m) | fromYaml))) }}
 {{- $gwModels = append $gwModels (dict "name" $m.name "encoder_app" $encApp "decoder_app" $decApp "max_tiles_per_image" $m.maxTilesPerImage) }}
 {{- end }}
-{{- $gateway := dict "host" "0.0.0.0" "http_port" $gw.httpPort "grpc_port" $gw.grpcPort "serve_grpc_port" $gw.serveGrpcPort "tenants_file" (include "internvl-mesh.tenantsFile" .) "default_timeout_s" $gw.defaultTimeoutS "max_timeout_s" $gw.maxTimeoutS "allow_remote_images" $gw.allowRemoteImages "limits_fail_closed" $gw.limitsFailClosed }}
+{{- $gateway := dict "host" "0.0.0.0" "http_port" $gw.httpPort "grpc_port" $gw.grpcPort "metrics_port" $gw.metricsPort "serve_grpc_port" $gw.serveGrpcPort "tenants_file" (include "internvl-mesh.tenantsFile" .) "default_timeout_s" $gw.defaultTimeoutS "max_timeout_s" $gw.maxTimeoutS "allow_remote_images" $gw.allowRemoteImages "limits_fail_closed" $gw.limitsFailClosed }}
 {{- if .Values.gatewayTls.existingSecret }}
 {{- $tlsDir := trimSuffix "/" .Values.gatewayTls.mountPath }}
 {{- $_ := set $gateway "ops" (dict "tls" (dict "cert_file" (printf "%s/tls.crt" $tlsDir) "key_file" (printf "%s/tls.key" $tlsDir))) }}
