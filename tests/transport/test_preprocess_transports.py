@@ -73,7 +73,7 @@ def preprocess_app(ray_serve):
     handle = serve.run(
         build_app({"deployment_options": {"autoscaling_config": None, "num_replicas": 1}}),
         name="preprocess",
-        route_prefix="/preprocess",
+        route_prefix="/preprocess",  # Serve's gRPC proxy finds an application only if it has a route
     )
     yield handle
     serve.delete("preprocess")
