@@ -54,7 +54,9 @@ MESSAGES = [ChatMessage("user", [TextContent("hello")])]
 def mesh(ray_serve, tiny_checkpoint):
     from ray import serve
 
-    cfg = one_model_mesh_config(ray_serve["http_port"], tiny_checkpoint, MODEL)
+    # Serve's gRPC proxy reaches the internal apps only where an operator turns it on (their routes).
+    gateway = {"serve_grpc_port": ray_serve["grpc_port"]}
+    cfg = one_model_mesh_config(ray_serve["http_port"], tiny_checkpoint, MODEL, gateway=gateway)
     with deployed(cfg):
         yield {
             "preprocess": serve.get_app_handle("preprocess"),
