@@ -46,7 +46,6 @@ def _forgeries() -> dict[str, tuple[RequestContext, str]]:
     }
 
 
-FORGERIES = _forgeries()
 MESSAGES = [ChatMessage("user", [TextContent("hello")])]
 
 
@@ -91,7 +90,7 @@ HANDLE_CALLS = {"preprocess.tile": _tile, "encoder.embed": _embed, "decoder.gene
 async def test_handles_refuse_every_forged_context(mesh, entry):
     call = HANDLE_CALLS[entry]
     assert await call(mesh, signed(replace(VICTIM, priority=0)))  # the gateway's context is served
-    for name, (ctx, reason) in FORGERIES.items():
+    for name, (ctx, reason) in _forgeries().items():  # made now: a signed one must not expire first
         with pytest.raises(Unauthenticated) as err:
             await call(mesh, ctx)
         # Ray raises a subclass of both RayTaskError and the replica's error, whose class attributes
@@ -129,7 +128,7 @@ async def test_serves_grpc_proxy_reaches_servicers_that_refuse_every_forged_cont
     and the servicers behind it still believe nothing they are not signed."""
     async with open_channel(mesh["grpc"]) as channel:
         assert await _call_grpc(channel, *_grpc_requests(signed(replace(VICTIM, priority=0)))[method])
-        for name, (ctx, _) in FORGERIES.items():
+        for name, (ctx, _) in _forgeries().items():
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await _call_grpc(channel, *_grpc_requests(ctx)[method])
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
