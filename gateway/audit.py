@@ -9,12 +9,13 @@ key at all.
 
 Events:
 
-- ``auth_failure`` (``reason``: missing_api_key, invalid_api_key, key_revoked, key_expired; ``key_id``
-  of the presented key, ``none`` when there was no key or it had no parseable id);
+- ``auth_failure`` (``reason``: missing_api_key, invalid_api_key, key_revoked, key_expired, or
+  scope_not_granted for a valid key calling what its scopes do not cover; ``key_id`` of the presented
+  key, ``none`` when there was no key or it had no parseable id);
 - ``limit_rejected`` (``tenant``, ``reason``: rate_limited, tokens_per_min, concurrency, daily_quota,
   limiter_unavailable);
 - ``key_added``, ``key_removed``, ``key_revoked``, ``key_restored``, ``key_expiry_changed``
-  (``key_id``, ``tenant``, ``expires_at``), ``tenant_added``, ``tenant_removed`` (``tenant``): the
+  (``key_id``, ``tenant``, ``expires_at``), ``key_scopes_changed`` (``key_id``, ``tenant``, ``scopes``), ``tenant_added``, ``tenant_removed`` (``tenant``): the
   differences between two successive loads of the tenants file, seen by ``AuditedKeyStore``;
 - ``tenants_file_rejected`` (``path``): a changed file failed to load and the previous keys stay in force
   (the reason is in the gateway's own log, which the key store writes).
@@ -63,9 +64,15 @@ class KeyChange:
     tenant: str
     key_id: str | None = None
     expires_at: str | None = None
+    scopes: str | None = None
 
     def fields(self) -> dict[str, Any]:
-        return {"tenant": self.tenant, "key_id": self.key_id, "expires_at": self.expires_at}
+        return {
+            "tenant": self.tenant,
+            "key_id": self.key_id,
+            "expires_at": self.expires_at,
+            "scopes": self.scopes,
+        }
 
 
 def diff_keys(
@@ -93,6 +100,10 @@ def diff_keys(
             changes.append(KeyChange("key_added", new.tenant, key_id, expires))
         elif new.expires_at != old.expires_at:
             changes.append(KeyChange("key_expiry_changed", new.tenant, key_id, expires or "never"))
+        same_key = old is not None and (new.digest, new.tenant) == (old.digest, old.tenant)
+        if same_key and not new.revoked and new.scopes != old.scopes:
+            scopes = ",".join(new.scopes)
+            changes.append(KeyChange("key_scopes_changed", new.tenant, key_id, scopes=scopes))
     changes += [KeyChange("tenant_removed", t) for t in sorted(tenants_before - tenants_after)]
     return changes
 

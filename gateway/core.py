@@ -9,6 +9,7 @@ implementation in the deployment and in-process ones for standalone use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -16,11 +17,11 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from gateway.intake import check_conversation
-from gateway.tenancy.config import Tenant, parse_key_id
-from gateway.tenancy.keys import Authenticator
+from gateway.intake import check_conversation, text_bytes
+from gateway.tenancy.config import SCOPE_CHAT, Tenant, parse_key_id
+from gateway.tenancy.keys import Authenticator, Principal
 from gateway.tenancy.limiter import Limiter
-from gateway.types import ChatChunk, ChatRequest, ImagePart, TextPart, TokenLogprob, Usage
+from gateway.types import ChatChunk, ChatRequest, ImagePart, TokenLogprob, Usage
 from services.common import tracing
 from services.common.context import ContextSigner, RequestContext
 from services.common.errors import (
@@ -28,6 +29,7 @@ from services.common.errors import (
     EmbeddingUnresolvable,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
@@ -35,7 +37,7 @@ from services.common.errors import (
 from services.common.limits import MAX_TILES_PER_IMAGE
 from services.common.refs import EmbeddingRef
 from services.common.types import TOKENS_PER_TILE, TilingParams
-from services.decoder.types import DecodeRequest, FinishReason, GenerationEvent
+from services.decoder.types import ChatMessage, DecodeRequest, FinishReason, GenerationEvent
 from services.preprocess.config import DecodeLimits
 from services.preprocess.decoding import open_image
 from services.preprocess.tiling import count_tiles
@@ -58,6 +60,11 @@ class DecoderClient(Protocol):
     def generate(
         self, request: DecodeRequest, refs: list[EmbeddingRef], ctx: RequestContext
     ) -> AsyncIterator[GenerationEvent]: ...
+
+    async def count_tokens(
+        self, messages: list[ChatMessage], image_tiles: list[int], ctx: RequestContext
+    ) -> tuple[int, int]:
+        """(total, image) tokens of the messages with images of ``image_tiles`` tiles."""
 
 
 @dataclass
@@ -86,6 +93,7 @@ class RequestRecord:
     tenant: str
     model: str
     started: float
+    operation: str = "chat"  # chat, or an internal call: tile, embed, decode, count_tokens
     status: str = "ok"
     finish_reason: str = ""
     images: int = 0
@@ -104,6 +112,34 @@ class RequestRecord:
         self.prompt_tokens = usage.prompt_tokens
         self.image_tokens = usage.image_tokens
         self.completion_tokens = usage.completion_tokens
+
+    def count(self, event: GenerationEvent, usage: Usage) -> None:
+        """What a generation event adds: counted as events arrive, so a cancelled request still
+        accounts for its prompt (sent with the first token) and what it generated; the final event's
+        usage replaces the counts."""
+        if self.ttft_s is None:
+            self.ttft_s = time.monotonic() - self.started
+        usage.completion_tokens += len(event.token_ids)
+        if event.prompt_tokens is not None:
+            usage.prompt_tokens = event.prompt_tokens
+            usage.image_tokens = event.image_tokens or 0
+        if event.usage is not None:
+            usage.prompt_tokens = event.usage.prompt_tokens
+            usage.image_tokens = event.usage.image_tokens
+            usage.completion_tokens = event.usage.completion_tokens
+            usage.cached_prompt_tokens = event.usage.cached_prompt_tokens
+            self.finish_reason = event.finish_reason.value if event.finish_reason else ""
+
+
+@dataclass
+class Call:
+    """One admitted request in flight (``Gateway.admitted``): its context (unsigned: each hop signs
+    it afresh), its root span, its record and the usage it reports."""
+
+    ctx: RequestContext
+    root: Any
+    record: RequestRecord
+    usage: Usage
 
 
 class GatewayObserver(Protocol):
@@ -136,64 +172,94 @@ class Gateway:
         self._decode_limits = DecodeLimits()
 
     # -- public -------------------------------------------------------------------------------
-    async def authenticate(self, api_key: str | None) -> Tenant:
+    async def authenticate(self, api_key: str | None, scope: str | None = None) -> Principal:
+        """Who ``api_key`` is; with ``scope``, PermissionDenied unless the key holds it. Every failure
+        is told to the observers (the audit log) by the presented key's id, never the key."""
         try:
-            return self.keys.authenticate(api_key)
-        except Unauthenticated as exc:
+            principal = self.keys.authenticate(api_key)
+            if scope is not None:
+                principal.require(scope)
+            return principal
+        except (Unauthenticated, PermissionDenied) as exc:
             self._notify("on_auth_failure", exc.reason, parse_key_id(api_key) if api_key else None)
             raise
 
     async def list_models(self, api_key: str | None) -> list[ModelRoute]:
-        tenant = await self.authenticate(api_key)
+        tenant = (await self.authenticate(api_key)).tenant
         return [r for name, r in self.routes.items() if tenant.allows_model(name)]
 
     async def chat(self, req: ChatRequest, api_key: str | None) -> AsyncIterator[ChatChunk]:
         """Stream the answer. Raises ``MeshError`` subclasses before the first chunk for bad requests."""
-        tenant = await self.authenticate(api_key)
-        route = self._route(req.model, tenant)
+        tenant = (await self.authenticate(api_key, SCOPE_CHAT)).tenant
+        route = self.route(req.model, tenant)
         req.request_id = req.request_id or f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self._check_messages(req)
         max_tokens = self._max_tokens(req, tenant, route)
         await self._fetch_remote_images(req)
         tilings, image_tokens = self._plan_images(req, tenant, route)
-        timeout = min(req.timeout_s or self.limits.default_timeout_s, self.limits.max_timeout_s)
+        estimate = text_token_bound(text_bytes(req), len(req.messages)) + image_tokens + max_tokens
+        async with self.admitted(
+            tenant,
+            route.name,
+            req.request_id,
+            self.timeout_s(req.timeout_s),
+            estimate,
+            span=tracing.SPAN_CHAT,
+            trace=req.trace,
+            attributes={tracing.ATTR_IMAGES: len(tilings)},
+        ) as call:
+            async for chunk in self._run(req, route, call, tilings, max_tokens):
+                yield chunk
+
+    def timeout_s(self, requested: float | None) -> float:
+        """A request's time limit: ``requested`` (else the default), never above the maximum."""
+        return min(requested or self.limits.default_timeout_s, self.limits.max_timeout_s)
+
+    @contextlib.asynccontextmanager
+    async def admitted(
+        self,
+        tenant: Tenant,
+        model: str,
+        request_id: str,
+        timeout_s: float,
+        estimate: int,
+        *,
+        span: str,
+        trace: dict[str, str] | None = None,
+        attributes: dict[str, Any] | None = None,
+        operation: str = "chat",
+    ) -> AsyncIterator[Call]:
+        """One request of ``tenant`` from admission to its record: a root span, admission through
+        the limiter (``estimate`` tokens reserved, refunded at the end against the usage reported
+        on the ``Call``), the deadline, and every observer told how it ended (``RequestRecord``)."""
         ctx = RequestContext(
-            request_id=req.request_id,
+            request_id=request_id,
             tenant=tenant.name,
             cache_namespace=tenant.cache_namespace,
             priority=tenant.priority,
-            deadline=time.time() + timeout,
+            deadline=time.time() + timeout_s,
         )
-        estimate = _text_token_bound(req) + image_tokens + max_tokens
         root = tracing.start_root_span(
-            tracing.SPAN_CHAT,
-            caller=req.trace or None,
+            span,
+            caller=trace or None,
             attributes={
-                tracing.ATTR_REQUEST_ID: req.request_id,
+                tracing.ATTR_REQUEST_ID: request_id,
                 tracing.ATTR_TENANT: tenant.name,
-                tracing.ATTR_MODEL: route.name,
-                tracing.ATTR_IMAGES: len(tilings),
+                tracing.ATTR_MODEL: model,
+                **(attributes or {}),
             },
         )
-        record = RequestRecord(req.request_id, tenant.name, route.name, started=time.monotonic())
+        record = RequestRecord(request_id, tenant.name, model, time.monotonic(), operation)
         usage = Usage()
         try:
-            admission_span = tracing.start_span(tracing.SPAN_ADMISSION, parent=root)
-            try:
-                admission = await self.limiter.admit(tenant, estimate)
-            except (ResourceExhausted, Unavailable) as exc:
-                self._notify("on_rejected", tenant.name, exc.reason)
-                raise
-            finally:
-                admission_span.end()
+            admission = await self._admit(tenant, estimate, root)
             record.queue_s = time.monotonic() - record.started
             try:
-                async with asyncio.timeout(timeout):
-                    async for chunk in self._run(req, route, ctx, tilings, max_tokens, usage, root, record):
-                        yield chunk
+                async with asyncio.timeout(timeout_s):
+                    yield Call(ctx, root, record, usage)
             except TimeoutError:
                 raise DeadlineExceeded(
-                    f"request {req.request_id} exceeded its {timeout:.1f} s deadline"
+                    f"request {request_id} exceeded its {timeout_s:.1f} s deadline"
                 ) from None
             finally:
                 await admission.complete(usage.prompt_tokens + usage.completion_tokens)
@@ -209,6 +275,16 @@ class Gateway:
             for observer in self.observers:
                 observer.on_complete(record)
 
+    async def _admit(self, tenant: Tenant, estimate: int, root: Any):
+        span = tracing.start_span(tracing.SPAN_ADMISSION, parent=root)
+        try:
+            return await self.limiter.admit(tenant, estimate)
+        except (ResourceExhausted, Unavailable) as exc:
+            self._notify("on_rejected", tenant.name, exc.reason)
+            raise
+        finally:
+            span.end()
+
     def _notify(self, hook: str, *args: Any) -> None:
         for observer in self.observers:
             method = getattr(observer, hook, None)
@@ -217,51 +293,32 @@ class Gateway:
 
     # -- steps --------------------------------------------------------------------------------
     async def _run(
-        self,
-        req: ChatRequest,
-        route: ModelRoute,
-        ctx: RequestContext,
-        tilings: list[TilingParams],
-        max_tokens: int,
-        usage: Usage,
-        root: Any,
-        record: RequestRecord,
+        self, req: ChatRequest, route: ModelRoute, call: Call, tilings: list[TilingParams], max_tokens: int
     ) -> AsyncIterator[ChatChunk]:
-        images = req.images
+        items = [(img.data, t) for img, t in zip(req.images, tilings)]
         decode = req.decode_request(max_tokens)
+        record = call.record
         for attempt in (1, 2):
             # A second attempt asks for the tensors themselves: the first references could not be read.
-            refs = await self._embed(route, images, tilings, ctx, root, inline=attempt == 2) if images else []
+            refs = await self.embed(route, items, call.ctx, call.root, inline=attempt == 2) if items else []
             record.images = len(refs)
             record.tiles = sum(r.tiles for r in refs)
             record.tile_counts = [r.tiles for r in refs]
             record.cache_hits = sum(1 for r in refs if r.cache_hit)
             started = False
-            gen_span = tracing.start_span(tracing.SPAN_GENERATE, parent=root)
+            gen_span = tracing.start_span(tracing.SPAN_GENERATE, parent=call.root)
             try:
-                gen_ctx = self.signer.sign(replace(ctx, trace=tracing.carrier_of(gen_span)))
+                gen_ctx = self.signer.sign(replace(call.ctx, trace=tracing.carrier_of(gen_span)))
                 async for event in route.decoder.generate(decode, refs, gen_ctx):
-                    if not started:
-                        record.ttft_s = time.monotonic() - record.started
                     started = True
                     chunk = _chunk(req.request_id, event)
-                    # Counted as they arrive so a cancelled request still accounts for its prompt (sent
-                    # with the first token) and what it generated; the final event's usage replaces them.
-                    usage.completion_tokens += len(event.token_ids)
-                    if event.prompt_tokens is not None:
-                        usage.prompt_tokens = event.prompt_tokens
-                        usage.image_tokens = event.image_tokens or 0
+                    record.count(event, call.usage)
                     if chunk.finish_reason is FinishReason.DEADLINE:
                         raise DeadlineExceeded(
                             f"request {req.request_id} reached its deadline in the decoder"
                         )
                     if chunk.usage is not None:
                         chunk.usage.cached_images = record.cache_hits
-                        usage.prompt_tokens = chunk.usage.prompt_tokens
-                        usage.image_tokens = chunk.usage.image_tokens
-                        usage.completion_tokens = chunk.usage.completion_tokens
-                        usage.cached_prompt_tokens = chunk.usage.cached_prompt_tokens
-                        record.finish_reason = chunk.finish_reason.value if chunk.finish_reason else ""
                     yield chunk
                 return
             except EmbeddingUnresolvable:
@@ -273,15 +330,22 @@ class Gateway:
             finally:
                 gen_span.end()
 
-    async def _embed(self, route, images, tilings, ctx, root, inline: bool = False) -> list[EmbeddingRef]:
+    async def embed(
+        self,
+        route: ModelRoute,
+        items: Sequence[tuple[bytes, TilingParams]],
+        ctx: RequestContext,
+        parent: Any,
+        inline: bool = False,
+    ) -> list[EmbeddingRef]:
+        """The references of ``items`` from the route's encoder, under a span of ``parent``, with
+        ``ctx`` signed for the hop."""
         span = tracing.start_span(
-            tracing.SPAN_EMBED, parent=root, attributes={tracing.ATTR_IMAGES: len(images)}
+            tracing.SPAN_EMBED, parent=parent, attributes={tracing.ATTR_IMAGES: len(items)}
         )
         try:
             refs = await route.encoder.embed(
-                [(img.data, t) for img, t in zip(images, tilings)],
-                self.signer.sign(replace(ctx, trace=tracing.carrier_of(span))),
-                inline=inline,
+                list(items), self.signer.sign(replace(ctx, trace=tracing.carrier_of(span))), inline=inline
             )
             span.set_attribute(tracing.ATTR_TILES, sum(r.tiles for r in refs))
             span.set_attribute(tracing.ATTR_CACHE_HIT, all(r.cache_hit for r in refs))
@@ -303,7 +367,8 @@ class Gateway:
         for img in remote:
             img.data = await self.fetcher.fetch(img.url)
 
-    def _route(self, model: str, tenant: Tenant) -> ModelRoute:
+    def route(self, model: str, tenant: Tenant) -> ModelRoute:
+        """The route of ``model``; NotFound, alike, for a model not served and one ``tenant`` may not use."""
         route = self.routes.get(model)
         if route is None or not tenant.allows_model(model):
             raise NotFound(
@@ -334,26 +399,31 @@ class Gateway:
                     reason="invalid_max_num",
                 )
             params = TilingParams(max_num=min(max_num, route.max_tiles_per_image)).validate()
-            try:
-                header = open_image(img.data, self._decode_limits)
-            except InvalidArgument as exc:
-                raise InvalidArgument(f"image {k}: {exc.message}", reason=exc.reason) from None
-            tiles += count_tiles(header.width, header.height, params)
+            tiles += self._image_tiles(k, img.data, params)
             tilings.append(params)
         tenant.check_request_size(tiles=tiles)
         return tilings, tiles * TOKENS_PER_TILE
 
+    def plan_tiles(self, tenant: Tenant, items: Sequence[tuple[bytes, TilingParams]]) -> list[int]:
+        """The tiles of each image, from its header only (before any work); InvalidArgument past the
+        tenant's caps of images and tiles per request."""
+        tenant.check_request_size(images=len(items))
+        counts = [self._image_tiles(k, data, params) for k, (data, params) in enumerate(items)]
+        tenant.check_request_size(tiles=sum(counts))
+        return counts
 
-def _text_token_bound(req: ChatRequest) -> int:
+    def _image_tiles(self, k: int, data: bytes, params: TilingParams) -> int:
+        try:
+            header = open_image(data, self._decode_limits)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"image {k}: {exc.message}", reason=exc.reason) from None
+        return count_tiles(header.width, header.height, params)
+
+
+def text_token_bound(text_bytes: int, messages: int) -> int:
     """An upper bound of prompt text tokens without the tokenizer: a byte-level BPE emits at most one
     token per UTF-8 byte; reserved tokens are refunded at completion."""
-    text = sum(
-        len(p.text.encode("utf-8", "surrogatepass"))
-        for m in req.messages
-        for p in m.parts
-        if isinstance(p, TextPart)
-    )
-    return text + TEMPLATE_TOKENS_PER_MESSAGE * (len(req.messages) + 2)
+    return text_bytes + TEMPLATE_TOKENS_PER_MESSAGE * (messages + 2)
 
 
 def _chunk(request_id: str, event: GenerationEvent) -> ChatChunk:

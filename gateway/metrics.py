@@ -10,6 +10,11 @@ usage, preemptions) live in its replicas and are exported through Ray's metrics 
 (``ray_internvl_mesh_*``); the encoder's (``internvl_mesh_encoder_*``) are registered in its own
 process. See the README's "Observability" section. Tenant labels are bounded: tenants outside
 ``tenant_labels`` (when given) are counted as ``other``.
+
+Every finished request is counted, internal calls through the gateway included (tile, embed, decode,
+count_tokens: ``RequestRecord.operation``); the latency histograms describe requests that generate
+(chat and decode), as vLLM's do, so a tiling call never shows up as a fast chat, and the cache
+counters the requests that ask the embedding cache (chat and embed).
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from gateway.core import RequestRecord
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
+
+GENERATING = frozenset({"chat", "decode"})  # operations whose latency the histograms describe
+EMBEDDING = frozenset({"chat", "embed"})  # operations that ask the embedding cache
 
 METRIC_NAMES = (
     "internvl_mesh_requests_total",
@@ -121,20 +129,24 @@ class GatewayMetrics:
     def on_complete(self, r: RequestRecord) -> None:
         tenant = self._tenant(r.tenant)
         self.requests.labels(r.model, tenant, r.status).inc()
+        if r.operation in GENERATING:
+            self._latencies(r)
+        self.prompt_tokens.labels(r.model, tenant).inc(r.prompt_tokens)
+        self.generation_tokens.labels(r.model, tenant).inc(r.completion_tokens)
+        self.image_tokens.labels(r.model, tenant).inc(r.image_tokens)
+        if r.images and r.operation in EMBEDDING:
+            self.cache_hits.labels(r.model).inc(r.cache_hits)
+            self.cache_misses.labels(r.model).inc(r.images - r.cache_hits)
+        for n in r.tile_counts:
+            self.tiles.labels(r.model).observe(n)
+
+    def _latencies(self, r: RequestRecord) -> None:
         self.e2e.labels(r.model).observe(r.latency_s)
         self.queue.labels(r.model).observe(r.queue_s)
         if r.ttft_s is not None:
             self.ttft.labels(r.model).observe(r.ttft_s)
             if r.completion_tokens > 1:
                 self.tpot.labels(r.model).observe((r.latency_s - r.ttft_s) / (r.completion_tokens - 1))
-        self.prompt_tokens.labels(r.model, tenant).inc(r.prompt_tokens)
-        self.generation_tokens.labels(r.model, tenant).inc(r.completion_tokens)
-        self.image_tokens.labels(r.model, tenant).inc(r.image_tokens)
-        if r.images:
-            self.cache_hits.labels(r.model).inc(r.cache_hits)
-            self.cache_misses.labels(r.model).inc(r.images - r.cache_hits)
-            for n in r.tile_counts:
-                self.tiles.labels(r.model).observe(n)
 
 
 class _Quiet(WSGIRequestHandler):

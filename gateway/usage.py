@@ -16,7 +16,8 @@ written before its first reader started.
 A record carries the usage the client was told: ``prompt_tokens`` (image tokens included),
 ``image_tokens`` and ``completion_tokens`` as in the response's ``usage``. A cancelled request (client
 gone mid-stream) has status ``cancelled``, its prompt's tokens and the completion tokens generated up to
-then.
+then. ``operation`` says what was called: ``chat``, or an internal call through the gateway (``tile``,
+``embed`` — billed by ``tiles`` —, ``decode`` — billed by tokens —, ``count_tokens``).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class UsageRecord:
     ttft_s: float | None = None
     queue_s: float = 0.0
     finish_reason: str = ""
+    operation: str = "chat"
     v: int = SCHEMA_VERSION
 
     @property
@@ -87,6 +89,7 @@ class UsageRecord:
             ttft_s=round(r.ttft_s, 6) if r.ttft_s is not None else None,
             queue_s=round(r.queue_s, 6),
             finish_reason=r.finish_reason,
+            operation=r.operation,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import typer
 import yaml
 from pydantic import ValidationError
 
-from gateway.tenancy.config import TenantsFile
+from gateway.tenancy.config import SCOPE_CHAT, SCOPES, TenantsFile
 from gateway.tenancy.keys import create_key
 from services.common.config import ConfigError, format_validation_error
 from services.common.errors import InvalidArgument, MeshError
@@ -119,11 +119,15 @@ def add_key(
     key_id: str | None = None,
     expires_at: datetime | None = None,
     now: datetime,
+    scopes: list[str] | None = None,
 ) -> str:
-    """Append a new key of ``tenant`` to ``doc``; returns the plain key (show it once)."""
+    """Append a new key of ``tenant`` to ``doc``; returns the plain key (show it once). ``scopes``:
+    what it may call (default ``["chat"]``)."""
     if tenant not in {t.get("name") for t in doc.get("tenants") or []}:
         raise InvalidArgument(f"unknown tenant {tenant!r}: add it to the tenants file first")
-    plain, entry = create_key(tenant, key_id=key_id, expires_at=expires_at, hmac_secret=hmac_secret, now=now)
+    plain, entry = create_key(
+        tenant, key_id=key_id, expires_at=expires_at, hmac_secret=hmac_secret, now=now, scopes=scopes
+    )
     doc.setdefault("keys", []).append(entry.model_dump(mode="json", exclude_none=True))
     return plain
 
@@ -145,14 +149,22 @@ def remove_key(doc: dict[str, Any], key_id: str) -> None:
 
 
 def rotate_key(
-    doc: dict[str, Any], tenant: str, *, window: timedelta, hmac_secret: bytes | None, now: datetime
+    doc: dict[str, Any],
+    tenant: str,
+    *,
+    window: timedelta,
+    hmac_secret: bytes | None,
+    now: datetime,
+    scopes: list[str] | None = None,
 ) -> tuple[str, list[str]]:
     """Add a new key for ``tenant`` and make its other live keys expire after ``window``.
 
-    Both work until then, so clients can switch over. Returns the new key and the old key ids.
+    Both work until then, so clients can switch over. The new key holds ``scopes``, by default every
+    scope the keys it replaces hold (``chat`` when there are none). Returns the new key and the old
+    key ids.
     """
     end = (now + window).replace(microsecond=0)
-    old = []
+    old, held = [], set()
     for entry in doc.get("keys") or []:
         if entry.get("tenant") != tenant or entry.get("revoked"):
             continue
@@ -162,7 +174,10 @@ def rotate_key(
         if current is None or _as_utc(current) > end:
             entry["expires_at"] = end.isoformat().replace("+00:00", "Z")
         old.append(entry["key_id"])
-    return add_key(doc, tenant, hmac_secret=hmac_secret, now=now), old
+        held.update(entry.get("scopes") or [SCOPE_CHAT])
+    if scopes is None:
+        scopes = [s for s in SCOPES if s in held] or [SCOPE_CHAT]
+    return add_key(doc, tenant, hmac_secret=hmac_secret, now=now, scopes=scopes), old
 
 
 def _as_utc(value: Any) -> datetime:
@@ -182,6 +197,7 @@ def key_rows(doc: dict[str, Any], now: datetime) -> list[dict[str, str]]:
                 "key_id": k.key_id,
                 "tenant": k.tenant,
                 "state": state,
+                "scopes": ",".join(k.scopes),
                 "created_at": k.created_at.isoformat(),
                 "expires_at": k.expires_at.isoformat() if k.expires_at else "never",
             }
@@ -210,6 +226,13 @@ def keys_create(
     expires_in: Annotated[
         str | None, typer.Option(help="The key stops working after this (e.g. 90d).")
     ] = None,
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="What the key may call, repeatable: chat (the public chat API), tile, embed, decode "
+            "(the internal preprocess, encoder and decoder APIs through the gateway); default: chat."
+        ),
+    ] = None,
 ) -> None:
     """Create a key: print it once (it cannot be shown again) and store only its digest."""
     now = datetime.now(UTC).replace(microsecond=0)
@@ -217,13 +240,20 @@ def keys_create(
         doc = load_doc(tenants_file)
         expires = now + parse_duration(expires_in) if expires_in else None
         plain = add_key(
-            doc, tenant, hmac_secret=hmac_secret_of(doc), key_id=key_id, expires_at=expires, now=now
+            doc,
+            tenant,
+            hmac_secret=hmac_secret_of(doc),
+            key_id=key_id,
+            expires_at=expires,
+            now=now,
+            scopes=scope or None,
         )
         write_doc(tenants_file, doc)
     except MeshError as exc:
         _fail(exc)
     typer.echo(
-        f"created key {doc['keys'][-1]['key_id']} for tenant {tenant}; it works after the next reload.",
+        f"created key {doc['keys'][-1]['key_id']} for tenant {tenant} "
+        f"(scopes {','.join(doc['keys'][-1]['scopes'])}); it works after the next reload.",
         err=True,
     )
     typer.echo("store it now, it is not shown again:", err=True)
@@ -250,7 +280,7 @@ def keys_list(tenants_file: TenantsFileOption) -> None:
     ]
     _print_table(tenants, ["tenant", "models", "priority", "active_keys"])
     typer.echo("")
-    _print_table(rows, ["key_id", "tenant", "state", "created_at", "expires_at"])
+    _print_table(rows, ["key_id", "tenant", "state", "scopes", "created_at", "expires_at"])
 
 
 @keys_app.command("revoke")
@@ -282,19 +312,29 @@ def keys_rotate(
     tenants_file: TenantsFileOption,
     tenant: Annotated[str, typer.Option(help="Tenant whose keys to rotate.")],
     window: Annotated[str, typer.Option(help="How long the old keys keep working (e.g. 24h).")] = "24h",
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(help="Scopes of the new key, repeatable; default: those of the keys it replaces."),
+    ] = None,
 ) -> None:
     """Create a new key and let the tenant's other keys expire after the window: both work until then."""
     now = datetime.now(UTC).replace(microsecond=0)
     try:
         doc = load_doc(tenants_file)
         plain, old = rotate_key(
-            doc, tenant, window=parse_duration(window), hmac_secret=hmac_secret_of(doc), now=now
+            doc,
+            tenant,
+            window=parse_duration(window),
+            hmac_secret=hmac_secret_of(doc),
+            now=now,
+            scopes=scope or None,
         )
         write_doc(tenants_file, doc)
     except MeshError as exc:
         _fail(exc)
     typer.echo(
-        f"created key {doc['keys'][-1]['key_id']} for tenant {tenant}; "
+        f"created key {doc['keys'][-1]['key_id']} for tenant {tenant} "
+        f"(scopes {','.join(doc['keys'][-1]['scopes'])}); "
         f"{', '.join(old) or 'no other keys'} expire at {(now + parse_duration(window)).isoformat()}",
         err=True,
     )

@@ -6,7 +6,9 @@ The gateway's request path uses it in this order::
     await keys.start()                                 # reloads the file every 2 s (no-op single-tenant)
     limiter = FallbackLimiter(RedisLimiter.from_url(url), LocalLimiter(scale=1 / replicas))
 
-    tenant = keys.authenticate(api_key)                # Unauthenticated → 401 / UNAUTHENTICATED
+    principal = keys.authenticate(api_key)             # Unauthenticated → 401 / UNAUTHENTICATED
+    principal.require("chat")                          # PermissionDenied → 403 / PERMISSION_DENIED
+    tenant = principal.tenant
     tenant.allows_model(model)                         # False → 404 / NOT_FOUND, as an unknown model
     max_tokens = tenant.max_tokens(requested, context=model_len, default=512)
                                                        # InvalidArgument → 400 / INVALID_ARGUMENT
@@ -22,9 +24,10 @@ The gateway's request path uses it in this order::
 
 Modules:
 
-- ``config``: the tenants file's models (``TenantsFile``, ``Tenant``, ``TenantLimits``, ``ApiKeyEntry``);
-- ``keys``: ``KeyStore`` (authentication, live reload, single-tenant mode), the ``Authenticator`` protocol
-  it satisfies, ``create_key``, ``key_digest``;
+- ``config``: the tenants file's models (``TenantsFile``, ``Tenant``, ``TenantLimits``, ``ApiKeyEntry``)
+  and the scopes a key may hold (``SCOPES``: chat, tile, embed, decode);
+- ``keys``: ``KeyStore`` (authentication into a ``Principal``, live reload, single-tenant mode), the
+  ``Authenticator`` protocol it satisfies, ``create_key``, ``key_digest``;
 - ``limiter``: ``Admission``, ``RedisLimiter``, ``LocalLimiter``, ``FallbackLimiter``.
 
 Secrets: the file stores digests only; the HMAC secret's *name* is in the file and its value comes from
@@ -32,11 +35,12 @@ the ``env`` callable given to ``KeyStore`` (``os.environ.get`` unless the caller
 is the only place this package touches the environment.
 """
 
-from gateway.tenancy.config import ApiKeyEntry, Tenant, TenantLimits, TenantsFile, parse_key_id
+from gateway.tenancy.config import SCOPES, ApiKeyEntry, Tenant, TenantLimits, TenantsFile, parse_key_id
 from gateway.tenancy.keys import (
     DEFAULT_TENANT,
     Authenticator,
     KeyStore,
+    Principal,
     create_key,
     default_tenant,
     key_digest,
@@ -59,6 +63,7 @@ __all__ = [
     "REASON_DAILY",
     "REASON_RATE",
     "REASON_TOKENS",
+    "SCOPES",
     "Admission",
     "ApiKeyEntry",
     "Authenticator",
@@ -66,6 +71,7 @@ __all__ = [
     "KeyStore",
     "Limiter",
     "LocalLimiter",
+    "Principal",
     "RedisLimiter",
     "Tenant",
     "TenantLimits",

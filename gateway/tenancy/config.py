@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -41,6 +41,13 @@ KEY_ID_PATTERN = r"^[A-Za-z0-9_]{1,64}$"
 DIGEST_PATTERN = r"^[0-9a-f]{64}$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 ALL_MODELS = "*"
+
+# What a key may call: the public chat API (HTTP and gRPC ``GatewayService``), and the internal
+# services through the gateway's gRPC port (``PreprocessService/TileImages``,
+# ``EncoderService/EmbedImages``, ``DecoderService/Generate`` and ``/CountTokens``).
+Scope = Literal["chat", "tile", "embed", "decode"]
+SCOPES: tuple[str, ...] = get_args(Scope)
+SCOPE_CHAT, SCOPE_TILE, SCOPE_EMBED, SCOPE_DECODE = SCOPES
 
 # Upper bounds of every limit. They double as the single-tenant defaults (see ``TenantLimits.generous``).
 # The per-request caps are the mesh's own bounds (``services.common.limits``): no tenant gets more.
@@ -211,6 +218,21 @@ class ApiKeyEntry(_Strict):
         default=None, description="The key stops working at this instant (UTC); none = never."
     )
     revoked: bool = Field(default=False, description="True stops the key on the next reload.")
+    scopes: list[Scope] = Field(
+        default_factory=lambda: [SCOPE_CHAT],
+        min_length=1,
+        max_length=len(SCOPES),
+        description=(
+            "What the key may call: chat (the public chat API), tile, embed, decode (the internal "
+            "preprocess, encoder and decoder APIs through the gateway); default: chat only."
+        ),
+    )
+
+    @field_validator("scopes")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        _refuse_duplicates(v, "scope")
+        return v
 
     @field_validator("created_at", "expires_at")
     @classmethod

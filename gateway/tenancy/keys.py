@@ -16,9 +16,14 @@ Kubernetes secret update swaps a symlink whose target keeps an old mtime. A file
 is refused as a whole and the previous key set stays in force (half-written files must not lock every
 tenant out); the failure is logged and kept in ``last_reload_error``.
 
+Authentication yields a ``Principal``: the tenant the key acts for, the key's id and its scopes (what
+it may call: ``chat``, ``tile``, ``embed``, ``decode``; ``Principal.require`` refuses the others with
+PERMISSION_DENIED, reason ``scope_not_granted``).
+
 Without a file the store is single-tenant: every request, with or without a key, acts for one
-``default`` tenant with generous limits. Any file, even one with no tenants, means multi-tenant: emptying
-the file revokes everything rather than opening the gateway.
+``default`` tenant with generous limits and every scope (development only: whoever reaches the
+gateway may then call the internal services too). Any file, even one with no tenants, means
+multi-tenant: emptying the file revokes everything rather than opening the gateway.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +47,7 @@ from pydantic import ValidationError
 
 from gateway.tenancy.config import (
     KEY_ID_PATTERN,
+    SCOPES,
     ApiKeyEntry,
     Tenant,
     TenantLimits,
@@ -49,7 +55,7 @@ from gateway.tenancy.config import (
     parse_key_id,
 )
 from services.common.config import ConfigError, format_validation_error
-from services.common.errors import InvalidArgument, Unauthenticated
+from services.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -73,24 +79,50 @@ def create_key(
     expires_at: datetime | None = None,
     hmac_secret: bytes | None = None,
     now: datetime | None = None,
+    scopes: Sequence[str] | None = None,
 ) -> tuple[str, ApiKeyEntry]:
     """Make a new key for ``tenant``: returns the plain key (show it once) and the entry to store.
 
     ``hmac_secret`` must be the secret the gateway uses (the value of the file's ``hmac_secret_env``),
-    or None when the file has none. ``key_id`` defaults to 12 random hex characters.
+    or None when the file has none. ``key_id`` defaults to 12 random hex characters; ``scopes`` to
+    ``["chat"]``.
     """
     key_id = key_id if key_id is not None else secrets.token_hex(6)
     if not re.fullmatch(KEY_ID_PATTERN, key_id):
         raise InvalidArgument(f"key_id {key_id!r} must be 1-64 letters, digits or '_' (no '-')")
     plain = f"{KEY_PREFIX}-{key_id}-{secrets.token_urlsafe(32)}"
-    entry = ApiKeyEntry(
-        key_id=key_id,
-        tenant=tenant,
-        digest=key_digest(plain, hmac_secret),
-        created_at=(now or datetime.now(UTC)).replace(microsecond=0),
-        expires_at=expires_at,
-    )
+    fields = {"scopes": list(scopes)} if scopes is not None else {}
+    try:
+        entry = ApiKeyEntry(
+            key_id=key_id,
+            tenant=tenant,
+            digest=key_digest(plain, hmac_secret),
+            created_at=(now or datetime.now(UTC)).replace(microsecond=0),
+            expires_at=expires_at,
+            **fields,
+        )
+    except ValidationError as exc:
+        raise InvalidArgument(format_validation_error(exc, "the new key")) from None
     return plain, entry
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the tenant a key acts for, the key's public id (None in single-tenant mode) and
+    what the key may call."""
+
+    tenant: Tenant
+    key_id: str | None
+    scopes: frozenset[str]
+
+    def require(self, scope: str) -> None:
+        """PermissionDenied (reason ``scope_not_granted``) unless the key holds ``scope``."""
+        if scope not in self.scopes:
+            raise PermissionDenied(
+                f"API key {self.key_id} is not granted the {scope!r} scope (it holds "
+                f"{', '.join(sorted(self.scopes))})",
+                reason="scope_not_granted",
+            )
 
 
 def default_tenant() -> Tenant:
@@ -101,8 +133,8 @@ def default_tenant() -> Tenant:
 class Authenticator(Protocol):
     """What the gateway asks of a key store (``KeyStore`` is the one we serve with)."""
 
-    def authenticate(self, api_key: str | None) -> Tenant:
-        """The tenant ``api_key`` acts for; Unauthenticated (with a reason) if it acts for none."""
+    def authenticate(self, api_key: str | None) -> Principal:
+        """Who ``api_key`` is; Unauthenticated (with a reason) if it acts for no tenant."""
         ...
 
 
@@ -176,15 +208,16 @@ class KeyStore:
         return len(self._keys.by_digest)
 
     # -- authentication -----------------------------------------------------------------------------
-    def authenticate(self, api_key: str | None) -> Tenant:
-        """The tenant ``api_key`` acts for; Unauthenticated if it is missing, unknown, revoked or expired.
+    def authenticate(self, api_key: str | None) -> Principal:
+        """Who ``api_key`` is (its tenant, key id and scopes); Unauthenticated if it is missing,
+        unknown, revoked or expired. Single-tenant mode: the default tenant with every scope.
 
         The reason on the error tells the caller which (``missing_api_key``, ``invalid_api_key``,
         ``key_revoked``, ``key_expired``); the message never contains the key.
         """
         keys = self._keys
         if keys.default is not None:
-            return keys.default
+            return Principal(keys.default, None, frozenset(SCOPES))
         if not api_key:
             raise Unauthenticated(
                 "missing API key: send 'Authorization: Bearer <key>'", reason="missing_api_key"
@@ -203,10 +236,15 @@ class KeyStore:
         if entry.expired(self._now()):
             log.info("authentication failed: key %s of tenant %s expired", entry.key_id, entry.tenant)
             raise Unauthenticated(f"API key {entry.key_id} has expired", reason="key_expired")
-        return keys.tenants[entry.tenant]
+        return Principal(keys.tenants[entry.tenant], entry.key_id, frozenset(entry.scopes))
 
     def create_key(
-        self, tenant: str, *, key_id: str | None = None, expires_at: datetime | None = None
+        self,
+        tenant: str,
+        *,
+        key_id: str | None = None,
+        expires_at: datetime | None = None,
+        scopes: Sequence[str] | None = None,
     ) -> tuple[str, ApiKeyEntry]:
         """``create_key`` with this store's HMAC secret, for a tenant the file defines.
 
@@ -216,7 +254,13 @@ class KeyStore:
             raise InvalidArgument("no tenants file: single-tenant mode has no keys")
         if tenant not in self._keys.tenants:
             raise InvalidArgument(f"unknown tenant {tenant!r}: add it to the tenants file first")
-        return create_key(tenant, key_id=key_id, expires_at=expires_at, hmac_secret=self._keys.hmac_secret)
+        return create_key(
+            tenant,
+            key_id=key_id,
+            expires_at=expires_at,
+            hmac_secret=self._keys.hmac_secret,
+            scopes=scopes,
+        )
 
     # -- loading ------------------------------------------------------------------------------------
     def _load(self, raw: bytes | None) -> _KeySet:

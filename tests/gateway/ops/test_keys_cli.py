@@ -38,7 +38,7 @@ def test_create_prints_the_key_once_and_stores_its_digest(tenants):
     secret = key.removeprefix("ivm-acme1-")  # the secret itself may contain "-"
     assert key not in text and secret not in text and "digest" in text
     store = KeyStore(tenants, env=env)
-    assert store.authenticate(key).name == "acme"
+    assert store.authenticate(key).tenant.name == "acme"
     listing = _run("list", "-f", str(tenants))
     assert listing.exit_code == 0 and "acme1" in listing.stdout and "active" in listing.stdout
     assert "globex" in listing.stdout and "digest" not in listing.stdout.lower()
@@ -58,11 +58,11 @@ def test_revoke_rotate_remove(tenants):
     assert out.exit_code == 0, out.output
     second = remember(out.stdout.strip())
     assert store.reload()
-    assert store.authenticate(first).name == store.authenticate(second).name == "acme"
+    assert store.authenticate(first).tenant.name == store.authenticate(second).tenant.name == "acme"
     later = KeyStore(tenants, env=env, now=lambda: datetime.now(UTC) + timedelta(hours=2))
     with pytest.raises(Exception, match="expired"):
         later.authenticate(first)
-    assert later.authenticate(second).name == "acme"
+    assert later.authenticate(second).tenant.name == "acme"
     assert _run("revoke", "-f", str(tenants), "a1").exit_code == 0
     assert store.reload()
     with pytest.raises(Exception, match="revoked"):
@@ -176,3 +176,43 @@ async def test_grpc_server_credentials_from_files_serve_tls(tmp_path):
         await server.stop(None)
     with pytest.raises(ConfigError, match="tls.key_file"):
         TlsSettings(cert_file=str(cert), key_file=str(tmp_path / "missing.key")).server_credentials()
+
+
+def test_create_with_scopes_and_rotate_keeps_them(tenants):
+    out = _run(
+        "create",
+        "-f",
+        str(tenants),
+        "--tenant",
+        "acme",
+        "--key-id",
+        "s1",
+        "--scope",
+        "tile",
+        "--scope",
+        "embed",
+    )
+    assert out.exit_code == 0, out.output
+    key = remember(out.stdout.strip())
+    assert "scopes tile,embed" in out.stderr
+    assert KeyStore(tenants, env=env).authenticate(key).scopes == {"tile", "embed"}
+    listing = _run("list", "-f", str(tenants))
+    assert "tile,embed" in listing.stdout
+    for bad in (["--scope", "admin"], ["--scope", "chat", "--scope", "chat"]):
+        refused = _run("create", "-f", str(tenants), "--tenant", "acme", *bad)
+        assert refused.exit_code == 2 and "scope" in refused.stderr
+    rotated = _run("rotate", "-f", str(tenants), "--tenant", "acme", "--window", "1h")
+    assert rotated.exit_code == 0, rotated.output
+    assert KeyStore(tenants, env=env).authenticate(remember(rotated.stdout.strip())).scopes == {
+        "tile",
+        "embed",
+    }
+    plain = _run("create", "-f", str(tenants), "--tenant", "globex")
+    assert KeyStore(tenants, env=env).authenticate(remember(plain.stdout.strip())).scopes == {"chat"}
+
+
+def test_audit_sees_a_keys_scopes_change():
+    _, a = new_key("acme", key_id="a")
+    wider = a.model_copy(update={"scopes": ["chat", "decode"]})
+    changes = diff_keys({"a": a}, {"a": wider})
+    assert [(c.event, c.scopes) for c in changes] == [("key_scopes_changed", "chat,decode")]

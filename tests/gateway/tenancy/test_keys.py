@@ -63,10 +63,10 @@ def test_good_key_maps_to_its_tenant(tenants_file):
     path, made = tenants_file
     store = KeyStore(path, env=ENV)
     assert not store.single_tenant
-    acme = store.authenticate(made["acme"][0])
+    acme = store.authenticate(made["acme"][0]).tenant
     assert acme.name == "acme" and acme.priority == 3 and acme.limits.requests_per_s == 5
     assert acme.cache_namespace == "acme"  # default: own namespace, no cross-tenant cache hits
-    assert store.authenticate(made["globex"][0]).name == "globex"
+    assert store.authenticate(made["globex"][0]).tenant.name == "globex"
     assert store.key_count == 2
 
 
@@ -112,7 +112,7 @@ def test_plain_sha256_without_a_secret(tmp_path):
     key, entry = create_key("acme")
     assert entry.digest == hashlib.sha256(key.encode()).hexdigest()
     write(path, [entry], hmac_env=None)
-    assert KeyStore(path, env={}.get).authenticate(key).name == "acme"
+    assert KeyStore(path, env={}.get).authenticate(key).tenant.name == "acme"
 
 
 def test_the_file_holds_digests_only(tenants_file):
@@ -131,6 +131,7 @@ def test_the_file_holds_digests_only(tenants_file):
         "created_at",
         "expires_at",
         "revoked",
+        "scopes",
     }
 
 
@@ -167,7 +168,7 @@ def test_revoked_and_expired_keys(tmp_path):
     with pytest.raises(Unauthenticated) as err:
         store.authenticate(revoked_key)
     assert reason_of(err) == "key_revoked" and revoked_key not in str(err.value)
-    assert store.authenticate(expiring_key).name == "acme"
+    assert store.authenticate(expiring_key).tenant.name == "acme"
     clock["now"] = now + timedelta(hours=1)
     with pytest.raises(Unauthenticated) as err:
         store.authenticate(expiring_key)
@@ -181,7 +182,7 @@ def test_naive_expiry_is_read_as_utc(tmp_path):
     raw["expires_at"] = "2030-01-01T00:00:00"
     write(path, [raw])
     store = KeyStore(path, env=ENV, now=lambda: datetime(2029, 12, 31, 23, 59, tzinfo=UTC))
-    assert store.authenticate(key).name == "acme"
+    assert store.authenticate(key).tenant.name == "acme"
 
 
 async def test_reload_without_restart_revocation_rotation_and_bad_files(tenants_file, caplog):
@@ -192,20 +193,20 @@ async def test_reload_without_restart_revocation_rotation_and_bad_files(tenants_
         new_key_, new_entry = store.create_key("acme", key_id="acme2")
         write(path, [old_entry, new_entry, made["globex"][1]])
         await wait_until(lambda: store.key_count == 3)
-        assert store.authenticate(old_key).name == "acme"
-        assert store.authenticate(new_key_).name == "acme"
+        assert store.authenticate(old_key).tenant.name == "acme"
+        assert store.authenticate(new_key_).tenant.name == "acme"
         # Revocation by removal: the old key stops on the next reload, the new one keeps working.
         write(path, [new_entry, made["globex"][1]])
         await wait_until(lambda: store.key_count == 2)
         with pytest.raises(Unauthenticated):
             store.authenticate(old_key)
-        assert store.authenticate(new_key_).name == "acme"
+        assert store.authenticate(new_key_).tenant.name == "acme"
         # A broken file is refused whole: the keys in force stay in force.
         with caplog.at_level(logging.ERROR, logger="gateway.tenancy.keys"):
             path.write_text("tenants: [unclosed\n")
             await wait_until(lambda: store.last_reload_error is not None)
         assert "not valid YAML" in store.last_reload_error and "previous keys stay" in caplog.text
-        assert store.authenticate(new_key_).name == "acme"
+        assert store.authenticate(new_key_).tenant.name == "acme"
         # Fixed again: picked up, error cleared.
         write(path, [new_entry.model_copy(update={"revoked": True}), made["globex"][1]])
         await wait_until(lambda: store.last_reload_error is None)
@@ -227,14 +228,14 @@ def test_reload_is_by_content_not_mtime(tenants_file):
     write(path, [entry, made["globex"][1]])
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert store.reload() is True
-    assert store.authenticate(made["acme"][0]).name == "acme"
+    assert store.authenticate(made["acme"][0]).tenant.name == "acme"
 
 
 def test_single_tenant_mode_without_a_file():
     store = KeyStore(None)
     assert store.single_tenant
     for key in (None, "", "anything"):
-        tenant = store.authenticate(key)
+        tenant = store.authenticate(key).tenant
         assert tenant.name == "default" and tenant.allows_model("any-model")
     lim = tenant.limits
     # A 64-client load test must not come near the defaults.
@@ -360,3 +361,35 @@ async def wait_until(predicate, timeout: float = 3.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.02)
+
+
+def test_scopes_default_to_chat_and_are_validated_strictly(tmp_path):
+    from gateway.tenancy import SCOPES, ApiKeyEntry
+
+    _, entry = create_key("acme")
+    assert entry.scopes == ["chat"]  # every key made before scopes existed keeps exactly what it had
+    legacy = entry.model_dump(mode="json", exclude={"scopes"})
+    assert ApiKeyEntry.model_validate(legacy).scopes == ["chat"]
+    for bad in ([], ["chat", "chat"], ["admin"], ["Chat"], "chat"):
+        with pytest.raises(ValueError):
+            ApiKeyEntry.model_validate({**legacy, "scopes": bad})
+    with pytest.raises(InvalidArgument, match="scope"):
+        create_key("acme", scopes=["embed", "embed"])
+    assert create_key("acme", scopes=list(SCOPES))[1].scopes == ["chat", "tile", "embed", "decode"]
+
+
+def test_authentication_yields_the_keys_scopes(tmp_path):
+    path = tmp_path / "t.yaml"
+    chat_key, chat = new_key("acme", key_id="c1")
+    embed_key, embed = new_key("acme", key_id="e1", scopes=["embed", "tile"])
+    write(path, [chat, embed])
+    store = KeyStore(path, env=ENV)
+    who = store.authenticate(embed_key)
+    assert (who.tenant.name, who.key_id, who.scopes) == ("acme", "e1", frozenset({"embed", "tile"}))
+    who.require("tile")
+    with pytest.raises(PermissionDenied) as err:
+        who.require("chat")
+    assert err.value.reason == "scope_not_granted" and "e1" in err.value.message
+    assert store.authenticate(chat_key).scopes == frozenset({"chat"})
+    # Single-tenant mode (development only) grants everything.
+    assert KeyStore(None).authenticate(None).scopes == {"chat", "tile", "embed", "decode"}
