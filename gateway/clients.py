@@ -1,9 +1,11 @@
-"""Encoder and decoder clients of the gateway over Ray DeploymentHandles (in-process ones, for a gateway
-wired to cores in the same process, are in ``mesh.local_clients``).
+"""Preprocess, encoder and decoder clients of the gateway over Ray DeploymentHandles (in-process ones,
+for a gateway wired to cores in the same process, are in ``mesh.local_clients``).
 
 The handle clients pass embedding references through unread (a Ray ``ObjectRef`` inside a reference
 stays a reference). A decoder client sends a ``DecodeRequest`` and streams ``GenerationEvent`` s back,
 the same objects over a handle as in process; closing its stream cancels the request in the decoder.
+Tiling and embedding are idempotent (content-addressed), so a call whose replica dies is tried once
+more; a stream cannot be resumed elsewhere.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from typing import Any
 from services.common.context import RequestContext
 from services.common.errors import MeshError, ResourceExhausted, Unavailable
 from services.common.refs import EmbeddingRef
-from services.common.types import TilingParams
-from services.decoder.types import DecodeRequest, GenerationEvent
+from services.common.types import TiledImage, TilingParams
+from services.decoder.types import ChatMessage, DecodeRequest, GenerationEvent
 
 
 def _replica_failures() -> tuple[type[BaseException], ...]:
@@ -45,6 +47,40 @@ def _unavailable(what: str, exc: BaseException) -> Unavailable:
     )
 
 
+async def _call(what: str, busy: str, method: Any, *args: Any, attempts: int = 2) -> Any:
+    """``method.remote(*args)``: a full pool is RESOURCE_EXHAUSTED (``busy``); a dead replica is tried
+    ``attempts`` times in all (Serve routes the retry to another replica, or to the replacement), then
+    UNAVAILABLE. Only for idempotent calls when ``attempts`` > 1."""
+    from ray.serve.exceptions import BackPressureError
+
+    failures = _replica_failures()
+    for attempt in range(1, attempts + 1):
+        try:
+            return await method.remote(*args)
+        except BackPressureError as exc:
+            raise ResourceExhausted(
+                f"the {busy} are saturated", reason=f"{what}_busy", retry_after=1.0
+            ) from exc
+        except MeshError as exc:
+            raise _replicas_own(exc) from None
+        except failures as exc:
+            if attempt == attempts:
+                raise _unavailable(what, exc) from exc
+    raise AssertionError("unreachable")
+
+
+class HandlePreprocessClient:
+    """Tiles images through the preprocess application (the door's ``TileImages``)."""
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+
+    async def tile(
+        self, items: Sequence[tuple[bytes, TilingParams]], ctx: RequestContext
+    ) -> list[TiledImage]:
+        return await _call("preprocess", "preprocess workers", self.handle.tile, list(items), ctx)
+
+
 class HandleEncoderClient:
     """Embedding is idempotent (content-addressed): a request whose encoder replica dies is tried once
     more (Serve routes it to another replica, or to the replacement); then it is UNAVAILABLE."""
@@ -55,22 +91,7 @@ class HandleEncoderClient:
     async def embed(
         self, images: Sequence[tuple[bytes, TilingParams]], ctx: RequestContext, inline: bool = False
     ) -> list[EmbeddingRef]:
-        from ray.serve.exceptions import BackPressureError
-
-        failures = _replica_failures()
-        for attempt in (1, 2):
-            try:
-                return await self.handle.embed.remote(list(images), ctx, inline)
-            except BackPressureError as exc:
-                raise ResourceExhausted(
-                    "the vision encoders are saturated", reason="encoder_busy", retry_after=1.0
-                ) from exc
-            except MeshError as exc:
-                raise _replicas_own(exc) from None
-            except failures as exc:
-                if attempt == 2:
-                    raise _unavailable("encoder", exc) from exc
-        raise AssertionError("unreachable")
+        return await _call("encoder", "vision encoders", self.handle.embed, list(images), ctx, inline)
 
 
 class HandleDecoderClient:
@@ -103,6 +124,12 @@ class HandleDecoderClient:
         finally:
             if not finished:
                 stream.cancel()  # the client went away: free the decoder's work now
+
+    async def count_tokens(
+        self, messages: list[ChatMessage], image_tiles: list[int], ctx: RequestContext
+    ) -> tuple[int, int]:
+        method = self.info_handle.count_tokens
+        return tuple(await _call("decoder", "decoders", method, messages, image_tiles, ctx))
 
     async def info(self) -> dict[str, Any]:
         return await self.info_handle.info.remote()

@@ -86,6 +86,12 @@ class GatewayAppArgs(StrictModel):
 
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     models: list[ModelApps] = Field(min_length=1, max_length=32)
+    preprocess_app: str | None = Field(
+        default="preprocess",
+        min_length=1,
+        max_length=128,
+        description="The preprocess application internal clients' TileImages reach; None: not served.",
+    )
     common: CommonConfig = Field(default_factory=CommonConfig)
     deployment_options: dict[str, Any] = Field(
         default_factory=dict, description="Serve deployment options (resources, scaling)."

@@ -4,7 +4,9 @@ HTTP comes through Serve's HTTP proxy into the FastAPI app built per replica
 (``__serve_build_asgi_app__``). The public gRPC API is this replica's own grpc.aio server on
 ``grpc_port`` with standard health and reflection, and its Prometheus metrics are its own listener on
 ``metrics_port``, both bound to ``host`` (both set SO_REUSEPORT, so several replicas on one node share
-the ports). Encoders and decoders are reached through DeploymentHandles of their applications.
+the ports). The gRPC server also serves the internal services' APIs to internal clients
+(``gateway.internal_api``). Preprocess, encoders and decoders are reached through DeploymentHandles of
+their applications.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 from typing import Any
 
 from gateway.audit import AuditedKeyStore, AuditLog
-from gateway.clients import HandleDecoderClient, HandleEncoderClient
+from gateway.clients import HandleDecoderClient, HandleEncoderClient, HandlePreprocessClient
 from gateway.config import GatewayAppArgs, GatewaySettings
 from gateway.core import Gateway, GatewayLimits, ModelRoute
 from gateway.metrics import GatewayMetrics, MetricsListener
@@ -80,6 +82,8 @@ class GatewayDeployment:
         from ray import serve
 
         from gateway.grpc_api import GatewayServicer
+        from gateway.internal import InternalDoor
+        from gateway.internal_api import internal_registrations
         from services.common.grpc_server import start_server
 
         self.settings, cfg = args.gateway, args.common
@@ -122,8 +126,12 @@ class GatewayDeployment:
         self.grpc = None
         if self.settings.grpc_port:
             tls = ops.tls.server_credentials()  # None: plaintext, TLS ends at the Ingress
+            app = args.preprocess_app
+            door = InternalDoor(
+                self.gateway, HandlePreprocessClient(serve.get_app_handle(app)) if app else None
+            )
             self.grpc = await start_server(
-                [GatewayServicer(self.gateway).registration()],
+                [GatewayServicer(self.gateway).registration(), *internal_registrations(door)],
                 host=self.settings.host,
                 port=self.settings.grpc_port,
                 max_message_bytes=cfg.grpc.max_message_bytes,

@@ -32,6 +32,14 @@ def api_key(headers: Iterable[tuple[str, str]]) -> str | None:
     return bearer or plain
 
 
+def requested_model(headers: Iterable[tuple[str, str]]) -> str:
+    """The model an internal client names in ``x-model`` metadata (its protos carry none); "" if none."""
+    for name, value in headers:
+        if name.lower() == "x-model":
+            return value.strip()
+    return ""
+
+
 def trace_context(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
     """The caller's W3C trace context (``traceparent``, ``tracestate``) among headers or metadata."""
     out: dict[str, str] = {}

@@ -14,7 +14,7 @@ from services.common.context import RequestContext
 from services.common.refs import EmbeddingRef
 from services.common.types import TilingParams
 from services.decoder.server import DecoderFrontend
-from services.decoder.types import DecodeRequest, GenerationEvent
+from services.decoder.types import ChatMessage, DecodeRequest, GenerationEvent
 from services.encoder.core import EncoderCore, ImageInput
 
 
@@ -46,6 +46,11 @@ class LocalDecoderClient:
     ) -> AsyncIterator[GenerationEvent]:
         async for event in self.frontend.generate(request, refs, ctx):
             yield event
+
+    async def count_tokens(
+        self, messages: list[ChatMessage], image_tiles: list[int], ctx: RequestContext
+    ) -> tuple[int, int]:
+        return self.frontend.count_tokens(messages, image_tiles, ctx)
 
     async def info(self) -> dict[str, Any]:
         return {"max_model_len": self.frontend.core.max_model_len}

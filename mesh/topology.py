@@ -247,6 +247,7 @@ def _gateway_app(cfg: MeshConfig) -> dict[str, Any]:
     args = {
         "gateway": _gateway_args(cfg.gateway),
         "models": models,
+        "preprocess_app": "preprocess",
         "common": _common(cfg),
         "deployment_options": cfg.gateway_deployment.serve_options(),
     }

@@ -33,6 +33,7 @@ SPAN_CHAT = "gateway.chat"
 SPAN_ADMISSION = "gateway.admission"
 SPAN_EMBED = "gateway.embed"
 SPAN_GENERATE = "gateway.generate"
+SPAN_INTERNAL = "gateway.internal"  # an internal client's call through the gateway (tile, embed, ...)
 SPAN_ENCODER = "encoder.embed"
 SPAN_CACHE_LOOKUP = "encoder.cache_lookup"
 SPAN_ENCODE = "encoder.encode"
@@ -51,6 +52,7 @@ ATTR_CACHE_HIT = "internvl.cache.hit"
 ATTR_PROMPT_TOKENS = "internvl.prompt_tokens"
 ATTR_COMPLETION_TOKENS = "internvl.completion_tokens"
 ATTR_FINISH_REASON = "internvl.finish_reason"
+ATTR_RPC_METHOD = "rpc.method"  # OpenTelemetry's name: the internal method called (TileImages, ...)
 
 _propagator = TraceContextTextMapPropagator()
 _lock = threading.Lock()

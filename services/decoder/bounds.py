@@ -23,18 +23,22 @@ from services.common.refs import EmbeddingRef
 from services.decoder.types import ChatMessage, DecodeRequest, TextContent
 
 
-def check_messages(messages: Sequence[ChatMessage]) -> None:
-    if len(messages) > MAX_MESSAGES:
-        raise InvalidArgument(
-            f"{len(messages)} messages, over the limit of {MAX_MESSAGES}", reason="too_many_messages"
-        )
-    size = sum(
+def text_bytes(messages: Sequence[ChatMessage]) -> int:
+    """UTF-8 bytes of every text part of ``messages``."""
+    return sum(
         len(p.text.encode("utf-8", "surrogatepass"))
         for m in messages
         for p in m.content
         if isinstance(p, TextContent)
     )
-    if size > MAX_TEXT_BYTES:
+
+
+def check_messages(messages: Sequence[ChatMessage]) -> None:
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidArgument(
+            f"{len(messages)} messages, over the limit of {MAX_MESSAGES}", reason="too_many_messages"
+        )
+    if text_bytes(messages) > MAX_TEXT_BYTES:
         raise InvalidArgument(f"message text exceeds {MAX_TEXT_BYTES} bytes", reason="prompt_too_long")
 
 

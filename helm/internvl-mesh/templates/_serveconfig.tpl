@@ -78,7 +78,7 @@ an application by name only among those with a route (topology._internal_route).
 {{- $tlsDir := trimSuffix "/" .Values.gatewayTls.mountPath }}
 {{- $_ := set $gateway "ops" (dict "tls" (dict "cert_file" (printf "%s/tls.crt" $tlsDir) "key_file" (printf "%s/tls.key" $tlsDir))) }}
 {{- end }}
-{{- $apps = append $apps (dict "name" "gateway" "route_prefix" "/" "import_path" "gateway.deployment:build_app" "args" (dict "gateway" $gateway "models" $gwModels "common" $common "deployment_options" (include "internvl-mesh.serveOptions" (dict "d" $mesh.gatewayDeployment) | fromYaml))) }}
+{{- $apps = append $apps (dict "name" "gateway" "route_prefix" "/" "import_path" "gateway.deployment:build_app" "args" (dict "gateway" $gateway "models" $gwModels "preprocess_app" "preprocess" "common" $common "deployment_options" (include "internvl-mesh.serveOptions" (dict "d" $mesh.gatewayDeployment) | fromYaml))) }}
 {{- $out := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" $gw.httpPort) "applications" $apps }}
 {{- if $gw.serveGrpcPort }}
 {{- $fns := list "internvl.preprocess.v1.preprocess_pb2_grpc.add_PreprocessServiceServicer_to_server" "internvl.encoder.v1.encoder_pb2_grpc.add_EncoderServiceServicer_to_server" "internvl.decoder.v1.decoder_pb2_grpc.add_DecoderServiceServicer_to_server" }}
