@@ -140,6 +140,13 @@ class Call:
     root: Any
     record: RequestRecord
     usage: Usage
+    encoded_tokens: int = 0  # image tokens the encoder computed (cache hits cost nothing)
+
+    def billed_tokens(self) -> int:
+        """What the tenant's token budget is charged: the tokens the decoder reported, and at least the
+        image tokens encoded for it, so a request refused after its images were encoded still pays
+        for them."""
+        return max(self.usage.prompt_tokens + self.usage.completion_tokens, self.encoded_tokens)
 
 
 class GatewayObserver(Protocol):
@@ -188,27 +195,39 @@ class Gateway:
         tenant = (await self.authenticate(api_key)).tenant
         return [r for name, r in self.routes.items() if tenant.allows_model(name)]
 
-    async def chat(self, req: ChatRequest, api_key: str | None) -> AsyncIterator[ChatChunk]:
-        """Stream the answer. Raises ``MeshError`` subclasses before the first chunk for bad requests."""
-        tenant = (await self.authenticate(api_key, SCOPE_CHAT)).tenant
+    async def chat(self, req: ChatRequest, principal: Principal) -> AsyncIterator[ChatChunk]:
+        """Stream the answer to a caller the front end authenticated (``authenticate(key, SCOPE_CHAT)``,
+        before it read the body). Raises ``MeshError`` subclasses before the first chunk for bad requests.
+
+        The order is the cheapest refusal first, and nothing is embedded before everything that can be
+        checked has been: the conversation, ``max_tokens``, the sampling values, the images counted and
+        their tiles read from their headers, admission by the tenant's limits, remote images fetched
+        (only now: after admission), and, with images, the exact prompt length against the context.
+        """
+        principal.require(SCOPE_CHAT)
+        tenant = principal.tenant
         route = self.route(req.model, tenant)
         req.request_id = req.request_id or f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self._check_messages(req)
         max_tokens = self._max_tokens(req, tenant, route)
-        await self._fetch_remote_images(req)
-        tilings, image_tokens = self._plan_images(req, tenant, route)
-        estimate = text_token_bound(text_bytes(req), len(req.messages)) + image_tokens + max_tokens
+        decode = req.decode_request(max_tokens)
+        decode.sampling.validate()
+        tilings, tiles = self._plan_images(req, tenant, route)
+        estimate = text_token_bound(text_bytes(req), len(req.messages)) + sum(tiles) * TOKENS_PER_TILE
         async with self.admitted(
             tenant,
             route.name,
             req.request_id,
             self.timeout_s(req.timeout_s),
-            estimate,
+            estimate + max_tokens,
             span=tracing.SPAN_CHAT,
             trace=req.trace,
             attributes={tracing.ATTR_IMAGES: len(tilings)},
         ) as call:
-            async for chunk in self._run(req, route, call, tilings, max_tokens):
+            if req.images:
+                await self._fetch_remote_images(req, tenant, tilings, tiles)
+                await self._check_context(route, decode, tiles, call.ctx)
+            async for chunk in self._run(req, route, call, tilings, decode):
                 yield chunk
 
     def timeout_s(self, requested: float | None) -> float:
@@ -251,18 +270,19 @@ class Gateway:
         )
         record = RequestRecord(request_id, tenant.name, model, time.monotonic(), operation)
         usage = Usage()
+        call = Call(ctx, root, record, usage)
         try:
             admission = await self._admit(tenant, estimate, root)
             record.queue_s = time.monotonic() - record.started
             try:
                 async with asyncio.timeout(timeout_s):
-                    yield Call(ctx, root, record, usage)
+                    yield call
             except TimeoutError:
                 raise DeadlineExceeded(
                     f"request {request_id} exceeded its {timeout_s:.1f} s deadline"
                 ) from None
             finally:
-                await admission.complete(usage.prompt_tokens + usage.completion_tokens)
+                await admission.complete(call.billed_tokens())
         except BaseException as exc:
             record.status = _status_of(exc)
             tracing.record_error(root, exc)
@@ -293,10 +313,14 @@ class Gateway:
 
     # -- steps --------------------------------------------------------------------------------
     async def _run(
-        self, req: ChatRequest, route: ModelRoute, call: Call, tilings: list[TilingParams], max_tokens: int
+        self,
+        req: ChatRequest,
+        route: ModelRoute,
+        call: Call,
+        tilings: list[TilingParams],
+        decode: DecodeRequest,
     ) -> AsyncIterator[ChatChunk]:
         items = [(img.data, t) for img, t in zip(req.images, tilings)]
-        decode = req.decode_request(max_tokens)
         record = call.record
         for attempt in (1, 2):
             # A second attempt asks for the tensors themselves: the first references could not be read.
@@ -305,6 +329,7 @@ class Gateway:
             record.tiles = sum(r.tiles for r in refs)
             record.tile_counts = [r.tiles for r in refs]
             record.cache_hits = sum(1 for r in refs if r.cache_hit)
+            call.encoded_tokens += TOKENS_PER_TILE * sum(r.tiles for r in refs if not r.cache_hit)
             started = False
             gen_span = tracing.start_span(tracing.SPAN_GENERATE, parent=call.root)
             try:
@@ -356,16 +381,32 @@ class Gateway:
         finally:
             span.end()
 
-    async def _fetch_remote_images(self, req: ChatRequest) -> None:
-        remote = [img for img in req.images if img.url]
+    async def _fetch_remote_images(
+        self, req: ChatRequest, tenant: Tenant, tilings: list[TilingParams], tiles: list[int]
+    ) -> None:
+        """Fetch the remote images (after admission) and put their real tile counts in ``tiles`` (which
+        held each one's most), checked against the tenant's cap again."""
+        remote = [(k, img) for k, img in enumerate(req.images) if img.url]
         if not remote:
             return
-        if self.fetcher is None:
-            raise InvalidArgument(
-                "remote image URLs are not fetched by this server", reason="remote_images_disabled"
-            )
-        for img in remote:
+        for k, img in remote:
             img.data = await self.fetcher.fetch(img.url)
+            tiles[k] = self._image_tiles(k, img.data, tilings[k])
+        tenant.check_request_size(tiles=sum(tiles))
+
+    async def _check_context(
+        self, route: ModelRoute, decode: DecodeRequest, tiles: list[int], ctx: RequestContext
+    ) -> None:
+        """The exact prompt (the decoder's template and tokenizer) plus ``max_tokens`` within the
+        context, before any image is embedded (the decoder checks it again, but only after the encoder's
+        work would have been spent)."""
+        total, _ = await route.decoder.count_tokens(decode.messages, tiles, self.signer.sign(ctx))
+        if total + (decode.max_tokens or 0) > route.max_model_len:
+            raise InvalidArgument(
+                f"max_tokens={decode.max_tokens} plus the {total}-token prompt exceed the context of "
+                f"{route.max_model_len}",
+                reason="context_length_exceeded",
+            )
 
     def route(self, model: str, tenant: Tenant) -> ModelRoute:
         """The route of ``model``; NotFound, alike, for a model not served and one ``tenant`` may not use."""
@@ -386,11 +427,16 @@ class Gateway:
 
     def _plan_images(
         self, req: ChatRequest, tenant: Tenant, route: ModelRoute
-    ) -> tuple[list[TilingParams], int]:
-        """Tiling per image (capped by model and tenant) and the image tokens, from headers only."""
+    ) -> tuple[list[TilingParams], list[int]]:
+        """Tiling per image (capped by model and tenant) and its tiles, from headers only; a remote
+        image (not fetched yet) counts its most, ``max_num`` + a thumbnail."""
         images: list[ImagePart] = req.images
         tenant.check_request_size(images=len(images))
-        tilings, tiles = [], 0
+        if any(img.url for img in images) and self.fetcher is None:
+            raise InvalidArgument(
+                "remote image URLs are not fetched by this server", reason="remote_images_disabled"
+            )
+        tilings, tiles = [], []
         for k, img in enumerate(images):
             max_num = route.max_tiles_per_image if img.max_num is None else img.max_num
             if not 1 <= max_num <= MAX_TILES_PER_IMAGE:
@@ -399,10 +445,11 @@ class Gateway:
                     reason="invalid_max_num",
                 )
             params = TilingParams(max_num=min(max_num, route.max_tiles_per_image)).validate()
-            tiles += self._image_tiles(k, img.data, params)
+            tiles.append(params.max_num + 1 if img.url else self._image_tiles(k, img.data, params))
             tilings.append(params)
-        tenant.check_request_size(tiles=tiles)
-        return tilings, tiles * TOKENS_PER_TILE
+        # A remote image counts one tile against the cap until it is fetched (then its real count).
+        tenant.check_request_size(tiles=sum(1 if img.url else n for img, n in zip(images, tiles)))
+        return tilings, tiles
 
     def plan_tiles(self, tenant: Tenant, items: Sequence[tuple[bytes, TilingParams]]) -> list[int]:
         """The tiles of each image, from its header only (before any work); InvalidArgument past the

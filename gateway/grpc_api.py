@@ -12,6 +12,7 @@ from internvl.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.core import Gateway
 from gateway.images import checked_image, decode_data_uri, is_remote
 from gateway.intake import api_key, trace_context
+from gateway.tenancy.config import SCOPE_CHAT
 from gateway.types import ChatChunk, ChatRequest, ImagePart, Message, TextPart, Usage
 from services.common.errors import InvalidArgument
 
@@ -50,6 +51,10 @@ def chat_from_pb(request: gateway_pb2.ChatRequest, allow_remote: bool = False) -
     )
 
 
+def count_images(request: gateway_pb2.ChatRequest) -> int:
+    return sum(1 for m in request.messages for p in m.content if p.WhichOneof("part") == "image")
+
+
 def _image_from_pb(img: gateway_pb2.Image, k: int, allow_remote: bool) -> ImagePart:
     source = img.WhichOneof("source")
     if source == "data":
@@ -73,9 +78,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def Chat(self, request, context):  # noqa: N802 - gRPC method name
         metadata = context.invocation_metadata() or ()
+        principal = await self.gateway.authenticate(api_key(metadata), SCOPE_CHAT)
+        # Images are counted before any is decoded.
+        principal.tenant.check_request_size(images=count_images(request))
         req = chat_from_pb(request, self.gateway.fetcher is not None)
         req.trace = trace_context(metadata)
-        async for chunk in self.gateway.chat(req, api_key(metadata)):
+        async for chunk in self.gateway.chat(req, principal):
             yield chunk_to_pb(chunk)
 
     async def ListModels(self, request, context):  # noqa: N802 - gRPC method name

@@ -25,6 +25,8 @@ from pydantic import ValidationError
 from gateway.core import Gateway
 from gateway.intake import api_key, trace_context
 from gateway.openai_schema import ChatCompletionRequest, error_body
+from gateway.tenancy.config import SCOPE_CHAT
+from gateway.tenancy.keys import Principal
 from gateway.types import ChatChunk, Usage
 from services.common.errors import MeshError, ResourceExhausted
 from services.decoder.types import FinishReason
@@ -70,10 +72,16 @@ def create_http_app(gateway: Gateway, *, ready: Callable[[], bool] = lambda: Tru
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        parsed = _parse_chat(await request.body())
+        # Who asks before what they sent: an unauthenticated body is never read.
+        principal = await gateway.authenticate(api_key(request.headers.items()), SCOPE_CHAT)
+        body = await _read_body(request)
+        if isinstance(body, JSONResponse):
+            return body
+        parsed = _parse_chat(body)
         if isinstance(parsed, JSONResponse):
             return parsed
-        return await _chat(gateway, parsed, request.headers.items())
+        principal.tenant.check_request_size(images=parsed.image_count())  # before any is decoded
+        return await _chat(gateway, parsed, request.headers.items(), principal)
 
     return app
 
@@ -103,12 +111,30 @@ def _add_probes(app: FastAPI, ready: Callable[[], bool]) -> None:
         return {"status": "ready"}
 
 
+def _too_large() -> JSONResponse:
+    return JSONResponse(error_body(f"request body over {MAX_BODY_BYTES} bytes", 413, "body_too_large"), 413)
+
+
+async def _read_body(request: Request) -> bytes | JSONResponse:
+    """The body, read only up to ``MAX_BODY_BYTES``: a larger ``Content-Length`` is refused before a
+    byte is read, a longer stream as soon as it passes the bound."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            return JSONResponse(error_body("Content-Length is not a number", 400, "invalid_request"), 400)
+        if int(declared) > MAX_BODY_BYTES:
+            return _too_large()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return _too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _parse_chat(body: bytes) -> ChatCompletionRequest | JSONResponse:
     """The request body as a ``ChatCompletionRequest``, or the 4xx answer that says what is wrong."""
-    if len(body) > MAX_BODY_BYTES:
-        return JSONResponse(
-            error_body(f"request body over {MAX_BODY_BYTES} bytes", 413, "body_too_large"), 413
-        )
     try:
         raw = json.loads(body)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -122,12 +148,12 @@ def _parse_chat(body: bytes) -> ChatCompletionRequest | JSONResponse:
         return JSONResponse(error_body(_describe(first), 400, "invalid_request", _param(first)), 400)
 
 
-async def _chat(gateway: Gateway, parsed: ChatCompletionRequest, headers) -> Response:
+async def _chat(gateway: Gateway, parsed: ChatCompletionRequest, headers, principal: Principal) -> Response:
     """Run one chat completion: a stream of server-sent events, or one JSON answer."""
     route = gateway.routes.get(parsed.model)
     req = parsed.to_domain(route.max_tiles_per_image if route else 12, gateway.fetcher is not None)
     req.trace = trace_context(headers)
-    stream = gateway.chat(req, api_key(headers))
+    stream = gateway.chat(req, principal)
     first = await anext(stream, None)  # errors before the first chunk are HTTP statuses
     created = int(time.time())
     if parsed.stream:

@@ -109,6 +109,16 @@ class ChatCompletionRequest(_Lenient):
             f"{k} ({UNSUPPORTED[k]})" for k in extra & UNSUPPORTED.keys() if self.model_extra[k] is not None
         )
 
+    def image_count(self) -> int:
+        """Image parts, counted before any is decoded."""
+        return sum(
+            1
+            for m in self.messages
+            if not isinstance(m.content, str) and m.content is not None
+            for part in m.content
+            if not isinstance(part, TextContent)
+        )
+
     def to_domain(self, model_max_tiles: int, allow_remote: bool = False) -> ChatRequest:
         unsupported = self.unsupported_fields()
         if unsupported:

@@ -97,3 +97,21 @@ def test_inline_ref_checks_shape():
             dtype="float32",
             tensor=tensor,
         )
+
+
+def test_names_match_whole_strings_only():
+    """A trailing newline is not part of a valid namespace, prefix or hash (``$`` would accept it)."""
+    import pytest
+
+    from services.common.errors import InvalidArgument
+    from services.common.refs import embedding_key, key_namespace, validate_namespace
+    from services.common.types import TilingParams
+
+    sha = "a" * 64
+    for bad in (lambda: validate_namespace("acme\n"),
+                lambda: embedding_key("acme", "enc", TilingParams(), sha + "\n"),
+                lambda: embedding_key("acme", "enc", TilingParams(), sha, prefix="ivm\n")):  # fmt: skip
+        with pytest.raises(InvalidArgument):
+            bad()
+    assert key_namespace(embedding_key("acme", "enc", TilingParams(), sha)) == "acme"
+    assert key_namespace("ivm:emb:v1:acme\n:x:y:z") is None

@@ -23,6 +23,7 @@ SUITE_DBS = {
     "gateway.tenancy": 11,
     "gateway": 12,
     "gateway.ops": 13,
+    "security": 14,
 }
 
 

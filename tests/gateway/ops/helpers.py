@@ -68,5 +68,8 @@ class CountingDecoder:
             self.generated[ctx.request_id] = self.generated.get(ctx.request_id, 0) + n
             yield event
 
+    async def count_tokens(self, messages, image_tiles, ctx):
+        return await self.inner.count_tokens(messages, image_tiles, ctx)
+
     async def info(self):
         return await self.inner.info()
