@@ -227,8 +227,13 @@ class Gateway:
             if req.images:
                 await self._fetch_remote_images(req, tenant, tilings, tiles)
                 await self._check_context(route, decode, tiles, call.ctx)
-            async for chunk in self._run(req, route, call, tilings, decode):
-                yield chunk
+            self.keys.check(principal)
+            async with contextlib.aclosing(self._run(req, route, call, tilings, decode)) as chunks:
+                async for chunk in chunks:
+                    # A key revoked while its request streams: the stream ends at the next token after
+                    # the key set reloads (and the decoder's work is cancelled as the chain closes).
+                    self.keys.check(principal)
+                    yield chunk
 
     def timeout_s(self, requested: float | None) -> float:
         """A request's time limit: ``requested`` (else the default), never above the maximum."""

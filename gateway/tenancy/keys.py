@@ -37,7 +37,7 @@ import os
 import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -114,6 +114,7 @@ class Principal:
     tenant: Tenant
     key_id: str | None
     scopes: frozenset[str]
+    digest: str | None = field(default=None, compare=False, repr=False)  # of the stored entry
 
     def require(self, scope: str) -> None:
         """PermissionDenied (reason ``scope_not_granted``) unless the key holds ``scope``."""
@@ -135,6 +136,10 @@ class Authenticator(Protocol):
 
     def authenticate(self, api_key: str | None) -> Principal:
         """Who ``api_key`` is; Unauthenticated (with a reason) if it acts for no tenant."""
+        ...
+
+    def check(self, principal: Principal) -> None:
+        """Unauthenticated if ``principal``'s key stopped being valid since it authenticated."""
         ...
 
 
@@ -236,7 +241,18 @@ class KeyStore:
         if entry.expired(self._now()):
             log.info("authentication failed: key %s of tenant %s expired", entry.key_id, entry.tenant)
             raise Unauthenticated(f"API key {entry.key_id} has expired", reason="key_expired")
-        return Principal(keys.tenants[entry.tenant], entry.key_id, frozenset(entry.scopes))
+        return Principal(keys.tenants[entry.tenant], entry.key_id, frozenset(entry.scopes), entry.digest)
+
+    def check(self, principal: Principal) -> None:
+        """Unauthenticated if the key ``principal`` authenticated with has since been revoked, removed
+        or has expired (the key set as last reloaded): a request in flight stops within one reload."""
+        if principal.digest is None:
+            return  # single-tenant: no key to revoke
+        entry = self._keys.by_digest.get(principal.digest)
+        if entry is None or entry.revoked:
+            raise Unauthenticated(f"API key {principal.key_id} has been revoked", reason="key_revoked")
+        if entry.expired(self._now()):
+            raise Unauthenticated(f"API key {principal.key_id} has expired", reason="key_expired")
 
     def create_key(
         self,
