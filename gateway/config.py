@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gateway.ops_config import OpsSettings
-from services.common.config import CommonConfig, StrictModel
+from services.common.config import CommonConfig, ConfigError, StrictModel
 from services.common.limits import MAX_IMAGE_BYTES, MAX_TILES_PER_IMAGE
+
+# Serve's max_replicas for num_replicas="auto" without an autoscaling_config of one's own.
+SERVE_AUTO_MAX_REPLICAS = 100
 
 
 class RemoteImageSettings(StrictModel):
@@ -96,3 +99,24 @@ class GatewayAppArgs(StrictModel):
     deployment_options: dict[str, Any] = Field(
         default_factory=dict, description="Serve deployment options (resources, scaling)."
     )
+
+    @model_validator(mode="after")
+    def _usage_stream_under_prefix(self) -> GatewayAppArgs:
+        try:
+            self.gateway.ops.usage.stream_key(self.common.redis.key_prefix)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @property
+    def max_replicas(self) -> int:
+        """The most replicas of this deployment Serve may run at once (``autoscaling_config.max_replicas``,
+        else an integer ``num_replicas``, else Serve's defaults): while Redis is down each replica grants
+        1 / max_replicas of every limit, so the fleet together never exceeds them."""
+        autoscaling = self.deployment_options.get("autoscaling_config") or {}
+        replicas = self.deployment_options.get("num_replicas", 1)
+        if autoscaling.get("max_replicas"):
+            return int(autoscaling["max_replicas"])
+        if replicas == "auto":
+            return SERVE_AUTO_MAX_REPLICAS
+        return max(1, int(replicas or 1))

@@ -18,11 +18,12 @@ from gateway.audit import AuditedKeyStore, AuditLog
 from gateway.clients import HandleDecoderClient, HandleEncoderClient, HandlePreprocessClient
 from gateway.config import GatewayAppArgs, GatewaySettings
 from gateway.core import Gateway, GatewayLimits, ModelRoute
+from gateway.limits_redis import check_limits_redis
 from gateway.metrics import GatewayMetrics, MetricsListener
 from gateway.usage import UsageRecorder
 from services.common import tracing
 from services.common.config import RedisConfig
-from services.common.serve_args import app_args, mesh_signer, redis_url_with_password
+from services.common.serve_args import app_args, limits_redis_url, mesh_signer
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +34,28 @@ def build_tenancy(
     redis_url: str,
     registry=None,
     audit: AuditLog | None = None,
+    replicas: int = 1,
 ):
-    """Key store and limiter from settings (the entry point of a gateway replica reads env here). The
-    limiter's keys live under ``redis.key_prefix`` and its pool holds ``redis.max_connections``."""
+    """Key store and limiter from settings (the entry point of a gateway replica reads env here).
+    ``redis_url`` is the limits Redis; the limiter's keys live under ``redis.key_prefix``, its pool
+    holds ``redis.max_connections``, and while Redis is down this replica grants 1 / ``replicas`` (the
+    most gateway replicas that can run) of every limit. Leases are renewed up to ``max_timeout_s``."""
     from gateway.tenancy.keys import KeyStore
     from gateway.tenancy.limiter import FallbackLimiter, LocalLimiter, RedisLimiter
 
     path = settings.tenants_file or None
     keys = AuditedKeyStore(path, audit=audit) if audit is not None else KeyStore(path)
-    local = LocalLimiter()
+    hold = settings.max_timeout_s
+    local = (
+        LocalLimiter.for_replicas(replicas, max_hold_s=hold) if redis_url else LocalLimiter(max_hold_s=hold)
+    )
     limiter = (
         FallbackLimiter(
             RedisLimiter.from_url(
-                redis_url, prefix=f"{redis.key_prefix}:lim:", max_connections=redis.max_connections
+                redis_url,
+                prefix=f"{redis.key_prefix}:lim:",
+                max_connections=redis.max_connections,
+                max_hold_s=hold,
             ),
             local,
             fail_closed=settings.limits_fail_closed,
@@ -61,11 +71,14 @@ def build_usage(
     settings: GatewaySettings, redis: RedisConfig, redis_url: str, **kwargs: Any
 ) -> UsageRecorder | None:
     """The usage recorder (not started; ``kwargs`` go to it), or None when usage records are off or
-    have nowhere to go. Its connection pool holds ``redis.max_connections``."""
+    have nowhere to go. ``redis_url`` is the limits Redis; the stream lives under ``redis.key_prefix``
+    and the connection pool holds ``redis.max_connections``."""
     usage = settings.ops.usage
     if not usage.enabled or not (redis_url or usage.jsonl_path):
         return None
-    return UsageRecorder.from_url(usage, redis_url, max_connections=redis.max_connections, **kwargs)
+    return UsageRecorder.from_url(
+        usage, redis_url, key_prefix=redis.key_prefix, max_connections=redis.max_connections, **kwargs
+    )
 
 
 def _fetcher(settings: GatewaySettings):
@@ -89,9 +102,12 @@ class GatewayDeployment:
         self.settings, cfg = args.gateway, args.common
         tracing.setup_tracing(cfg.tracing, "gateway")
         ops = self.settings.ops
-        redis_url = redis_url_with_password(cfg)
+        redis_url = limits_redis_url(cfg)  # limit counters and usage records: never evicted
+        await check_limits_redis(redis_url, cfg.redis, cfg.cache.ttl_s)
         audit = AuditLog() if ops.audit.enabled else None
-        self.keys, self.limiter = build_tenancy(self.settings, cfg.redis, redis_url, audit=audit)
+        self.keys, self.limiter = build_tenancy(
+            self.settings, cfg.redis, redis_url, audit=audit, replicas=args.max_replicas
+        )
         observers = [GatewayMetrics(tenant_labels=ops.metrics.tenant_labels), *([audit] if audit else [])]
         self.usage = build_usage(self.settings, cfg.redis, redis_url)
         if self.usage is not None:

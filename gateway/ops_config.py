@@ -25,8 +25,13 @@ class UsageSettings(StrictModel):
     enabled: bool = Field(
         default=True, description="Write usage records (to the stream when Redis is configured)."
     )
-    stream: str = Field(
-        default="ivm:usage", pattern=STREAM_PATTERN, description="Redis stream the records are XADDed to."
+    stream: str | None = Field(
+        default=None,
+        pattern=STREAM_PATTERN,
+        description=(
+            "Redis stream the records are XADDed to; it must start with <redis.key_prefix>: (like every "
+            "key the mesh writes). None: <redis.key_prefix>:usage."
+        ),
     )
     max_len: int = Field(
         default=1_000_000,
@@ -57,6 +62,18 @@ class UsageSettings(StrictModel):
     redis_timeout_s: float = Field(
         default=2.0, gt=0, le=60, description="Socket timeout of the writer's Redis connection."
     )
+
+    def stream_key(self, key_prefix: str) -> str:
+        """The stream's key under ``key_prefix`` (``redis.key_prefix``); ConfigError if ``stream`` names a
+        key outside it."""
+        if self.stream is None:
+            return f"{key_prefix}:usage"
+        if not self.stream.startswith(f"{key_prefix}:"):
+            raise ConfigError(
+                f"gateway.ops.usage.stream {self.stream!r} must start with redis.key_prefix "
+                f"{key_prefix!r} and ':' (or be left out: {key_prefix}:usage)"
+            )
+        return self.stream
 
 
 class AuditSettings(StrictModel):

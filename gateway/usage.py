@@ -36,6 +36,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 from gateway.core import RequestRecord
 from gateway.ops_config import UsageSettings
+from services.common.refs import DEFAULT_KEY_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +130,9 @@ def _text(v: Any) -> str:
 class UsageRecorder:
     """The ``GatewayObserver`` that writes usage records (see the module docstring).
 
-    ``redis`` is a synchronous ``redis.Redis`` (or None: JSONL only). ``start()`` starts the writer
-    thread; ``close()`` writes what is buffered (bounded by ``timeout``) and stops it.
+    ``redis`` is a synchronous ``redis.Redis`` (or None: JSONL only). The stream is
+    ``settings.stream_key(key_prefix)`` (``redis.key_prefix``: ``<prefix>:usage`` by default). ``start()``
+    starts the writer thread; ``close()`` writes what is buffered (bounded by ``timeout``) and stops it.
     """
 
     def __init__(
@@ -138,10 +140,12 @@ class UsageRecorder:
         settings: UsageSettings,
         redis: Any | None = None,
         *,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
         registry: CollectorRegistry | None = REGISTRY,
         clock=time.time,
     ):
         self.settings = settings
+        self.stream = settings.stream_key(key_prefix)
         self.redis = redis
         self.jsonl_path = Path(settings.jsonl_path) if settings.jsonl_path else None
         self.written = 0
@@ -302,7 +306,7 @@ class UsageRecorder:
                     break
                 pipe = self.redis.pipeline(transaction=False)
                 for r in batch:
-                    pipe.xadd(s.stream, r.to_fields(), maxlen=s.max_len, approximate=True)
+                    pipe.xadd(self.stream, r.to_fields(), maxlen=s.max_len, approximate=True)
                 pipe.execute()
                 with self._lock:
                     for _ in batch:
@@ -315,7 +319,7 @@ class UsageRecorder:
             if self._outage is None:
                 log.error(
                     "usage records: Redis stream %s unreachable (%s); buffering up to %d records",
-                    s.stream,
+                    self.stream,
                     message,
                     s.buffer_records,
                 )
@@ -324,7 +328,7 @@ class UsageRecorder:
             self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
             return
         if self._outage is not None:
-            log.warning("usage records: Redis stream %s reachable again", s.stream)
+            log.warning("usage records: Redis stream %s reachable again", self.stream)
         self._outage = None
         self._backoff = s.flush_interval_s
 
@@ -333,7 +337,7 @@ class UsageRecorder:
 
         for group in self.settings.consumer_groups:
             try:
-                self.redis.xgroup_create(self.settings.stream, group, id="0", mkstream=True)
+                self.redis.xgroup_create(self.stream, group, id="0", mkstream=True)
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise

@@ -350,7 +350,7 @@ def usage_command(
     redis_url: Annotated[
         str, typer.Option(envvar="IVM_REDIS_URL", help="redis://[:password@]host:port/db holding the stream.")
     ] = "",
-    stream: Annotated[str, typer.Option(help="The usage stream.")] = "ivm:usage",
+    stream: Annotated[str, typer.Option(help="The usage stream: <redis.key_prefix>:usage.")] = "ivm:usage",
     jsonl: Annotated[Path | None, typer.Option(help="Read a usage JSONL file instead of Redis.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:

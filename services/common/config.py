@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -23,7 +24,13 @@ class StrictModel(BaseModel):
 
 
 class RedisConfig(StrictModel):
-    """The Redis that holds embeddings and shared rate-limit counters. ``url`` empty = no Redis."""
+    """The Redis of the embedding cache (``url``) and the Redis of the gateway's limit counters and usage
+    records (``limits_url``). ``url`` empty = no cache Redis; both empty = no Redis at all.
+
+    Eviction is a property of a Redis instance (``maxmemory-policy``), not of a database: a cache wants
+    ``allkeys-lru``, counters and records must never be evicted (``noeviction``). So in production the
+    limits get a Redis instance of their own; on a laptop ``limits_url`` empty shares the cache's.
+    """
 
     url: str = Field(
         default="",
@@ -33,12 +40,24 @@ class RedisConfig(StrictModel):
         default="REDIS_PASSWORD",
         description="Name of the environment variable holding the password (never the password itself).",
     )
+    limits_url: str = Field(
+        default="",
+        description=(
+            "redis://host:port/db of the Redis holding the rate limiter's counters and the usage stream; "
+            "give it maxmemory-policy noeviction. Empty: the cache's url (and password_env), which then "
+            "must be noeviction too."
+        ),
+    )
+    limits_password_env: str = Field(
+        default="REDIS_LIMITS_PASSWORD",
+        description="Name of the environment variable holding the password of limits_url (when set).",
+    )
     key_prefix: str = Field(
         default=DEFAULT_KEY_PREFIX,
         pattern=KEY_PREFIX_PATTERN,
         description=(
-            "Prefix of the embedding-cache keys (<prefix>:emb:v1:...) and the rate limiter's "
-            "(<prefix>:lim:...); the usage stream has its own setting (gateway.ops.usage.stream)."
+            "Prefix of every key the mesh writes: the embedding cache's (<prefix>:emb:v1:...), the rate "
+            "limiter's (<prefix>:lim:...) and the usage stream (<prefix>:usage by default)."
         ),
     )
     socket_timeout_s: float = Field(
@@ -54,12 +73,28 @@ class RedisConfig(StrictModel):
         default=64, ge=1, le=4096, description="Connection-pool size of every Redis client of a process."
     )
 
-    @field_validator("url")
+    @field_validator("url", "limits_url")
     @classmethod
     def _url_scheme(cls, v: str) -> str:
         if v and not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return v
+
+    @property
+    def limits_share_cache(self) -> bool:
+        """The limits live in the cache's Redis instance: ``limits_url`` empty, or naming the same
+        server (host and port, or socket path) as ``url``, whatever the database number."""
+        if not self.limits_url or not self.url:
+            return bool(self.url) and not self.limits_url
+        return redis_instance(self.limits_url) == redis_instance(self.url)
+
+
+def redis_instance(url: str) -> tuple[str, int | str]:
+    """The server a Redis URL names: (host, port), or ("unix", socket path); the db does not count."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return ("unix", parts.path)
+    return ((parts.hostname or "localhost").lower(), parts.port or 6379)
 
 
 class TracingConfig(StrictModel):

@@ -29,9 +29,20 @@ def app_args(model_cls: type[Args], args: dict[str, Any] | Args | None, app: str
 
 def redis_url_with_password(cfg: CommonConfig, environ: dict[str, str] | None = None) -> str:
     """The configured Redis URL with the password from ``redis.password_env`` filled in (if set)."""
-    url = cfg.redis.url
+    return _with_password(cfg.redis.url, cfg.redis.password_env, environ)
+
+
+def limits_redis_url(cfg: CommonConfig, environ: dict[str, str] | None = None) -> str:
+    """The Redis of the limit counters and usage records, password filled in: ``redis.limits_url`` with
+    ``redis.limits_password_env``, or, when that is empty, the cache's URL and password."""
+    if not cfg.redis.limits_url:
+        return redis_url_with_password(cfg, environ)
+    return _with_password(cfg.redis.limits_url, cfg.redis.limits_password_env, environ)
+
+
+def _with_password(url: str, password_env: str, environ: dict[str, str] | None) -> str:
     env = os.environ if environ is None else environ
-    password = env.get(cfg.redis.password_env, "") if cfg.redis.password_env else ""
+    password = env.get(password_env, "") if password_env else ""
     if not url or not password:
         return url
     parts = urlsplit(url)

@@ -299,6 +299,8 @@ def mesh_config_data(values: dict[str, Any], release: str = RELEASE) -> dict[str
     url = (
         f"redis://{fullname}-redis:6379/{redis['database']}" if redis["enabled"] else redis["external"]["url"]
     )
+    limits = values["limitsRedis"]
+    limits_url = f"redis://{fullname}-limits-redis:6379/0" if limits["enabled"] else limits["external"]["url"]
     keys = values["apiKeys"]
     tenants = f"{keys['mountPath'].rstrip('/')}/{keys['secretKey']}" if keys["enabled"] else ""
     models = []
@@ -319,7 +321,13 @@ def mesh_config_data(values: dict[str, Any], release: str = RELEASE) -> dict[str
             **_gateway_tls(values),
         },
         "gateway_deployment": _deployment(mesh["gatewayDeployment"]),
-        "redis": {"url": url, "password_env": "REDIS_PASSWORD", **_snake_tree(mesh["redis"])},
+        "redis": {
+            "url": url,
+            "password_env": "REDIS_PASSWORD",
+            "limits_url": limits_url,
+            "limits_password_env": "REDIS_LIMITS_PASSWORD",
+            **_snake_tree(mesh["redis"]),
+        },
         "cache": _snake_tree(mesh["cache"]),
         "grpc": _snake_tree(mesh["grpc"]),
         "tracing": _snake_tree(mesh["tracing"]),

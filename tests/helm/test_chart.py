@@ -163,18 +163,51 @@ def test_public_services_and_network_policies(rendered):
     assert 6379 not in open_ports and 8000 not in open_ports  # GCS and Serve only from inside
 
 
+def _statefulsets(docs) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == "StatefulSet"}
+
+
 def test_redis_statefulset(rendered):
     docs = rendered("defaults")
-    (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    sts = _statefulsets(docs)["mesh-internvl-mesh-redis"]
     container = sts["spec"]["template"]["spec"]["containers"][0]
     assert "--maxmemory-policy allkeys-lru" in container["args"][0]
     assert "--maxmemory 3gb" in container["args"][0]
     assert all("secretKeyRef" in e["valueFrom"] for e in container["env"])
     docs = chartkit.render([], ["redis.persistence.enabled=true"])
-    (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    sts = _statefulsets(docs)["mesh-internvl-mesh-redis"]
     assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "8Gi"
     assert "--appendonly yes" in sts["spec"]["template"]["spec"]["containers"][0]["args"][0]
     assert chartkit.validate_all(docs) == []
+
+
+def test_limits_redis_is_a_noeviction_server_of_its_own(rendered):
+    """Limits and usage records get their own Redis (eviction is per instance): noeviction, persistent,
+    its own password, reachable from the gateway's pods only, named in every app's args."""
+    docs = rendered("defaults")
+    sts = _statefulsets(docs)["mesh-internvl-mesh-limits-redis"]
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    assert "--maxmemory-policy noeviction" in container["args"][0]
+    assert "--appendonly yes" in container["args"][0] and sts["spec"]["volumeClaimTemplates"]
+    secret = container["env"][0]["valueFrom"]["secretKeyRef"]["name"]
+    assert secret == "mesh-internvl-mesh-limits-redis"
+    assert secret in {d["metadata"]["name"] for d in chartkit.render([BROKEN / "canary-secrets.yaml"])}
+    redis = chartkit.serve_config(docs)["applications"][-1]["args"]["common"]["redis"]
+    assert redis["limits_url"] == "redis://mesh-internvl-mesh-limits-redis:6379/0"
+    assert redis["limits_password_env"] == "REDIS_LIMITS_PASSWORD"
+    groups = chartkit.rayservice(docs)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    env = {g["groupName"]: {e["name"] for e in g["template"]["spec"]["containers"][0]["env"]} for g in groups}
+    assert "REDIS_LIMITS_PASSWORD" in env["cpu"] and "REDIS_LIMITS_PASSWORD" not in env["decoder"]
+    nps = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+    (rule,) = nps["mesh-internvl-mesh-limits-redis"]["ingress"]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "cpu-worker"
+    # Without it, the limits would share the cache's Redis: refused while that one evicts.
+    proc = chartkit.template([], ["limitsRedis.enabled=false"])
+    assert proc.returncode != 0 and "redis.maxmemoryPolicy=noeviction" in proc.stderr, proc.stderr
+    docs = chartkit.render([], ["limitsRedis.enabled=false", "redis.maxmemoryPolicy=noeviction"])
+    assert "mesh-internvl-mesh-limits-redis" not in _statefulsets(docs)
+    assert chartkit.serve_config(docs)["applications"][-1]["args"]["common"]["redis"]["limits_url"] == ""
 
 
 def test_external_redis_and_ingress(rendered):
@@ -182,7 +215,8 @@ def test_external_redis_and_ingress(rendered):
     kinds = [d["kind"] for d in docs]
     assert "StatefulSet" not in kinds and kinds.count("Ingress") == 2
     cfg = chartkit.serve_config(docs)
-    assert cfg["applications"][-1]["args"]["common"]["redis"]["url"].startswith("rediss://")
+    redis = cfg["applications"][-1]["args"]["common"]["redis"]
+    assert redis["url"].startswith("rediss://") and redis["limits_url"].startswith("rediss://redis.limits")
 
 
 def test_values_documented_key_by_key():

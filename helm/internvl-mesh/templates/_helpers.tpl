@@ -99,6 +99,38 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/*
+The Redis of the limit counters and usage records (noeviction): its Service host, its URL ("" = the
+limits share the cache's Redis) and where its password lives.
+*/}}
+{{- define "internvl-mesh.limitsRedisHost" -}}
+{{- printf "%s-limits-redis" (include "internvl-mesh.fullname" .) }}
+{{- end }}
+
+{{- define "internvl-mesh.limitsRedisUrl" -}}
+{{- if .Values.limitsRedis.enabled }}
+{{- printf "redis://%s:6379/0" (include "internvl-mesh.limitsRedisHost" .) }}
+{{- else }}
+{{- .Values.limitsRedis.external.url }}
+{{- end }}
+{{- end }}
+
+{{- define "internvl-mesh.limitsRedisSecretName" -}}
+{{- if .Values.limitsRedis.enabled }}
+{{- default (include "internvl-mesh.limitsRedisHost" .) .Values.limitsRedis.auth.existingSecret }}
+{{- else }}
+{{- .Values.limitsRedis.external.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "internvl-mesh.limitsRedisSecretKey" -}}
+{{- if .Values.limitsRedis.enabled }}
+{{- .Values.limitsRedis.auth.existingSecretKey }}
+{{- else }}
+{{- .Values.limitsRedis.external.existingSecretKey }}
+{{- end }}
+{{- end }}
+
 {{- define "internvl-mesh.apiKeysSecretName" -}}
 {{- default (printf "%s-api-keys" (include "internvl-mesh.fullname" .)) .Values.apiKeys.existingSecret }}
 {{- end }}
@@ -189,6 +221,12 @@ Cross-field checks the schema cannot express; each fails with what to change.
 {{- end }}
 {{- if and (not .Values.redis.enabled) .Values.redis.external.url (regexMatch "^rediss?://[^/]*@" .Values.redis.external.url) }}
 {{- fail "redis.external.url must not contain credentials: put the password in a Secret and name it in redis.external.existingSecret." }}
+{{- end }}
+{{- if and (not .Values.limitsRedis.enabled) .Values.limitsRedis.external.url (regexMatch "^rediss?://[^/]*@" .Values.limitsRedis.external.url) }}
+{{- fail "limitsRedis.external.url must not contain credentials: put the password in a Secret and name it in limitsRedis.external.existingSecret." }}
+{{- end }}
+{{- if and (not (include "internvl-mesh.limitsRedisUrl" .)) .Values.redis.enabled (ne .Values.redis.maxmemoryPolicy "noeviction") }}
+{{- fail (printf "limitsRedis is off, so rate limits and usage records would share the embedding cache's Redis, whose maxmemoryPolicy %s evicts them under cache pressure: enable limitsRedis (or give limitsRedis.external.url), or set redis.maxmemoryPolicy=noeviction." .Values.redis.maxmemoryPolicy) }}
 {{- end }}
 {{- if and .Values.apiKeys.enabled (not .Values.apiKeys.existingSecret) (not .Values.apiKeys.tenants) }}
 {{- fail "apiKeys.enabled needs apiKeys.existingSecret (recommended) or apiKeys.tenants; set apiKeys.enabled=false to serve a single open tenant." }}

@@ -39,6 +39,14 @@
       key: {{ $v.modelSource.hub.tokenSecretKey }}
 {{- end }}
 {{- end }}
+{{- $limitsSecret := include "internvl-mesh.limitsRedisSecretName" .ctx }}
+{{- if and .gateway $limitsSecret }}
+- name: REDIS_LIMITS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $limitsSecret }}
+      key: {{ include "internvl-mesh.limitsRedisSecretKey" .ctx }}
+{{- end }}
 {{- if and .gateway $v.apiKeys.enabled $v.apiKeys.hmacSecret.existingSecret }}
 - name: {{ $v.apiKeys.hmacSecret.envName }}
   valueFrom:

@@ -53,7 +53,7 @@ one STRICT_PACK bundle, since the rank processes it spawns only see the replica'
 {{- $mesh := .Values.mesh }}
 {{- $gw := $mesh.gateway }}
 {{- $models := (include "internvl-mesh.models" . | fromYaml).items }}
-{{- $redis := dict "url" (include "internvl-mesh.redisUrl" .) "password_env" "REDIS_PASSWORD" "key_prefix" $mesh.redis.keyPrefix "socket_timeout_s" $mesh.redis.socketTimeoutS "max_connections" $mesh.redis.maxConnections }}
+{{- $redis := dict "url" (include "internvl-mesh.redisUrl" .) "password_env" "REDIS_PASSWORD" "limits_url" (include "internvl-mesh.limitsRedisUrl" .) "limits_password_env" "REDIS_LIMITS_PASSWORD" "key_prefix" $mesh.redis.keyPrefix "socket_timeout_s" $mesh.redis.socketTimeoutS "max_connections" $mesh.redis.maxConnections }}
 {{- $cache := dict "ttl_s" $mesh.cache.ttlS "max_entry_bytes" $mesh.cache.maxEntryBytes "local_lru_bytes" $mesh.cache.localLruBytes }}
 {{- /* The exporter endpoint reaches the pods as OTEL_EXPORTER_OTLP_ENDPOINT, so none is set here. */}}
 {{- $tracing := dict "enabled" $mesh.tracing.enabled "service_name" $mesh.tracing.serviceName "sampling_ratio" $mesh.tracing.samplingRatio "otlp_endpoint" "" "export_delay_ms" 2000 }}

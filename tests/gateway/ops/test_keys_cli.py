@@ -113,7 +113,11 @@ def test_ops_settings_are_bounded_and_say_what_to_fix():
     from gateway.ops_config import OpsSettings
 
     s = OpsSettings()
-    assert s.usage.stream == "ivm:usage" and s.usage.consumer_groups == ["billing"] and not s.tls.enabled
+    assert (
+        s.usage.stream_key("ivm") == "ivm:usage"
+        and s.usage.consumer_groups == ["billing"]
+        and not s.tls.enabled
+    )
     with pytest.raises(ValidationError, match="cert_file and tls.key_file"):
         OpsSettings.model_validate({"tls": {"cert_file": "/x.crt"}})
     with pytest.raises(ValidationError):
