@@ -35,7 +35,7 @@ keys_app = typer.Typer(
 TenantsFileOption = Annotated[
     Path, typer.Option("--tenants-file", "-f", help="The tenants YAML the gateway reloads.")
 ]
-DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])\Z")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 

@@ -42,7 +42,7 @@ _RUNTIME_KEYS = frozenset(
     }
 )
 
-_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq\Z")
 
 _MOE = "mixture-of-experts layers are not supported by the decoder"
 # Architectures known and refused, with what is missing to serve them.
@@ -131,7 +131,7 @@ class InternLM2Family(LlmFamily):
         ("attention_norm.", "input_layernorm."),
         ("ffn_norm.", "post_attention_layernorm."),
     )
-    _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+    _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\Z")
 
     def text_config(self, llm_config: dict[str, Any]) -> dict[str, Any]:
         c = llm_config

@@ -18,7 +18,7 @@ VISION_PREFIX = "vision_model."
 PROJECTOR_PREFIX = "mlp1."
 
 # Keys that exist in some original checkpoints but carry no weights the native model uses.
-_IGNORED = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attn\.dropout\..*)$")
+_IGNORED = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attn\.dropout\..*)\Z")
 
 _LAYER_RENAMES = (
     ("attn.proj.", "attention.projection_layer."),
@@ -40,7 +40,7 @@ _EMBEDDING_RENAMES = {
 # mlp1 is nn.Sequential(LayerNorm, Linear, GELU, Linear): indices 0, 1, 3.
 _PROJECTOR_RENAMES = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
 
-_LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
+_LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.(.+)\Z")
 
 
 def native_vision_config(vision_config: dict[str, Any]) -> dict[str, Any]:
