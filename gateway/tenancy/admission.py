@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from redis.exceptions import BusyLoadingError, ReadOnlyError, ResponseError
+from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -51,9 +51,10 @@ UtcNow = Callable[[], datetime]
 def is_redis_down(exc: BaseException) -> bool:
     """Redis cannot serve now: unreachable, too slow, read-only, loading, or refusing writes because it
     is full under ``noeviction`` (``OOM``) or cannot persist (``MISCONF``). Anything else is a bug."""
-    if isinstance(exc, (*REDIS_DOWN, BusyLoadingError)):
+    if isinstance(exc, (*REDIS_DOWN, BusyLoadingError, OutOfMemoryError)):
         return True
-    return isinstance(exc, ResponseError) and str(exc).startswith(("OOM", "MISCONF"))
+    text = str(exc)
+    return isinstance(exc, ResponseError) and ("OOM" in text or "'maxmemory'" in text or "MISCONF" in text)
 
 
 def utcnow() -> datetime:
@@ -116,27 +117,14 @@ class Admission:
     Call ``complete(actual_tokens)`` when the request ends, or ``release()`` if it failed before using
     anything; both are idempotent (only the first call counts) and never raise for a backend outage
     (the lease then expires by itself). ``async with admission:`` releases on exit unless completed.
-    Until then the limiter keeps the slot's lease alive. ``day`` and ``day_used`` are the UTC day and
-    the tenant's tokens of that day after this admission, where the limiter knows them (Redis does).
+    Until then the limiter keeps the slot's lease alive.
     """
 
-    def __init__(
-        self,
-        *,
-        tenant: str,
-        reserved_tokens: int,
-        lease_id: str,
-        backend: str,
-        settle: Settle,
-        day: str = "",
-        day_used: int | None = None,
-    ):
+    def __init__(self, *, tenant: str, reserved_tokens: int, lease_id: str, backend: str, settle: Settle):
         self.tenant = tenant
         self.reserved_tokens = reserved_tokens
         self.lease_id = lease_id
         self.backend = backend  # "redis" or "local": where the counters of this admission live
-        self.day = day
-        self.day_used = day_used
         self._settle = settle
         self._done = False
 

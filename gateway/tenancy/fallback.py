@@ -59,6 +59,7 @@ class FallbackLimiter:
         self.redis = redis_limiter
         self.local = local_limiter
         self.local.stand_in = True
+        self.redis.on_day_used = self.local.observe  # the stand-in counts on from Redis's last report
         self.fail_closed = fail_closed
         self.op_timeout_s = op_timeout_s
         self.reprobe_interval_s = reprobe_interval_s
@@ -93,7 +94,7 @@ class FallbackLimiter:
             async with asyncio.timeout(self.op_timeout_s):
                 admission = await self.redis.admit(tenant, estimated_tokens)
         except ResourceExhausted:
-            await self._answered(None)  # Redis answered: it is up, the tenant is over a limit
+            await self._answered()  # Redis answered: it is up, the tenant is over a limit
             raise
         except (*REDIS_DOWN, RedisError) as exc:
             if not is_redis_down(exc):
@@ -103,7 +104,7 @@ class FallbackLimiter:
         finally:
             if probe:
                 self.breaker.end_probe()
-        await self._answered(admission)
+        await self._answered()
         return admission
 
     async def _without_redis(self, tenant: Tenant, estimated_tokens: int) -> Admission:
@@ -131,12 +132,9 @@ class FallbackLimiter:
         if self._on_degraded is not None:
             self._on_degraded(reason)
 
-    async def _answered(self, admission: Admission | None) -> None:
-        """Redis answered: tell the stand-in what it reported; after an outage, resume shared limits."""
-        if admission is not None and admission.day_used is not None:
-            self.local.observe(admission.day, admission.tenant, admission.day_used)
-        else:
-            self.local.observe(utc_day(self.redis.utcnow()))
+    async def _answered(self) -> None:
+        """Redis answered: the stand-in learns the day; after an outage, shared limits resume."""
+        self.local.observe(utc_day(self.redis.utcnow()))
         if not self.breaker.record_success():
             return
         self.degraded_gauge.set(0)

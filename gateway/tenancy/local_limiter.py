@@ -206,7 +206,6 @@ class LocalLimiter:
             lease_id=lease_id,
             backend=self.backend,
             settle=settle,
-            day=day,
         )
 
     async def _renew(self, held: list[Held]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -89,6 +90,7 @@ return {1, used}
 
 # KEYS: tpm bucket, leases zset, day counter. ARGV: tpm rate/ms, tpm cap, tokens back (negative: charge),
 # lease id. The day counter is only touched while it exists: after it expired there is nothing to refund.
+# Returns the tokens of the day, or -1 when the counter is gone.
 _LUA_SETTLE = (
     _LUA_BUCKET
     + """
@@ -101,7 +103,7 @@ if back ~= 0 then
     if left < 0 then redis.call('SET', KEYS[3], 0, 'KEEPTTL') end
   end
 end
-return 1
+return tonumber(redis.call('GET', KEYS[3]) or '-1')
 """
 )
 
@@ -124,7 +126,8 @@ class RedisLimiter:
     Keys: ``<prefix>{<tenant>}:rps|tpm|conc|day:<YYYYMMDD>``; the braces keep a tenant's keys in one
     Redis Cluster slot, which a multi-key script needs. Redis errors propagate (``FallbackLimiter``
     turns outages into local limiting); settling an admission and renewing leases swallow them, because
-    a lease expires by itself and a lost refund only errs on the strict side.
+    a lease expires by itself and a lost refund only errs on the strict side. ``on_day_used(day, tenant,
+    tokens)``, when set, hears the day's count Redis reports at each admission and settlement.
     """
 
     backend = "redis"
@@ -153,6 +156,7 @@ class RedisLimiter:
         self._settle_script = client.register_script(_LUA_SETTLE)
         self._renew_script = client.register_script(_LUA_RENEW)
         self.leases = LeaseKeeper(lease_s, max_hold_s, self._renew)
+        self.on_day_used: Callable[[str, str, int], None] | None = None
 
     @classmethod
     def from_url(
@@ -212,10 +216,11 @@ class RedisLimiter:
         async def settle(adm: Admission, back: int) -> None:
             self.leases.drop(lease_id)
             try:
-                await self._settle_script(
+                used = await self._settle_script(
                     keys=[keys["tpm"], keys["conc"], keys["day"]],
                     args=[repr(lim.tokens_per_min / 60_000.0), lim.tokens_per_min, back, lease_id],
                 )
+                self._report(day, tenant.name, int(used))
             except (RedisError, OSError) as exc:
                 if not is_redis_down(exc):
                     raise
@@ -227,15 +232,18 @@ class RedisLimiter:
                 )
 
         self.leases.hold(lease_id, keys["conc"])
+        self._report(day, tenant.name, int(result[1]))
         return Admission(
             tenant=tenant.name,
             reserved_tokens=estimated_tokens,
             lease_id=lease_id,
             backend=self.backend,
             settle=settle,
-            day=day,
-            day_used=int(result[1]),
         )
+
+    def _report(self, day: str, tenant: str, used: int) -> None:
+        if self.on_day_used is not None and used >= 0:
+            self.on_day_used(day, tenant, used)
 
     async def _renew(self, held: list[Held]) -> None:
         lease_ms = max(1, int(self.lease_s * 1000))
