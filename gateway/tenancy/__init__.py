@@ -4,7 +4,7 @@ The gateway's request path uses it in this order::
 
     keys = KeyStore(path_or_None)                      # entry point; env defaults to os.environ.get
     await keys.start()                                 # reloads the file every 2 s (no-op single-tenant)
-    limiter = FallbackLimiter(RedisLimiter.from_url(url), LocalLimiter(scale=1 / replicas))
+    limiter = FallbackLimiter(RedisLimiter.from_url(url), LocalLimiter.for_replicas(max_replicas))
 
     principal = keys.authenticate(api_key)             # Unauthenticated → 401 / UNAUTHENTICATED
     principal.require("chat")                          # PermissionDenied → 403 / PERMISSION_DENIED

@@ -19,10 +19,10 @@ The accounting, the same in every implementation:
 
 ``RedisLimiter`` keeps the counters in Redis (one Lua script per operation; time from Redis ``TIME`` so
 replicas with skewed clocks agree), so every gateway replica enforces the same numbers; that Redis must
-not evict them (``maxmemory-policy noeviction``, ``limits_redis``). ``LocalLimiter`` keeps them in
-process memory. ``FallbackLimiter`` uses Redis and falls back to the local one while Redis is
-unreachable (each replica then grants 1 / N of every limit, N the most gateway replicas that can run),
-or refuses with ``Unavailable`` when configured to fail closed.
+not evict them (``maxmemory-policy noeviction``, checked by ``gateway.limits_redis``).
+``LocalLimiter`` keeps them in process memory. ``FallbackLimiter`` uses Redis and falls back to the
+local one while Redis is unreachable (each replica then grants 1 / N of every limit, N the most gateway
+replicas that can run), or refuses with ``Unavailable`` when configured to fail closed.
 
 This module is where the limiters are imported from; each lives in its own module: ``admission``
 (``Admission``, the reasons, the ``LeaseKeeper``), ``redis_limiter``, ``local_limiter``, ``fallback``.

@@ -2,7 +2,7 @@
 
 One Lua script per operation (admit, settle, renew a lease), with time from Redis ``TIME`` so replicas
 with skewed clocks agree. The counters are small and must never be evicted: they belong in a Redis of
-their own with ``maxmemory-policy noeviction`` (``redis.limits_url``; see ``limits_redis``).
+their own with ``maxmemory-policy noeviction`` (``redis.limits_url``; see ``gateway.limits_redis``).
 """
 
 from __future__ import annotations
