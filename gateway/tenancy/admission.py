@@ -207,8 +207,9 @@ class LeaseKeeper:
         if self._closed:
             return
         self._held[lease_id] = Held(lease_id, where, self._clock() + self.max_hold_s)
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="lease-keeper")
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            self._task = loop.create_task(self._run(), name="lease-keeper")
 
     def drop(self, lease_id: str) -> None:
         self._held.pop(lease_id, None)
