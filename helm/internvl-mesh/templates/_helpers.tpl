@@ -242,3 +242,8 @@ Cross-field checks the schema cannot express; each fails with what to change.
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* The Secret holding the mesh secret: yours (meshSecret.existingSecret) or the one the chart makes. */}}
+{{- define "internvl-mesh.meshSecretName" -}}
+{{- .Values.meshSecret.existingSecret | default (printf "%s-mesh" (include "internvl-mesh.fullname" .)) -}}
+{{- end }}

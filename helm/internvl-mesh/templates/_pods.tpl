@@ -5,6 +5,11 @@
 {{- $v := .ctx.Values -}}
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
+- name: IVM_MESH_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "internvl-mesh.meshSecretName" .ctx }}
+      key: {{ $v.meshSecret.key }}
 {{- $redisSecret := include "internvl-mesh.redisSecretName" .ctx }}
 {{- if $redisSecret }}
 - name: REDIS_PASSWORD
