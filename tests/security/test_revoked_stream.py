@@ -4,7 +4,6 @@ gateway over HTTP (tiny checkpoint in process), the real key store reloading a r
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 
@@ -12,7 +11,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.support.gateway import MODEL, UvicornThread, make_gateway
+from tests.support.gateway import MODEL, UvicornThread, make_gateway, reload_keys_while_serving
 
 RELOAD_S = 0.3
 
@@ -30,14 +29,7 @@ def served(cores, tmp_path_factory):
     path.write_text(yaml.safe_dump(doc))
     keys = KeyStore(str(path), reload_interval_s=RELOAD_S)
     app = create_http_app(make_gateway(cores, keys, LocalLimiter()))
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_):
-        await keys.start()  # the reload task runs on the server's loop, as in a replica
-        yield
-        await keys.stop()
-
-    app.router.lifespan_context = lifespan
+    reload_keys_while_serving(app, keys)
     with UvicornThread(app) as server:
         yield {"url": f"http://127.0.0.1:{server.port}/v1/chat/completions", "key": key, "path": path,
                "doc": doc, "max_model_len": cores["decoder"].max_model_len}  # fmt: skip

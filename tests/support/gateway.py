@@ -32,6 +32,19 @@ def make_gateway(cores, keys, limiter, model: str = MODEL, **limits):
     return Gateway([route], keys, limiter, GatewayLimits(**limits), signer=SIGNER)
 
 
+def reload_keys_while_serving(app, keys):
+    """``app`` with a lifespan that runs ``keys``' reload task on the server's loop, as in a replica."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        await keys.start()
+        yield
+        await keys.stop()
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
 class UvicornThread:
     """Serves an ASGI app on 127.0.0.1 in a background thread with its own event loop."""
 

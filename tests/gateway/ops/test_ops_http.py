@@ -5,7 +5,6 @@ usage records equal the responses' usage (plain, streamed, cancelled), keys chan
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
 import time
@@ -26,7 +25,7 @@ from tests.gateway.ops.helpers import (
     stream_name,
     write_tenants,
 )
-from tests.support.gateway import MODEL, UvicornThread
+from tests.support.gateway import MODEL, UvicornThread, reload_keys_while_serving
 from tests.support.images import png
 from tests.support.signing import SIGNER
 
@@ -84,14 +83,7 @@ def ops(cores, tmp_path_factory, sync_redis):
         signer=SIGNER,
     )
     app = create_http_app(gateway)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_):
-        await keys.start()  # the reload task runs on the server's loop, as in a replica
-        yield
-        await keys.stop()
-
-    app.router.lifespan_context = lifespan
+    reload_keys_while_serving(app, keys)
     with UvicornThread(app) as server:
         yield {
             "url": server.base_url,
