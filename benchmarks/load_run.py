@@ -151,7 +151,11 @@ async def _one_request(client, url: str, body: dict[str, Any], results: Results)
                     if data == "[DONE]":
                         done = True
                         break
-                    event = json.loads(data)
+                    try:
+                        event = json.loads(data)
+                    except ValueError:
+                        results.fail("malformed", f"an event that is not JSON: {data[:200]!r}")
+                        return
                     if "error" in event:
                         results.fail("truncated", f"error event: {event['error']}")
                         return

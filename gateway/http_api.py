@@ -231,6 +231,19 @@ async def _collect(first, stream: AsyncIterator[ChatChunk], model: str, created:
     }
 
 
+# Characters that some line readers end a line at (Python's str.splitlines, httpx's aiter_lines), though
+# SSE ends lines at CR and LF only: escaped, so an event is one line for every client. They occur in
+# the JSON text only inside strings, where the escape means the same character.
+_LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
+
+
+def sse_json(payload: dict[str, Any]) -> str:
+    text = json.dumps(payload, ensure_ascii=False)
+    for char, escaped in _LINE_BREAKS.items():
+        text = text.replace(char, escaped)
+    return text
+
+
 def _finish(reason: FinishReason | None) -> str:
     return (reason or FinishReason.STOP).value  # the domain spelling is the wire spelling
 
@@ -248,7 +261,7 @@ async def _sse(first, stream, model: str, created: int, include_usage: bool, log
         }
         if include_usage:
             payload["usage"] = usage
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+        return f"data: {sse_json(payload)}\n\n"
 
     yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
     chunk, usage = first, None

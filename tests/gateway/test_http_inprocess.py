@@ -197,3 +197,16 @@ def test_malformed_json(inprocess_gateway):
         headers={"content-type": "application/json"},
     )
     assert r.status_code == 400 and "json" in r.json()["error"]["message"].lower()
+
+
+def test_an_event_is_one_line_for_every_line_reader():
+    """Model text may hold U+2028, U+2029 or NEL, which str.splitlines and httpx's aiter_lines end a
+    line at: each SSE event must still be one line of JSON that gives the text back."""
+    import json
+
+    from gateway.http_api import sse_json
+
+    text = "a\u2028b\u2029c\x85d\ne"
+    line = sse_json({"choices": [{"delta": {"content": text}}]})
+    assert line.splitlines() == [line]
+    assert json.loads(line)["choices"][0]["delta"]["content"] == text
