@@ -1,5 +1,6 @@
-"""What the decoder suite's tests share: the requests (``Case``, ``CASES``), the transformers reference
-and helpers that build and drive an engine.
+"""What the decoder suite's tests share: the requests (``Case``, ``CASES``), the transformers reference,
+helpers that build and drive an engine, and ``SlowTokenizer`` (a real tokenizer seen without its
+Rust backend).
 
 The reference is ``InternVLForConditionalGeneration.generate`` run one request at a time with the
 request's ``pixel_values``; the engine gets ``get_image_features(pixel_values).pooler_output`` for the
@@ -8,6 +9,7 @@ same pixels (the encoder service is not under test here).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -156,3 +158,26 @@ CASES = [
     ),
     Case(user(None, "今天天气怎么样？"), [1], 22),
 ]
+
+
+class SlowTokenizer:
+    """A real tokenizer seen as a Python tokenizer is (``decode``, its vocabulary and its added and
+    special tokens, no Rust backend), counting the scans of its vocabulary and recording its decodes
+    (their lengths, the threads that ran them)."""
+
+    def __init__(self, tokenizer):
+        self.inner = tokenizer
+        self.vocab_scans = 0
+        self.decoded: list[int] = []  # the length of every decode
+        self.threads: set[str] = set()  # the names of the threads that decoded
+        self.added_tokens_decoder = tokenizer.added_tokens_decoder
+        self.all_special_ids = tokenizer.all_special_ids
+
+    def get_vocab(self):
+        self.vocab_scans += 1
+        return self.inner.get_vocab()
+
+    def decode(self, ids, **kw):
+        self.decoded.append(len(ids))
+        self.threads.add(threading.current_thread().name)
+        return self.inner.decode(ids, **kw)

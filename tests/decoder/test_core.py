@@ -12,7 +12,7 @@ from services.decoder.engine.async_engine import DecoderCore
 from services.decoder.engine.llm_engine import LLMEngine
 from services.decoder.engine.sampling_params import SamplingParams
 from services.decoder.types import GenerateInput
-from tests.decoder.helpers import CASES, Case, make_config, make_input, tokens_of, user
+from tests.decoder.helpers import CASES, Case, SlowTokenizer, make_config, make_input, tokens_of, user
 
 LONG = SamplingParams(temperature=0.0, ignore_eos=True)
 
@@ -108,6 +108,40 @@ async def test_the_event_loop_stays_free(core, reference):
     elapsed = time.monotonic() - start
     task.cancel()
     assert ticks >= elapsed / 0.005 * 0.3  # the loop kept ticking while steps ran
+
+
+async def test_a_stop_string_ends_the_stream_and_the_request(core, reference, tokenizer):
+    """The stop string is found beside the engine thread: the request may run a step more, whose token
+    is neither emitted nor counted, and its blocks are freed."""
+    case = Case(user("Tell me about the spring rain."), [], 40)
+    full_events = await collect(core, make_input("full", case, reference, LONG))
+    full_ids, full = tokens_of(full_events), "".join(e.text for e in full_events)
+    stop = next(full[i : i + 3] for i in range(8, len(full)) if full[i : i + 3].strip() == full[i : i + 3])
+    k = next(
+        n
+        for n in range(1, len(full_ids) + 1)
+        if stop in tokenizer.decode(full_ids[:n], skip_special_tokens=True)
+    )
+    params = SamplingParams(temperature=0.0, ignore_eos=True, stop=[stop])
+    events = await collect(core, make_input("stopped", case, reference, params))
+    assert events[-1].finish_reason == "stop"
+    assert "".join(e.text for e in events) == full[: full.index(stop)]
+    assert tokens_of(events) == full_ids[:k] and events[-1].usage.completion_tokens == k
+    await wait_idle(core)
+    assert core.engine.block_manager.num_free_blocks == 128
+    assert "stopped" not in core.engine.scheduler.requests
+
+
+async def test_detokenisation_runs_beside_the_engine_thread(core, reference, tokenizer):
+    processor = core.outputs.processor
+    original = processor.tokenizer
+    recording = processor.tokenizer = SlowTokenizer(original)
+    try:
+        events = await collect(core, make_input("threads", CASES[3], reference))
+    finally:
+        processor.tokenizer = original
+    assert "".join(e.text for e in events) == tokenizer.decode(tokens_of(events), skip_special_tokens=True)
+    assert recording.decoded and recording.threads == {"decoder-output"}
 
 
 async def test_invalid_input_raises_before_streaming(core, reference):

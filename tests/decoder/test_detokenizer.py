@@ -17,30 +17,11 @@ import pytest
 from services.convert.tokenizer import build_internlm2_tokenizer
 from services.decoder.engine.detokenizer import IncrementalDetokenizer, tokenizer_facts
 from tests.convert.builders import write_internlm2_tokenizer
+from tests.decoder.helpers import SlowTokenizer
 from tests.support.families import INTERNLM2_TOKENIZER, QWEN2_TOKENIZER
 from tests.support.family_checkpoints import write_tokenizer
 
 TEXT = "春眠不觉晓，处处闻啼鸟。Hello, 世界! 夜来风雨声，花落知多少。🌸 done"
-
-
-class SlowTokenizer:
-    """A real tokenizer seen as a Python tokenizer is (``decode``, its vocabulary and its added and
-    special tokens, no Rust backend), counting the scans of its vocabulary."""
-
-    def __init__(self, tokenizer):
-        self.inner = tokenizer
-        self.vocab_scans = 0
-        self.decoded: list[int] = []  # the length of every decode
-        self.added_tokens_decoder = tokenizer.added_tokens_decoder
-        self.all_special_ids = tokenizer.all_special_ids
-
-    def get_vocab(self):
-        self.vocab_scans += 1
-        return self.inner.get_vocab()
-
-    def decode(self, ids, **kw):
-        self.decoded.append(len(ids))
-        return self.inner.decode(ids, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,15 @@
 """``DecoderCore``: the asyncio face of the engine.
 
 The engine loop runs in one background thread (schedule -> execute -> update), so model steps never
-block the event loop. Requests reach it through a thread-safe inbox; events come back to each
-request's ``asyncio.Queue`` through ``loop.call_soon_threadsafe``. Cancellation (``abort`` or closing
-the async iterator) is handled at the top of the next step: the request's blocks are freed before
-that step is scheduled, and its stream ends with a ``cancelled`` event.
+block the event loop. Requests reach it through a thread-safe inbox. Each step's outputs (token ids)
+go to a second thread, the ``OutputWorker`` (``output_processor``), which detokenises them, applies
+stop strings and hands the events to each request's ``asyncio.Queue`` through
+``loop.call_soon_threadsafe``, while the engine thread runs the next step. A request the worker ends
+(a stop string) is ended by the engine at the top of its next step (``stop`` in the inbox; the
+worker's module docstring says what that costs). Cancellation (``abort`` or closing the async
+iterator) is handled at the top of the next step too: the request's blocks are freed before that step
+is scheduled, and its stream ends with a ``cancelled`` event. Events of a request keep their order:
+one thread makes them, from outputs the engine thread hands over in order.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 from services.common.errors import InvalidArgument, Unavailable
 from services.decoder.config import DecoderConfig
 from services.decoder.engine.llm_engine import LLMEngine
+from services.decoder.engine.output_processor import NewRequest, OutputProcessor, OutputWorker
 from services.decoder.engine.request import Request
 from services.decoder.types import GenerateInput, GenerationEvent
 
@@ -32,6 +38,11 @@ class DecoderCore:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self._stopping = False
+        self.outputs = OutputWorker(
+            OutputProcessor(self.engine.tokenizer),
+            deliver=lambda event: self._deliver(event, event.request_id),
+            stop=lambda request_id: self._post("stop", request_id),
+        )
         self._thread = threading.Thread(target=self._loop, name="decoder-engine", daemon=True)
         self._thread.start()
 
@@ -97,6 +108,7 @@ class DecoderCore:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=30)
+        self.outputs.close()
         self.engine.shutdown()
 
     # -- the engine thread -------------------------------------------------------------------------
@@ -123,13 +135,17 @@ class DecoderCore:
             if kind == "add":
                 req: Request = payload
                 try:
-                    self.engine.add_request(req)
+                    self.engine.admit(req)
                 except Exception as exc:  # noqa: BLE001 - handed to the caller's stream
                     self._deliver(exc, req.request_id)
+                else:
+                    self.outputs.add_request(NewRequest.of(req))
             elif kind == "abort":
-                event = self.engine.abort(payload)
-                if event is not None:
-                    self._deliver(event, payload)
+                out = self.engine.abort_output(payload)
+                if out is not None:
+                    self.outputs.put([out])
+            elif kind == "stop":
+                self.engine.stop_request(payload)
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -139,12 +155,11 @@ class DecoderCore:
                 self._wake.clear()
                 continue
             try:
-                events = self.engine.step()
+                outputs = self.engine.step_outputs()
             except Exception as exc:  # noqa: BLE001 - the step failed: end its requests, keep serving
-                events = self.engine.fail_all(f"{type(exc).__name__}: {exc}")
-            for event in events:
-                self._deliver(event, event.request_id)
+                outputs = self.engine.fail_all_outputs(f"{type(exc).__name__}: {exc}")
+            self.outputs.put(outputs)
         for request_id in list(self.engine.scheduler.requests):
-            event = self.engine.abort(request_id)
-            if event is not None:
-                self._deliver(event, request_id)
+            out = self.engine.abort_output(request_id)
+            if out is not None:
+                self.outputs.put([out])

@@ -1,29 +1,31 @@
 """The synchronous engine: requests in, one step at a time, events out.
 
-``step()`` reads at a glance: schedule -> execute -> update. Around it sit request admission
-(prompt building, validation against the context and the cache) and output processing (incremental
-detokenisation, stop strings, logprobs, usage). ``DecoderCore`` (``async_engine``) drives this from a
-background thread; tests and benchmarks may drive it directly.
+``step_outputs()`` reads at a glance: schedule -> execute -> update; it returns what the step did to
+each request as token ids (``EngineOutput``), no text. Around it sit request admission (prompt
+building, validation against the context and the cache) and output processing
+(``output_processor``: incremental detokenisation, stop strings, usage), which ``step()`` runs in the
+step for callers that drive the engine directly (tests, benchmarks). ``DecoderCore``
+(``async_engine``) drives the engine from a background thread and processes the outputs on another,
+while the next step runs (``admit``, ``step_outputs``, ``abort_output``, ``stop_request``).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from services.common.checkpoint import Checkpoint
 from services.common.errors import InvalidArgument
 from services.decoder.config import DecoderConfig
 from services.decoder.engine.block_manager import BlockManager
-from services.decoder.engine.detokenizer import IncrementalDetokenizer
 from services.decoder.engine.model_runner import ModelRunner, plan_model
+from services.decoder.engine.output_processor import EngineOutput, NewRequest, OutputProcessor
 from services.decoder.engine.request import Request, RequestStatus
 from services.decoder.engine.sampler import SamplerOutput
-from services.decoder.engine.scheduler import RequestUpdate, ScheduledChunk, Scheduler, SchedulerLimits
+from services.decoder.engine.scheduler import ScheduledChunk, Scheduler, SchedulerLimits
 from services.decoder.models.layers import TPContext
 from services.decoder.prompting import load_prompt_builder
-from services.decoder.types import GenerateInput, GenerationEvent, TokenLogprob, Usage
+from services.decoder.types import GenerateInput, GenerationEvent
 
 
 class LocalExecutor:
@@ -44,11 +46,6 @@ class LocalExecutor:
 
     def shutdown(self) -> None:
         pass
-
-
-@dataclass
-class _RequestState:
-    detokenizer: IncrementalDetokenizer
 
 
 class LLMEngine:
@@ -89,7 +86,7 @@ class LLMEngine:
             enable_chunked_prefill=config.scheduler.enable_chunked_prefill,
         )
         self.scheduler = Scheduler(limits, self.block_manager, clock=clock)
-        self.states: dict[str, _RequestState] = {}
+        self.processor = OutputProcessor(self.tokenizer)  # used by ``step``; DecoderCore has its own
 
     def _eos_ids(self, checkpoint: Checkpoint) -> frozenset[int]:
         ids = set()
@@ -168,25 +165,39 @@ class LLMEngine:
         )
 
     def add_request(self, req: Request) -> None:
-        if req.request_id in self.states:
+        """Admit ``req``; its outputs are processed by ``step`` (``DecoderCore`` calls ``admit``)."""
+        self.admit(req)
+        self.processor.add_request(NewRequest.of(req))
+
+    def admit(self, req: Request) -> None:
+        """Hand ``req`` to the scheduler; raises ``InvalidArgument`` (a request id in use, a request
+        the cache cannot hold)."""
+        if req.request_id in self.scheduler.requests:
             raise InvalidArgument(f"request id {req.request_id!r} is already in use")
         try:
             self.scheduler.add_request(req)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc
-        params = req.sampling_params
-        self.states[req.request_id] = _RequestState(
-            IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop)
-        )
 
     def abort(
         self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED
     ) -> GenerationEvent | None:
         """End a request now; its blocks are free on return. Returns its final event (None if unknown)."""
+        out = self.abort_output(request_id, status)
+        events = self._process([out]) if out is not None else []
+        return events[0] if events else None
+
+    def abort_output(
+        self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED
+    ) -> EngineOutput | None:
+        """``abort`` without output processing: the request's last output (None if unknown)."""
         req = self.scheduler.finish_request(request_id, status)
-        if req is None:
-            return None
-        return self._final_event(req, "", [], None)
+        return None if req is None else self._last_output(req, [], None)
+
+    def stop_request(self, request_id: str) -> None:
+        """End a request whose stream output processing has ended (a stop string): no output."""
+        if self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED) is not None:
+            self.executor.release(request_id)
 
     @property
     def has_unfinished(self) -> bool:
@@ -194,10 +205,14 @@ class LLMEngine:
 
     # -- the step ----------------------------------------------------------------------------------
     def step(self) -> list[GenerationEvent]:
+        """One step and its output processing; a request that meets a stop string ends here."""
+        return self._process(self.step_outputs())
+
+    def step_outputs(self) -> list[EngineOutput]:
         scheduled = self.scheduler.schedule()
-        events = [self._final_event(req, "", [], None) for req in scheduled.finished]
+        outputs = [self._last_output(req, [], None) for req in scheduled.finished]
         if scheduled.is_empty:
-            return events
+            return outputs
         out = self.executor.step(scheduled.chunks)
         sampled = out.token_ids if out is not None else []
         updates = self.scheduler.update_from_output(scheduled, sampled)
@@ -207,49 +222,44 @@ class LLMEngine:
             if chunk.sample:
                 by_id[chunk.request.request_id] = next(logprobs)
         for update in updates:
-            events.append(self._process(update, by_id.get(update.request.request_id)))
-        return events
+            req, lp = update.request, by_id.get(update.request.request_id)
+            lps = [lp] if lp is not None else None
+            if update.finished:
+                outputs.append(self._last_output(req, update.new_token_ids, lps))
+            else:
+                outputs.append(EngineOutput(req.request_id, update.new_token_ids, lps))
+        return outputs
 
-    def _process(self, update: RequestUpdate, logprob: TokenLogprob | None) -> GenerationEvent:
-        req = update.request
-        state = self.states[req.request_id]
-        token = update.new_token_ids[-1]
-        ended_by_token = update.finished and req.status == RequestStatus.FINISHED_STOPPED
-        text = "" if ended_by_token else state.detokenizer.add(update.new_token_ids)
-        lps = [logprob] if logprob is not None else None
-        if state.detokenizer.stopped and not req.is_finished:
-            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
-        if req.is_finished:
-            return self._final_event(req, text, [token], lps)
-        event = GenerationEvent(req.request_id, text, [token], lps)
-        if req.num_output_tokens == 1:
-            event.prompt_tokens, event.image_tokens = req.num_prompt_tokens, req.num_image_tokens
-        return event
-
-    def _final_event(self, req: Request, text: str, token_ids: list[int], lps) -> GenerationEvent:
-        state = self.states.pop(req.request_id, None)
-        if state is not None:
-            text += state.detokenizer.finish()
+    def _last_output(self, req: Request, token_ids: list[int], lps) -> EngineOutput:
         self.executor.release(req.request_id)
-        usage = Usage(
-            prompt_tokens=req.num_prompt_tokens,
-            image_tokens=req.num_image_tokens,
-            completion_tokens=req.num_output_tokens,
+        return EngineOutput(
+            req.request_id,
+            token_ids,
+            lps,
+            finish_reason=req.status.finish_reason,
+            ended_by_token=bool(token_ids) and req.status == RequestStatus.FINISHED_STOPPED,
             cached_prompt_tokens=max(req.num_cached_tokens, 0),
         )
-        return GenerationEvent(
-            req.request_id, text, token_ids, lps, finish_reason=req.status.finish_reason, usage=usage
-        )
+
+    def _process(self, outputs: list[EngineOutput]) -> list[GenerationEvent]:
+        done = self.processor.process(outputs)
+        for request_id in done.to_stop:
+            self.stop_request(request_id)
+        return done.events
 
     def fail_all(self, message: str) -> list[GenerationEvent]:
         """End every request with ``error`` (the step raised); the engine stays usable."""
-        events = []
+        return self._process(self.fail_all_outputs(message))
+
+    def fail_all_outputs(self, message: str) -> list[EngineOutput]:
+        """``fail_all`` without output processing."""
+        outputs = []
         for request_id in list(self.scheduler.requests):
-            event = self.abort(request_id, RequestStatus.FINISHED_ERROR)
-            if event is not None:
-                event.error = message
-                events.append(event)
-        return events
+            out = self.abort_output(request_id, RequestStatus.FINISHED_ERROR)
+            if out is not None:
+                out.error = message
+                outputs.append(out)
+        return outputs
 
     def shutdown(self) -> None:
         self.executor.shutdown()
