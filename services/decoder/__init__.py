@@ -33,7 +33,8 @@ handles carry these objects as they are, and ``pb`` converts them for gRPC.
 Layout: ``config`` (pydantic configs), ``types`` (the API types above and the hop's), ``pb`` (their
 protobuf conversions), ``prompting`` (chat template,
 safe tokenization, image placeholders), ``engine/`` (pure-Python scheduler and block manager; the model
-runner, sampler, detokenizer, tensor-parallel workers, the sync ``LLMEngine`` and ``DecoderCore``),
+runner, sampler, detokenizer and output processor, tensor-parallel workers, the sync ``LLMEngine`` and
+``DecoderCore``),
 ``models/`` (one decoder LM for the Qwen2 / Qwen3 / Llama / Phi-3 families, Megatron-sharded layers),
 ``attention/`` (paged torch and flash-attn backends behind a registry).
 

@@ -23,9 +23,9 @@ Where it runs:
   each step's outputs over and goes straight on to the next step, so the text of step N is made while
   step N+1 runs. A request whose stop string appears in step N's text is ended by the engine at the
   top of the next step it starts after hearing of it: it runs for one more step (two if step N+1 had
-  already started when the text was ready), whose token is dropped, as vLLM v1 drops it. The Rust
-  tokenizer runs for microseconds a token, holding the GIL; the engine thread gives the GIL up while
-  torch computes, which is when the worker runs.
+  already started when the text was ready), whose token is dropped, as vLLM v1 drops it. The
+  worker's Python work (a few microseconds a token) takes the GIL like the engine thread's own: it
+  runs beside the step while torch computes without the GIL, and otherwise takes turns with it.
 """
 
 from __future__ import annotations
