@@ -1,10 +1,23 @@
-"""Per-request sampling over a batch of logits (rank 0 only).
+"""Per-request sampling over a batch of logits (rank 0 only), as one set of tensor operations.
 
 Order of operations (as vLLM and transformers): logprobs are taken from the raw model distribution;
 then penalties (repetition over prompt + output, frequency/presence over output), temperature,
-top-k, top-p, and a draw. Greedy rows take the argmax of the penalised logits. A request with a seed
-owns a ``torch.Generator`` for its whole life (preemption included), so its draws do not depend on
-what else shares the batch; requests without a seed share the engine's generator.
+top-k, top-p, and a draw. Greedy rows take the argmax of the penalised logits.
+
+The whole batch goes through each stage at once: per-row parameters become tensors, penalties come
+from token-count tensors (``penalties.TokenCounts``), the filters from one sort (or one ``topk`` when
+every filtered row has a top-k and none a top-p), and every sampled row is drawn by one Gumbel-max
+``argmax`` (``gumbel``). The sampled ids reach the host in one transfer, the logprobs (when a row asks
+for them) in one more.
+
+Filters: top-k keeps the tokens whose logit is at least the k-th largest (ties with it included);
+top-p then keeps the smallest prefix of the remaining tokens, best first, whose probability reaches
+``top_p`` (a token is dropped when the mass before it already does; the best token always stays).
+
+Seeds: a row with a seed draws with counter-based noise keyed by (seed, tokens generated so far), so its
+tokens depend only on its seed and its logits, whatever shares the batch, where the row sits in it, and
+across preemption; rows without one share the engine's generator. Bit-for-bit on the CPU; on a GPU the
+logits themselves (and a filter's boundary) can move with the batch's shape.
 """
 
 from __future__ import annotations
@@ -13,7 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
+from services.decoder.engine.gumbel import GumbelNoise, seeded_key
+from services.decoder.engine.penalties import TokenCounts
 from services.decoder.engine.request import Request
+from services.decoder.engine.sampling_params import SamplingParams
 from services.decoder.types import TokenLogprob, TopLogprob
 
 
@@ -23,80 +39,120 @@ class SamplerOutput:
     logprobs: list[TokenLogprob | None]
 
 
+def _index(rows: list[int], total: int, device: torch.device) -> torch.Tensor | None:
+    """The rows as an index tensor, or None when they are all ``total`` rows in order."""
+    if len(rows) == total:
+        return None
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def filter_top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """``x`` (F, V) temperature-scaled logits with the dropped tokens at -inf (a new tensor).
+
+    ``top_k[i]`` in 1..V (V: off), ``top_p[i]`` in (0, 1] (1: off). Only top-k: one ``topk`` of the
+    largest k, then a mask by value. Any top-p: one descending sort of the rows, both masks in sorted
+    order, scattered back.
+    """
+    rows, vocab = x.shape
+    dev = x.device
+    k = torch.tensor(top_k, dtype=torch.long, device=dev)[:, None]  # (F, 1)
+    if all(p >= 1.0 for p in top_p):
+        kth = x.topk(max(top_k), dim=-1).values.gather(1, k - 1)  # (F, 1)
+        return x.masked_fill(x < kth, float("-inf"))
+    p = torch.tensor(top_p, dtype=x.dtype, device=dev)[:, None]  # (F, 1)
+    ordered, order = x.sort(dim=-1, descending=True)  # (F, V) each
+    ordered = ordered.masked_fill(ordered < ordered.gather(1, k - 1), float("-inf"))
+    probs = ordered.softmax(dim=-1)
+    drop = ((probs.cumsum(dim=-1) - probs) >= p) & (p < 1.0)  # (F, V); top_p == 1: no rounding drop
+    ordered = ordered.masked_fill(drop, float("-inf"))
+    return torch.empty_like(x).scatter_(1, order, ordered)
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0):
         self.device = device
         self.shared = torch.Generator(device=device).manual_seed(seed)
-        self.generators: dict[str, torch.Generator] = {}
+        self.noise = GumbelNoise(device, self.shared)
+        self.counts = TokenCounts(device)
 
     def release(self, request_id: str) -> None:
-        self.generators.pop(request_id, None)
-
-    def _generator(self, req: Request) -> torch.Generator:
-        seed = req.sampling_params.seed
-        if seed is None:
-            return self.shared
-        g = self.generators.get(req.request_id)
-        if g is None:
-            g = self.generators[req.request_id] = torch.Generator(device=self.device).manual_seed(seed)
-        return g
+        """The request ended: its token counts go."""
+        self.counts.release(request_id)
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """logits (B, V) float32, one row per request that samples this step."""
         params = [r.sampling_params for r in requests]
-        want_logprobs = [p.logprobs is not None for p in params]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None  # (B, V)
+        raw = logits  # logprobs come from the model's own distribution
+        penalised = [i for i, p in enumerate(params) if p.needs_penalties]
+        if penalised:
+            index = _index(penalised, len(requests), logits.device)
+            sub = logits if index is None else logits[index]
+            sub = self.counts.apply(sub, [requests[i] for i in penalised])
+            logits = sub if index is None else logits.index_copy(0, index, sub)
 
-        if any(p.needs_penalties for p in params):
-            logits = logits.clone()
-            for i, (req, p) in enumerate(zip(requests, params, strict=True)):
-                if p.needs_penalties:
-                    self._apply_penalties(logits[i], req)
-
-        if all(p.greedy for p in params):
-            tokens = logits.argmax(dim=-1).tolist()
+        drawn = [i for i, p in enumerate(params) if not p.greedy]
+        if not drawn:
+            tokens = logits.argmax(dim=-1)  # (B,)
         else:
-            tokens = []
-            for i, (req, p) in enumerate(zip(requests, params, strict=True)):
-                tokens.append(int(logits[i].argmax()) if p.greedy else self._draw(logits[i], req))
+            tokens = self._draw(logits, requests, drawn)
+        token_ids = tokens.tolist()  # the step's one device -> host transfer of the sampled ids
+        return SamplerOutput(token_ids, self._logprobs(raw, tokens, token_ids, params))
 
-        logprobs: list[TokenLogprob | None] = []
-        for i, (tok, p) in enumerate(zip(tokens, params, strict=True)):
-            if not want_logprobs[i]:
-                logprobs.append(None)
-                continue
-            row = raw_logprobs[i]
-            top = []
-            if p.logprobs:
-                vals, ids = row.topk(p.logprobs)
-                top = [TopLogprob(t, v) for t, v in zip(ids.tolist(), vals.tolist(), strict=True)]
-            logprobs.append(TokenLogprob(tok, float(row[tok]), top))
-        return SamplerOutput(tokens, logprobs)
+    def _draw(self, logits: torch.Tensor, requests: list[Request], drawn: list[int]) -> torch.Tensor:
+        """(B,) ids: a draw for the rows ``drawn``, the argmax for the others (greedy)."""
+        dev, vocab = logits.device, logits.shape[1]
+        params: list[SamplingParams] = [requests[i].sampling_params for i in drawn]
+        index = _index(drawn, len(requests), dev)
+        x = logits if index is None else logits[index]  # (S, V)
+        temperature = torch.tensor([p.temperature for p in params], dtype=x.dtype, device=dev)
+        x = x / temperature[:, None]
 
-    def _apply_penalties(self, row: torch.Tensor, req: Request) -> None:
-        """In place on one row (V,)."""
-        p = req.sampling_params
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(req.all_token_ids)), device=row.device)
-            score = row[seen]
-            row[seen] = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
-        if (p.frequency_penalty or p.presence_penalty) and req.num_output_tokens:
-            out = torch.tensor(req.output_token_ids, device=row.device)
-            counts = torch.bincount(out, minlength=row.shape[0]).to(row.dtype)  # (V,)
-            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        filtered = [j for j, p in enumerate(params) if top_k[j] < vocab or p.top_p < 1.0]
+        if filtered:
+            f_index = _index(filtered, len(params), dev)
+            sub = filter_top_k_top_p(
+                x if f_index is None else x[f_index],
+                [top_k[j] for j in filtered],
+                [params[j].top_p for j in filtered],
+            )
+            x = sub if f_index is None else x.index_copy(0, f_index, sub)
 
-    def _draw(self, row: torch.Tensor, req: Request) -> int:
-        p = req.sampling_params
-        row = row / p.temperature
-        if 0 < p.top_k < row.shape[0]:
-            kth = row.topk(p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, order = row.sort(descending=True)
-            probs = sorted_logits.softmax(dim=-1)
-            # drop a token when the mass before it already reaches top_p (the first always stays)
-            drop = (probs.cumsum(dim=-1) - probs) >= p.top_p
-            row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-        probs = row.softmax(dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self._generator(req)))
+        seeded = [j for j, p in enumerate(params) if p.seed is not None]
+        keys = None
+        if seeded:
+            steps = [requests[drawn[j]].num_output_tokens for j in seeded]
+            keys = torch.tensor(
+                [seeded_key(params[j].seed, n) for j, n in zip(seeded, steps, strict=True)],
+                dtype=torch.long,
+                device=dev,
+            )
+        picked = (x + self.noise(len(drawn), vocab, keys, seeded)).argmax(dim=-1)  # (S,)
+        if index is None:
+            return picked
+        return logits.argmax(dim=-1).index_copy(0, index, picked)
+
+    def _logprobs(
+        self, raw: torch.Tensor, tokens: torch.Tensor, token_ids: list[int], params: list[SamplingParams]
+    ) -> list[TokenLogprob | None]:
+        """The chosen token's logprob and the top alternatives of each row that asks, in one transfer."""
+        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+        out: list[TokenLogprob | None] = [None] * len(params)
+        if not wanted:
+            return out
+        index = _index(wanted, len(params), raw.device)
+        lp = torch.log_softmax(raw if index is None else raw[index], dim=-1)  # (L, V)
+        chosen = tokens if index is None else tokens[index]
+        cols = [lp.gather(1, chosen[:, None])]  # (L, 1)
+        k = max(params[i].logprobs for i in wanted)
+        if k:
+            vals, ids = lp.topk(k, dim=-1)  # (L, k) each, best first
+            cols += [vals, ids]
+        # float64 holds float32 logprobs and token ids exactly: one transfer for all of them
+        table = torch.cat([c.double() for c in cols], dim=1).tolist()  # (L, 1 + 2k)
+        for i, row in zip(wanted, table, strict=True):
+            n = params[i].logprobs
+            top = [TopLogprob(int(t), v) for t, v in zip(row[1 + k : 1 + k + n], row[1 : 1 + n], strict=True)]
+            out[i] = TokenLogprob(token_ids[i], row[0], top)
+        return out
