@@ -63,14 +63,15 @@ class GumbelNoise:
         return (x >> 9).to(torch.float32).mul_(2.0**-23).add_(2.0**-24)
 
     def __call__(self, rows: int, vocab: int, keys: torch.Tensor | None, seeded: list[int]) -> torch.Tensor:
-        """(rows, V) float32 Gumbel noise; the rows at ``seeded`` from ``keys`` (one per seeded row,
-        in that order), the others from the generator."""
+        """(rows, V) float32 Gumbel noise ``-log(-log(u))``, ``u`` uniform in (0, 1): the rows at
+        ``seeded`` from ``keys`` (one per seeded row, in that order), the others from the generator."""
         if len(seeded) == rows:
             u = self.seeded_uniform(keys, vocab)
         else:
             u = torch.rand(rows, vocab, generator=self.generator, device=self.device)  # [0, 1)
+            # 0 would give g = -inf, and a row whose one kept token got it would draw nothing
+            u.clamp_(min=2.0**-25)
             if seeded:
                 index = torch.tensor(seeded, dtype=torch.long, device=self.device)
                 u.index_copy_(0, index, self.seeded_uniform(keys, vocab))
-        # g = -log(-log(u)); u == 0 (generator only) gives g = -inf: that token is not drawn
         return u.log_().neg_().log_().neg_()
