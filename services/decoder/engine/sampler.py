@@ -5,8 +5,8 @@ then penalties (repetition over prompt + output, frequency/presence over output)
 top-k, top-p, and a draw. Greedy rows take the argmax of the penalised logits.
 
 The whole batch goes through each stage at once: per-row parameters become tensors, penalties come
-from token-count tensors (``penalties.TokenCounts``), the filters from one sort (or one ``topk`` when
-every filtered row has a top-k and none a top-p), and every sampled row is drawn by one Gumbel-max
+from token-count tensors (``penalties.TokenCounts``), the filters from one sort of the rows with a
+top-p and one ``topk`` of the rows with only a top-k, and every sampled row is drawn by one Gumbel-max
 ``argmax`` (``gumbel``). The sampled ids reach the host in one transfer, the logprobs (when a row asks
 for them) in one more.
 
@@ -46,26 +46,45 @@ def _index(rows: list[int], total: int, device: torch.device) -> torch.Tensor | 
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
+def _top_k(x: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    """``x`` (F, V) less the tokens below each row's k-th largest logit: one ``topk`` of the largest k."""
+    k = torch.tensor(top_k, dtype=torch.long, device=x.device)[:, None]  # (F, 1)
+    kth = x.topk(max(top_k), dim=-1).values.gather(1, k - 1)  # (F, 1)
+    return x.masked_fill(x < kth, float("-inf"))
+
+
+def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """``x`` (F, V) with both filters: one descending sort, the masks in sorted order, scattered back."""
+    dev = x.device
+    k = torch.tensor(top_k, dtype=torch.long, device=dev)[:, None]  # (F, 1)
+    p = torch.tensor(top_p, dtype=x.dtype, device=dev)[:, None]  # (F, 1)
+    ordered, order = x.sort(dim=-1, descending=True)  # (F, V) each
+    ordered.masked_fill_(ordered < ordered.gather(1, k - 1), float("-inf"))
+    probs = ordered.softmax(dim=-1)
+    before = probs.cumsum(dim=-1).sub_(probs)  # (F, V): the mass before each token
+    ordered.masked_fill_(before >= p, float("-inf"))
+    return torch.empty_like(x).scatter_(1, order, ordered)
+
+
 def filter_top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     """``x`` (F, V) temperature-scaled logits with the dropped tokens at -inf (a new tensor).
 
-    ``top_k[i]`` in 1..V (V: off), ``top_p[i]`` in (0, 1] (1: off). Only top-k: one ``topk`` of the
-    largest k, then a mask by value. Any top-p: one descending sort of the rows, both masks in sorted
-    order, scattered back.
+    ``top_k[i]`` in 1..V (V: off), ``top_p[i]`` in (0, 1] (1: off); every row has at least one filter.
+    The rows with a top-p go through one sort together, the rows with only a top-k through one ``topk``.
     """
-    rows, vocab = x.shape
+    by_p = [i for i, p in enumerate(top_p) if p < 1.0]
+    by_k = [i for i, p in enumerate(top_p) if p >= 1.0]
+    if not by_k:
+        return _top_k_top_p(x, top_k, top_p)
+    if not by_p:
+        return _top_k(x, top_k)
     dev = x.device
-    k = torch.tensor(top_k, dtype=torch.long, device=dev)[:, None]  # (F, 1)
-    if all(p >= 1.0 for p in top_p):
-        kth = x.topk(max(top_k), dim=-1).values.gather(1, k - 1)  # (F, 1)
-        return x.masked_fill(x < kth, float("-inf"))
-    p = torch.tensor(top_p, dtype=x.dtype, device=dev)[:, None]  # (F, 1)
-    ordered, order = x.sort(dim=-1, descending=True)  # (F, V) each
-    ordered = ordered.masked_fill(ordered < ordered.gather(1, k - 1), float("-inf"))
-    probs = ordered.softmax(dim=-1)
-    drop = ((probs.cumsum(dim=-1) - probs) >= p) & (p < 1.0)  # (F, V); top_p == 1: no rounding drop
-    ordered = ordered.masked_fill(drop, float("-inf"))
-    return torch.empty_like(x).scatter_(1, order, ordered)
+    k_index = torch.tensor(by_k, dtype=torch.long, device=dev)
+    p_index = torch.tensor(by_p, dtype=torch.long, device=dev)
+    out = torch.empty_like(x)
+    out.index_copy_(0, k_index, _top_k(x[k_index], [top_k[i] for i in by_k]))
+    out.index_copy_(0, p_index, _top_k_top_p(x[p_index], [top_k[i] for i in by_p], [top_p[i] for i in by_p]))
+    return out
 
 
 class Sampler:
@@ -128,7 +147,7 @@ class Sampler:
                 dtype=torch.long,
                 device=dev,
             )
-        picked = (x + self.noise(len(drawn), vocab, keys, seeded)).argmax(dim=-1)  # (S,)
+        picked = self.noise(len(drawn), vocab, keys, seeded).add_(x).argmax(dim=-1)  # (S,)
         if index is None:
             return picked
         return logits.argmax(dim=-1).index_copy(0, index, picked)
