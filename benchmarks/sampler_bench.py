@@ -96,15 +96,30 @@ class EngineRun:
                     f"{mode}-{self.runs}-{i}", ids, params, OUTPUT_TOKENS, eos_token_ids=eng.eos_token_ids
                 )
             )
-        produced, steps = 0, []
+        runner = eng.executor.runner
+        sample = runner.sample
+        sampling: list[float] = []
+
+        def timed_sample(*args):  # the sampler's own CPU time within each step
+            c = time.process_time()
+            try:
+                return sample(*args)
+            finally:
+                sampling.append(time.process_time() - c)
+
+        runner.sample = timed_sample
+        produced, steps, step_sampling = 0, [], []
         with Meter() as total:
             while eng.has_unfinished:
                 n_running = eng.scheduler.num_running()
+                sampling.clear()
                 with Meter() as m:
                     events = eng.step()
                 produced += sum(len(e.token_ids) for e in events)
                 if n_running == BATCH and len(events) == BATCH and all(len(e.token_ids) == 1 for e in events):
                     steps.append(m)
+                    step_sampling.append(sum(sampling))
+        runner.sample = sample
         return {
             "tokens": produced,
             "cpu_seconds": total.cpu,
@@ -112,6 +127,7 @@ class EngineRun:
             "tokens_per_cpu_s": produced / total.cpu,
             "tokens_per_s": produced / total.wall,
             "decode_step_cpu_ms_batch16": statistics.median(s.cpu for s in steps) * 1e3,
+            "sample_cpu_ms_per_decode_step": statistics.median(step_sampling) * 1e3,
             "decode_steps_measured": len(steps),
         }
 
