@@ -10,8 +10,9 @@ holds more than one weight's shard (``bytes_read`` counts what the rank read).
 
 KV sizing: ``CacheConfig.num_blocks`` when given; otherwise the share ``memory_fraction`` of the
 device's memory, less what is in use once the weights are loaded (on a GPU: measured, so nothing is
-counted twice; on the CPU: the weights) and an activation reserve, capped at what ``max_num_seqs``
-sequences of ``max_model_len`` tokens could ever use. Too little for one full-length sequence is a
+counted twice; on the CPU: the weights), an activation reserve and the sampler's (``BYTES_PER_LOGIT``
+per vocabulary entry of ``max_num_seqs`` rows), capped at what ``max_num_seqs`` sequences of
+``max_model_len`` tokens could ever use. Too little for one full-length sequence is a
 start-up error that names the knobs.
 """
 
@@ -29,7 +30,7 @@ from services.common.checkpoint import Checkpoint, SliceReader
 from services.common.errors import FailedPrecondition
 from services.decoder.attention.registry import AttentionBackend, AttentionMetadata, get_backend
 from services.decoder.config import DecoderConfig
-from services.decoder.engine.sampler import Sampler, SamplerOutput
+from services.decoder.engine.sampler import BYTES_PER_LOGIT, Sampler, SamplerOutput
 from services.decoder.engine.scheduler import ScheduledChunk
 from services.decoder.models.decoder_lm import DecoderLM, build_model, check_tp_split
 from services.decoder.models.layers import TPContext
@@ -205,7 +206,8 @@ class ModelRunner:
             elem = torch.empty((), dtype=self.dtype).element_size()
             s = self.spec
             per_token = elem * (6 * s.hidden_size + 3 * s.intermediate_size // self.tp.size)
-            reserve = sched.max_num_batched_tokens * per_token + sched.max_num_seqs * s.vocab_size * 8
+            sampling = sched.max_num_seqs * s.vocab_size * BYTES_PER_LOGIT
+            reserve = sched.max_num_batched_tokens * per_token + sampling
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # blocks cached by the allocator while loading are free too
                 free, total = torch.cuda.mem_get_info(self.device)  # measured after loading: weights in use

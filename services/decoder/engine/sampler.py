@@ -32,6 +32,12 @@ from services.decoder.engine.request import Request
 from services.decoder.engine.sampling_params import SamplingParams
 from services.decoder.types import TokenLogprob, TopLogprob
 
+# What sampling may hold at its peak, in bytes per vocabulary entry of each row it samples: the logits
+# (4), the working set of one step (32 measured: a top-p sort's values and int64 indices, its softmax and
+# cumulative sum, the noise, the penalised copy) and a penalised request's token counts (5). The model
+# runner keeps this much out of the KV cache for ``max_num_seqs`` rows.
+BYTES_PER_LOGIT = 41
+
 
 @dataclass
 class SamplerOutput:
