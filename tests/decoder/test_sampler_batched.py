@@ -265,3 +265,14 @@ def test_logprobs_of_a_mixed_batch_match_each_rows_log_softmax():
         vals, ids = expected.topk(k) if k else (torch.empty(0), torch.empty(0, dtype=torch.long))
         assert [t.token_id for t in lp.top] == ids.tolist()
         assert [t.logprob for t in lp.top] == vals.tolist()
+
+
+def test_top_k_keeps_the_ties_with_the_kth_logit_with_or_without_top_p():
+    logits = torch.tensor([3.0, 1.0, 1.0, 0.0, -1.0])
+    only_k = SamplingParams(temperature=1.0, top_k=2)
+    with_p = SamplingParams(temperature=1.0, top_k=2, top_p=0.999)
+    params = [only_k, with_p] * 500  # both filter paths in one batch
+    reqs = [Request(f"t{i}", [1], p, 4) for i, p in enumerate(params)]
+    out = Sampler(torch.device("cpu"))(logits.expand(len(reqs), -1).clone(), reqs)
+    assert set(out.token_ids[0::2]) == {0, 1, 2}
+    assert set(out.token_ids[1::2]) == {0, 1, 2}
