@@ -10,6 +10,7 @@ import torch
 from services.convert.converter import convert_checkpoint
 from tests.convert.builders import VIT_300M, build_original_checkpoint
 from tests.convert.reference import as_rendered, expand_images, reference_chat_prompt
+from tests.convert.serving import hf_greedy
 
 VARIANTS = {
     "qwen2-internvl2_5": dict(llm="qwen2", template="internvl2_5"),
@@ -66,13 +67,5 @@ def test_prompt_ids_and_greedy_tokens_match_chat(converted):
     assert (got - original.model.extract_feature(pixels)).abs().max().item() <= 1e-5
 
     want = original.model.greedy(ids, pixels, original.image_token_id, max_new_tokens=6)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=torch.tensor([ids]),
-            pixel_values=pixels,
-            max_new_tokens=6,
-            do_sample=False,
-            eos_token_id=None,
-        )
-    assert out[0, len(ids) :].tolist() == want
+    assert hf_greedy(model, ids, pixels, 6) == want
     assert len(set(want)) > 1, want

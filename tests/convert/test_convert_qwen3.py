@@ -14,6 +14,7 @@ from services.common.errors import FailedPrecondition
 from services.convert.converter import convert_checkpoint
 from tests.convert.builders import VIT_300M, build_original_checkpoint
 from tests.convert.reference import expand_images, reference_chat_prompt
+from tests.convert.serving import engine_greedy, hf_greedy
 
 QUESTION = "Describe the image in detail."
 
@@ -57,46 +58,14 @@ def test_transformers_loads_the_converted_qwen3_like_the_original(converted):
     original, report, pixels = converted
     model = InternVLForConditionalGeneration.from_pretrained(report.dst).eval()
     ids, want = _reference(original, pixels, 6)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=torch.tensor([ids]),
-            pixel_values=pixels,
-            max_new_tokens=6,
-            do_sample=False,
-            eos_token_id=None,
-        )
-    assert out[0, len(ids) :].tolist() == want
+    assert hf_greedy(model, ids, pixels, 6) == want
     assert len(set(want)) > 1, want
 
 
 def test_decoder_serves_the_converted_qwen3_like_the_original(converted):
-    from services.decoder.config import CacheConfig, DecoderConfig
-    from services.decoder.engine.llm_engine import LLMEngine
-    from services.decoder.engine.sampling_params import SamplingParams
-    from services.decoder.types import GenerateInput, ImageEmbedding
-
     original, report, pixels = converted
     ids, want = _reference(original, pixels, 6)
-    features = original.model.extract_feature(pixels)  # (tiles, tokens, hidden)
-    inp = GenerateInput(
-        request_id="q3",
-        messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
-        images=[ImageEmbedding(features.reshape(-1, features.shape[-1]), 1, "q3-image")],
-        sampling=SamplingParams(temperature=0.0),
-        max_tokens=6,
-    )
-    engine = LLMEngine(
-        DecoderConfig(model=str(report.dst), dtype="float32", cache=CacheConfig(num_blocks=64))
-    )
-    try:
-        request = engine.make_request(inp)
-        assert request.prompt_token_ids == ids
-        engine.add_request(request)
-        got = []
-        while engine.has_unfinished:
-            got += [t for event in engine.step() for t in event.token_ids]
-    finally:
-        engine.shutdown()
+    got, _ = engine_greedy(report.dst, original, pixels, QUESTION, ids, 6)
     assert got == want
 
 

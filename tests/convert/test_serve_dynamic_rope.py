@@ -12,17 +12,13 @@ import torch
 from services.convert.converter import convert_checkpoint
 from tests.convert.builders import VIT_300M, build_original_checkpoint
 from tests.convert.reference import expand_images, reference_chat_prompt
+from tests.convert.serving import engine_greedy
 
 QUESTION = "Describe the image in detail."
 MAX_TOKENS = 8
 
 
 def test_converted_dynamic_ntk_internlm2_is_served_up_to_its_positions(tmp_path):
-    from services.decoder.config import CacheConfig, DecoderConfig
-    from services.decoder.engine.llm_engine import LLMEngine
-    from services.decoder.engine.sampling_params import SamplingParams
-    from services.decoder.types import GenerateInput, ImageEmbedding
-
     original = build_original_checkpoint(
         tmp_path / "original", vit=VIT_300M, rope_scaling={"type": "dynamic", "factor": 2.0}, seed=6
     )
@@ -40,25 +36,6 @@ def test_converted_dynamic_ntk_internlm2_is_served_up_to_its_positions(tmp_path)
 
     want = original.model.greedy(ids, pixels, original.image_token_id, max_new_tokens=MAX_TOKENS)
     assert len(set(want)) > 1, want
-    features = original.model.extract_feature(pixels)  # (tiles, tokens, hidden)
-    inp = GenerateInput(
-        request_id="dyn",
-        messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
-        images=[ImageEmbedding(features.reshape(-1, features.shape[-1]), 1, "dyn-image")],
-        sampling=SamplingParams(temperature=0.0),
-        max_tokens=MAX_TOKENS,
-    )
-    engine = LLMEngine(
-        DecoderConfig(model=str(report.dst), dtype="float32", cache=CacheConfig(num_blocks=64))
-    )
-    try:
-        assert engine.max_model_len == bound
-        request = engine.make_request(inp)
-        assert request.prompt_token_ids == ids
-        engine.add_request(request)
-        got = []
-        while engine.has_unfinished:
-            got += [t for event in engine.step() for t in event.token_ids]
-    finally:
-        engine.shutdown()
+    got, max_model_len = engine_greedy(report.dst, original, pixels, QUESTION, ids, MAX_TOKENS)
+    assert max_model_len == bound
     assert got == want
