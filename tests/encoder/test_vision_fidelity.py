@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLModel
 
+from mesh.verify.reference import opengvlab_pixel_shuffle
 from services.common.checkpoint import Checkpoint
 from services.encoder.attention import resolve_backend
 from services.encoder.pixel_shuffle import pixel_shuffle
@@ -119,17 +120,6 @@ def test_other_patch_grids_match_transformers(tmp_path, patch, ratio, tokens):
     got = ours.encode(tiles)
     assert got.shape == (2, tokens, config.text_config.hidden_size)
     assert (got - reference_features(reference, tiles)).abs().max().item() <= TOL
-
-
-def opengvlab_pixel_shuffle(x: torch.Tensor, scale_factor: float, ps_version: str) -> torch.Tensor:
-    """OpenGVLab's ``InternVLChatModel.pixel_shuffle``, as in ``modeling_internvl_chat.py``."""
-    n, w, h, c = x.size()
-    x = x.view(n, w, int(h * scale_factor), int(c / scale_factor))
-    x = x.permute(0, 2, 1, 3).contiguous()
-    x = x.view(n, int(h * scale_factor), int(w * scale_factor), int(c / (scale_factor * scale_factor)))
-    if ps_version != "v1":  # v1 leaves the grid transposed
-        x = x.permute(0, 2, 1, 3).contiguous()
-    return x
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])

@@ -12,6 +12,7 @@ import redis
 import yaml
 
 from tests.support.gateway import MODEL, UvicornThread, make_gateway
+from tests.support.gateway import chat_body as _body
 from tests.support.images import png
 from tests.support.ports import free_port
 from tests.support.shared_redis import redis_url
@@ -67,16 +68,6 @@ def replicas(cores, tmp_path_factory):
     client = redis.Redis.from_url(DB_URL)
     for k in client.scan_iter(f"{prefix}*"):
         client.delete(k)
-
-
-def _body(content="Hi", max_tokens=4, **extra):
-    return {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        **extra,
-    }
 
 
 def _post(url, key, body, timeout=60):

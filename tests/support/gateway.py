@@ -32,6 +32,17 @@ def make_gateway(cores, keys, limiter, model: str = MODEL, **limits):
     return Gateway([route], keys, limiter, GatewayLimits(**limits), signer=SIGNER)
 
 
+def chat_body(content="Hi", max_tokens=4, **extra) -> dict:
+    """A greedy chat-completions body for the test model."""
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        **extra,
+    }
+
+
 def reload_keys_while_serving(app, keys):
     """``app`` with a lifespan that runs ``keys``' reload task on the server's loop, as in a replica."""
 

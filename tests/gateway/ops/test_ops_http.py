@@ -26,6 +26,7 @@ from tests.gateway.ops.helpers import (
     write_tenants,
 )
 from tests.support.gateway import MODEL, UvicornThread, reload_keys_while_serving
+from tests.support.gateway import chat_body as _body
 from tests.support.images import png
 from tests.support.signing import SIGNER
 
@@ -97,16 +98,6 @@ def ops(cores, tmp_path_factory, sync_redis):
             "redis": sync_redis,
         }
     recorder.close()
-
-
-def _body(content="Hi", max_tokens=4, **extra):
-    return {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        **extra,
-    }
 
 
 def _post(ops, key, body):
