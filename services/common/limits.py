@@ -9,6 +9,10 @@ README ("Limits") and docs/bad-input.md state the same numbers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from services.common.errors import InvalidArgument
+
 MIB = 1024 * 1024
 
 # Images and tiles (preprocess decodes and tiles them, the encoder embeds every tile).
@@ -26,3 +30,24 @@ MAX_TOKENS_PER_REQUEST = 1_000_000  # the cap of max_tokens; the model's context
 
 # Scheduling: a tenant's priority (higher runs first) lies in -MAX_PRIORITY..MAX_PRIORITY.
 MAX_PRIORITY = 10
+
+
+def check_image_tiles(tiles: Sequence[int]) -> None:
+    """InvalidArgument unless ``tiles`` (one count per image) is at most ``MAX_IMAGES_PER_REQUEST``
+    images of 1..``MAX_TILES_PER_IMAGE`` tiles (+ a thumbnail), ``MAX_TILES_PER_REQUEST`` in all: what
+    the encoder and the decoder check again themselves, whoever asks."""
+    if len(tiles) > MAX_IMAGES_PER_REQUEST:
+        raise InvalidArgument(
+            f"{len(tiles)} images, over the limit of {MAX_IMAGES_PER_REQUEST} per request",
+            reason="too_many_images",
+        )
+    for k, n in enumerate(tiles):
+        if not 1 <= n <= MAX_TILES_PER_IMAGE + 1:
+            raise InvalidArgument(
+                f"image {k}: {n} tiles, outside 1..{MAX_TILES_PER_IMAGE + 1}", reason="too_many_tiles"
+            )
+    if sum(tiles) > MAX_TILES_PER_REQUEST:
+        raise InvalidArgument(
+            f"{sum(tiles)} tiles, over the limit of {MAX_TILES_PER_REQUEST} per request",
+            reason="too_many_tiles",
+        )

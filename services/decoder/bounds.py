@@ -13,11 +13,9 @@ from collections.abc import Sequence
 
 from services.common.errors import InvalidArgument
 from services.common.limits import (
-    MAX_IMAGES_PER_REQUEST,
     MAX_MESSAGES,
     MAX_TEXT_BYTES,
-    MAX_TILES_PER_IMAGE,
-    MAX_TILES_PER_REQUEST,
+    check_image_tiles,
 )
 from services.common.refs import EmbeddingRef
 from services.decoder.types import ChatMessage, DecodeRequest, TextContent
@@ -40,26 +38,6 @@ def check_messages(messages: Sequence[ChatMessage]) -> None:
         )
     if text_bytes(messages) > MAX_TEXT_BYTES:
         raise InvalidArgument(f"message text exceeds {MAX_TEXT_BYTES} bytes", reason="prompt_too_long")
-
-
-def check_image_tiles(tiles: Sequence[int]) -> None:
-    """At most ``MAX_IMAGES_PER_REQUEST`` images of 1..``MAX_TILES_PER_IMAGE`` tiles (+ a thumbnail),
-    ``MAX_TILES_PER_REQUEST`` in all."""
-    if len(tiles) > MAX_IMAGES_PER_REQUEST:
-        raise InvalidArgument(
-            f"{len(tiles)} images, over the limit of {MAX_IMAGES_PER_REQUEST} per request",
-            reason="too_many_images",
-        )
-    for k, n in enumerate(tiles):
-        if not 1 <= n <= MAX_TILES_PER_IMAGE + 1:
-            raise InvalidArgument(
-                f"image {k}: {n} tiles, outside 1..{MAX_TILES_PER_IMAGE + 1}", reason="too_many_tiles"
-            )
-    if sum(tiles) > MAX_TILES_PER_REQUEST:
-        raise InvalidArgument(
-            f"{sum(tiles)} tiles, over the limit of {MAX_TILES_PER_REQUEST} per request",
-            reason="too_many_tiles",
-        )
 
 
 def check_request(request: DecodeRequest, refs: Sequence[EmbeddingRef]) -> None:

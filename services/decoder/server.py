@@ -25,9 +25,10 @@ from internvl.decoder.v1 import decoder_pb2, decoder_pb2_grpc
 
 from services.common import tracing
 from services.common.context import ContextSigner, RequestContext
+from services.common.limits import check_image_tiles
 from services.common.pb import context_from_pb, ref_from_pb
 from services.common.refs import KIND_INLINE, EmbeddingRef
-from services.decoder.bounds import check_image_tiles, check_messages, check_request
+from services.decoder.bounds import check_messages, check_request
 from services.decoder.pb import decode_request_from_pb, event_to_pb, messages_from_pb
 from services.decoder.types import (
     ChatMessage,

@@ -35,7 +35,7 @@ from services.common import tracing
 from services.common.checkpoint import Checkpoint
 from services.common.context import RequestContext
 from services.common.errors import DeadlineExceeded, InvalidArgument
-from services.common.limits import MAX_IMAGES_PER_REQUEST, MAX_TILES_PER_REQUEST
+from services.common.limits import check_image_tiles
 from services.common.refs import (
     DEFAULT_KEY_PREFIX,
     KIND_CACHE,
@@ -216,9 +216,12 @@ class EncoderCore:
         ``deadline`` is a ``time.monotonic()`` instant (the servicer converts the RPC's deadline).
         ``inline`` answers with the tensors themselves, whatever the cache holds: the gateway asks for
         that when the decoder could not read a first set of references (a cache entry gone, or a cache
-        the decoder cannot reach while this replica can).
+        the decoder cannot reach while this replica can). ``ctx``: the verified context, passed on to
+        the tile source. The mesh's bounds of images and tiles per request (tiles counted from the
+        headers, before any work) hold whoever asks.
         """
         validate_namespace(namespace)
+        check_image_tiles([_header_tiles(image) for image in images])
         if self.tile_source is None:
             raise InvalidArgument(
                 "this encoder has no tile source: send tiles (embed_tiles) instead of bytes"
@@ -256,7 +259,7 @@ class EncoderCore:
         :meth:`embed_images`.
         """
         validate_namespace(namespace)
-        _check_request_tiles([int(getattr(image.tiles, "shape", (0,))[0]) for image in images])
+        check_image_tiles([int(getattr(image.tiles, "shape", (0,))[0]) for image in images])
         tilings = [tiling] * len(images) if isinstance(tiling, TilingParams) else list(tiling)
         if len(tilings) != len(images):
             raise InvalidArgument(f"{len(images)} images but {len(tilings)} tiling parameter sets")
@@ -528,16 +531,3 @@ def _header_tiles(image: ImageInput) -> int:
         raise InvalidArgument("an image has no bytes")
     header = open_image(image.data, DecodeLimits())
     return count_tiles(header.width, header.height, image.tiling.validate())
-
-
-def _check_request_tiles(tiles: list[int]) -> None:
-    if len(tiles) > MAX_IMAGES_PER_REQUEST:
-        raise InvalidArgument(
-            f"{len(tiles)} images, over the limit of {MAX_IMAGES_PER_REQUEST} per request",
-            reason="too_many_images",
-        )
-    if sum(tiles) > MAX_TILES_PER_REQUEST:
-        raise InvalidArgument(
-            f"the images take {sum(tiles)} tiles, over the limit of {MAX_TILES_PER_REQUEST} per request",
-            reason="too_many_tiles",
-        )

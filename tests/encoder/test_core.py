@@ -246,3 +246,18 @@ async def test_redis_full_is_not_a_failure(make_core, own_redis: OwnRedis):
     assert ref.kind == KIND_INLINE
     assert core.metrics.degraded.labels(core.label, "cache_full")._value.get() == 1
     client.close()
+
+
+async def test_the_mesh_bounds_hold_whoever_asks(make_core):
+    """Images and tiles per request are bounded by the encoder itself, tiles counted from the headers
+    before anything is tiled or encoded: 17 images, or 4 images of 41 tiles (164 > 128)."""
+    from services.common.errors import InvalidArgument
+    from services.common.types import TilingParams
+
+    core = make_core(redis_url=None)
+    wide = ImageInput(png_bytes(800, 500), TilingParams(max_num=40))  # aspect 1.6: 8x5 grid + thumbnail
+    for images, reason in (([ImageInput(SQUARE)] * 17, "too_many_images"), ([wide] * 4, "too_many_tiles")):
+        with pytest.raises(InvalidArgument) as err:
+            await core.embed_images(images, namespace("bounds"))
+        assert err.value.reason == reason
+    assert core.stats.encodes == 0
