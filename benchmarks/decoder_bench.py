@@ -5,12 +5,15 @@ inputs), greedy, no early stop. Peers: (a) ``generate`` one request at a time, (
 (``generate`` on all 16, left padding, run to the longest output), (c) transformers' continuous
 batching (``init_continuous_batching`` + ``add_request``). Throughput counts generated tokens only.
 Also: our decode step time (16 requests, all decoding) against a bare forward of the same batch with a
-contiguous KV cache (``DynamicCache``), i.e. what the engine adds around the model.
+contiguous KV cache (``DynamicCache``), i.e. what the engine adds around the model. The engine runs
+twice, with overlapped scheduling (the default) and in series (``engine_serial``).
 
 The machine may be shared: every peer runs ``--rounds`` times, interleaved in a rotating order, and
 reports wall and process CPU time; ratios are medians over rounds of pairs measured close together
 (``ratios`` from wall time, ``ratios_cpu_time`` from CPU time). A last pass profiles a batch-16 decode
-step: CPU time of the engine's parts and the share of torch ops by kind.
+step of each engine: CPU time of the engine's parts (each on its own thread), the share of the step
+the device worker sits idle waiting for the host (``device_idle_share``), and the share of torch ops
+by kind.
 
     python benchmarks/decoder_bench.py [--checkpoint DIR] [--out benchmarks/results/decoder.json]
                                        [--threads N] [--rounds R]
@@ -90,11 +93,13 @@ def _rates(produced: int, m: Meter) -> dict:
 class EngineBench:
     """One engine, built and warmed once; each ``run`` submits the workload again."""
 
-    def __init__(self, ckpt_dir: Path, work):
+    def __init__(self, ckpt_dir: Path, work, overlap: bool = True):
         cfg = DecoderConfig(
             model=str(ckpt_dir),
             cache=CacheConfig(num_blocks=1024, block_size=16, enable_prefix_caching=False),
-            scheduler=SchedulerConfig(max_model_len=1024, max_num_batched_tokens=1024, max_num_seqs=32),
+            scheduler=SchedulerConfig(
+                max_model_len=1024, max_num_batched_tokens=1024, max_num_seqs=32, overlap=overlap
+            ),
         )
         self.eng = LLMEngine(cfg)
         self.work = work
@@ -134,7 +139,8 @@ class EngineBench:
         return out
 
     def profile(self, steps: int = 10) -> dict:
-        """Where a batch-16 decode step goes: CPU time of the engine's parts, and torch ops by kind."""
+        """Where a batch-16 decode step goes: CPU time of the engine's parts on their own threads, how
+        long the device worker (forward and draw) sits idle between steps, and torch ops by kind."""
         from torch.profiler import profile
 
         eng = self.eng
@@ -144,25 +150,21 @@ class EngineBench:
             n_running = eng.scheduler.num_running()
             if self._all_decoding(n_running, eng.step()):
                 break
-        parts = {
-            "prepare_inputs": 0.0,
-            "attention_metadata": 0.0,
-            "attention": 0.0,
-            "model": 0.0,
-            "sample": 0.0,
-        }
+        parts = dict.fromkeys(
+            ("prepare_inputs", "attention_metadata", "attention", "model", "sample", "device_busy_s"), 0.0
+        )
         originals = []
 
-        def wrap(obj, name, key):
+        def wrap(obj, name, key, clock=time.thread_time):
             fn = getattr(obj, name)
             originals.append((obj, name, fn))
 
             def timed(*a, **k):
-                c = time.process_time()
+                c = clock()
                 try:
                     return fn(*a, **k)
                 finally:
-                    parts[key] += time.process_time() - c
+                    parts[key] += clock() - c
 
             setattr(obj, name, timed)
 
@@ -170,10 +172,13 @@ class EngineBench:
         wrap(runner.backend, "prepare", "attention_metadata")
         wrap(runner.backend, "forward", "attention")
         wrap(runner, "execute", "model")
-        wrap(runner, "sample", "sample")
+        wrap(runner.sampler, "sample", "sample")
+        wrap(runner, "run", "device_busy_s", clock=time.perf_counter)
+        cpu0 = time.process_time()
         with Meter() as total:
             for _ in range(steps):
                 eng.step()
+        process_cpu = time.process_time() - cpu0
         for obj, name, fn in originals:
             setattr(obj, name, fn)
         with profile() as prof:  # op shares only: the profiler's own times are wall time
@@ -182,8 +187,13 @@ class EngineBench:
         for rid in list(eng.scheduler.requests):
             eng.abort(rid)
         ms = {k: v / steps * 1e3 for k, v in parts.items()}
-        step_ms = total.cpu / steps * 1e3
+        step_ms = process_cpu / steps * 1e3
         breakdown = {
+            "overlap": eng.overlap,
+            "step_wall_ms": total.wall / steps * 1e3,
+            "device_worker_busy_ms": ms["device_busy_s"],
+            # between two steps' forwards, the model waits on the host for this share of a step
+            "device_idle_share": 1.0 - parts["device_busy_s"] / total.wall,
             "step_cpu_ms": step_ms,
             "model_forward_and_logits_cpu_ms": ms["model"],
             "attention_cpu_ms": ms["attention"],
@@ -331,6 +341,7 @@ def main() -> None:
     with torch.inference_mode():  # warm transformers' generate
         model.generate(input_ids=torch.tensor([work[0][0]]), max_new_tokens=4, do_sample=False)
     engine = EngineBench(ckpt, work)
+    serial = EngineBench(ckpt, work, overlap=False)
 
     def cb():
         try:
@@ -340,6 +351,7 @@ def main() -> None:
 
     peers = {
         "engine": engine.run,
+        "engine_serial": serial.run,
         "sequential_generate": lambda: bench_sequential(model, work),
         "static_padded_batch": lambda: bench_static(model, work, pad_id=0),
         "transformers_continuous_batching": cb,
@@ -352,10 +364,13 @@ def main() -> None:
             rounds[name].append(peers[name]())
             print(f"round {r} {name}", rounds[name][-1], flush=True)
     profile = engine.profile()
+    profile_serial = serial.profile()
     engine.shutdown()
+    serial.shutdown()
 
     results = {n: _median_of(rounds[n]) for n in names}
     results["profile_decode_step_batch16"] = profile
+    results["profile_decode_step_batch16_serial"] = profile_serial
 
     def ratio(peer: str, key: str) -> float | None:
         """Median over rounds of ours / peer, each round's pair measured close together."""
@@ -374,6 +389,9 @@ def main() -> None:
         "vs_transformers_cb": ratio("transformers_continuous_batching", "tokens_per_s"),
         "engine_overhead_vs_bare_forward": overhead("decode_step_ms_batch16"),
         "engine_overhead_around_own_model": profile["engine_outside_model_cpu_ms"] / profile["step_cpu_ms"],
+        "overlap_vs_serial": ratio("engine_serial", "tokens_per_s"),
+        "device_idle_share_overlap": profile["device_idle_share"],
+        "device_idle_share_serial": profile_serial["device_idle_share"],
     }
     results["ratios_cpu_time"] = {
         "vs_sequential": ratio("sequential_generate", "tokens_per_cpu_s"),
@@ -386,6 +404,7 @@ def main() -> None:
         "vs_static_batch": 1.0,
         "vs_transformers_cb": 1.3,
         "overhead_max": 0.30,
+        "device_idle_share_max": 0.02,
     }
     results["rounds"] = rounds
     results["setup"] = {

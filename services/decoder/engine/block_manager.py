@@ -70,11 +70,12 @@ class BlockManager:
 
     # -- hashing ---------------------------------------------------------------------------------
     def update_block_hashes(self, req: Request) -> None:
-        """Extend ``req.block_hashes`` to cover every full block of its known tokens."""
+        """Extend ``req.block_hashes`` to cover every full block of its known tokens (not the
+        placeholders of a running step, which come last)."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        n_full = req.num_tokens // bs
+        n_full = (req.num_tokens - req.num_pending) // bs
         while len(req.block_hashes) < n_full:
             i = len(req.block_hashes)
             parent = req.block_hashes[-1] if req.block_hashes else namespace_root_hash(req.cache_namespace)

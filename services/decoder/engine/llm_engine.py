@@ -13,39 +13,51 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from services.common.checkpoint import Checkpoint
 from services.common.errors import InvalidArgument
 from services.decoder.config import DecoderConfig
 from services.decoder.engine.block_manager import BlockManager
-from services.decoder.engine.model_runner import ModelRunner, plan_model
+from services.decoder.engine.model_runner import Launched, ModelRunner, plan_model
 from services.decoder.engine.output_processor import EngineOutput, NewRequest, OutputProcessor
 from services.decoder.engine.request import Request, RequestStatus
-from services.decoder.engine.sampler import SamplerOutput
-from services.decoder.engine.scheduler import ScheduledChunk, Scheduler, SchedulerLimits
+from services.decoder.engine.sampler import SamplerOutput, SampleRow
+from services.decoder.engine.scheduler import ScheduledChunk, Scheduler, SchedulerLimits, SchedulerOutput
 from services.decoder.models.layers import TPContext
 from services.decoder.prompting import load_prompt_builder
 from services.decoder.types import GenerateInput, GenerationEvent
 
 
 class LocalExecutor:
-    """A single rank in this process."""
+    """A single rank in this process. Host work (inputs, attention metadata, what sampling reads of
+    each request) runs on the caller's thread at ``launch``; the forward and the draw run on one device
+    worker thread, in launch order, so the caller schedules the next step meanwhile (torch releases
+    the GIL in its kernels; on a GPU the kernels run asynchronously as well)."""
 
     def __init__(self, config: DecoderConfig):
         self.runner = ModelRunner(config, TPContext())
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="decoder-device")
+        self._rows: dict[str, int] = {}  # request id -> row of the last launched step's sampled ids
 
     def init_cache(self, num_blocks: int) -> None:
         self.runner.init_cache(num_blocks)
 
+    def launch(self, chunks: list[ScheduledChunk]) -> Launched:
+        step = self.runner.prepare(chunks, self._rows)
+        meta = self.runner.metadata(step)
+        rows = [SampleRow.of(ch.request) for ch in chunks if ch.sample]
+        self._rows = {row.request_id: i for i, row in enumerate(rows)}
+        return Launched(self._worker.submit(self.runner.run, step, meta, rows))
+
     def step(self, chunks: list[ScheduledChunk]) -> SamplerOutput | None:
-        logits = self.runner.execute(self.runner.prepare(chunks))
-        return None if logits is None else self.runner.sample(logits, chunks)
+        return self.launch(chunks).result()
 
     def release(self, request_id: str) -> None:
-        self.runner.sampler.release(request_id)
+        self._worker.submit(self.runner.sampler.release, request_id)  # after the steps launched before
 
     def shutdown(self) -> None:
-        pass
+        self._worker.shutdown(wait=True)
 
 
 class LLMEngine:
@@ -86,6 +98,8 @@ class LLMEngine:
             enable_chunked_prefill=config.scheduler.enable_chunked_prefill,
         )
         self.scheduler = Scheduler(limits, self.block_manager, clock=clock)
+        self.overlap = config.scheduler.overlap and config.parallel.tensor_parallel_size == 1
+        self._pending: tuple[SchedulerOutput, Launched] | None = None  # the step launched, not resolved
         self.processor = OutputProcessor(self.tokenizer)  # used by ``step``; DecoderCore has its own
 
     def _eos_ids(self, checkpoint: Checkpoint) -> frozenset[int]:
@@ -201,7 +215,7 @@ class LLMEngine:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or self._pending is not None
 
     # -- the step ----------------------------------------------------------------------------------
     def step(self) -> list[GenerationEvent]:
@@ -209,18 +223,42 @@ class LLMEngine:
         return self._process(self.step_outputs())
 
     def step_outputs(self) -> list[EngineOutput]:
-        scheduled = self.scheduler.schedule()
-        outputs = [self._last_output(req, [], None) for req in scheduled.finished]
-        if scheduled.is_empty:
+        """Schedule and launch a step, then resolve the one before it (overlap) or this one (in series).
+
+        Under overlap a request's outputs come one call after its step was launched; a step runs in
+        series when a request in the batch needs its tokens on the host to sample (penalties).
+        """
+        try:
+            outputs = [] if self.overlap and not self._needs_sync() else self._resolve()
+            scheduled = self.scheduler.schedule()
+            outputs += [self._last_output(req, [], None) for req in scheduled.finished]
+            launched = None
+            if not scheduled.is_empty:
+                launched = (scheduled, self.executor.launch(scheduled.chunks))
+                self.scheduler.advance(scheduled)
+            outputs += self._resolve()
+            self._pending = launched
+            if not self.overlap:
+                outputs += self._resolve()
             return outputs
-        out = self.executor.step(scheduled.chunks)
-        sampled = out.token_ids if out is not None else []
-        updates = self.scheduler.update_from_output(scheduled, sampled)
+        except BaseException:
+            self._pending = None
+            raise
+
+    def _needs_sync(self) -> bool:
+        return any(r.sampling_params.needs_penalties for r in self.scheduler.running)
+
+    def _resolve(self) -> list[EngineOutput]:
+        """Wait for the launched step's tokens and hand them to the scheduler."""
+        if self._pending is None:
+            return []
+        scheduled, launched = self._pending
+        self._pending = None
+        out = launched.result()
+        updates = self.scheduler.resolve(scheduled, out.token_ids if out is not None else [])
         logprobs = iter(out.logprobs if out is not None else [])
-        by_id = {}
-        for chunk in scheduled.chunks:
-            if chunk.sample:
-                by_id[chunk.request.request_id] = next(logprobs)
+        by_id = {chunk.request.request_id: next(logprobs) for chunk in scheduled.chunks if chunk.sample}
+        outputs = []
         for update in updates:
             req, lp = update.request, by_id.get(update.request.request_id)
             lps = [lp] if lp is not None else None

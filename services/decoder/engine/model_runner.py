@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import Future
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,7 @@ from services.common.checkpoint import Checkpoint, SliceReader
 from services.common.errors import FailedPrecondition
 from services.decoder.attention.registry import AttentionBackend, AttentionMetadata, get_backend
 from services.decoder.config import DecoderConfig
-from services.decoder.engine.sampler import BYTES_PER_LOGIT, Sampler, SamplerOutput
+from services.decoder.engine.sampler import BYTES_PER_LOGIT, DeviceSample, Sampler, SamplerOutput, SampleRow
 from services.decoder.engine.scheduler import ScheduledChunk
 from services.decoder.models.decoder_lm import DecoderLM, build_model, check_tp_split
 from services.decoder.models.layers import TPContext
@@ -54,6 +55,9 @@ class StepInput:
     logits_indices: torch.Tensor  # (S,) flat index of each sampling request's last token
     image_rows: torch.Tensor | None  # (R, hidden)
     image_index: torch.Tensor | None  # (R,) flat token index each row replaces
+    # tokens sampled by the step still running (overlapped scheduling): (flat index, row of that
+    # step's sampled ids) pairs, filled in on the device before the forward
+    pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -69,9 +73,12 @@ class ChunkWork:
     sample: bool
     image_rows: torch.Tensor | None = None
     image_index: list[int] = field(default_factory=list)
+    pending_row: int | None = None  # the last token is a placeholder: row of the running step's sample
 
 
-def chunk_work(ch: ScheduledChunk) -> ChunkWork:
+def chunk_work(ch: ScheduledChunk, pending_rows: dict[str, int] | None = None) -> ChunkWork:
+    """The chunk's work; ``pending_rows`` maps the requests sampled by the step still running to their
+    rows in its sampled ids (their last token is a placeholder until then)."""
     req, s, n = ch.request, ch.start, ch.num_tokens
     rows, index = [], []
     for k, span in enumerate(req.images):
@@ -85,7 +92,38 @@ def chunk_work(ch: ScheduledChunk) -> ChunkWork:
         sample=ch.sample,
         image_rows=(rows[0] if len(rows) == 1 else torch.cat(rows)) if rows else None,  # (r, hidden)
         image_index=index,
+        pending_row=_pending_row(req, s + n, pending_rows),
     )
+
+
+def _pending_row(req, end: int, pending_rows: dict[str, int] | None) -> int | None:
+    if not req.num_pending:
+        return None
+    if end != req.num_tokens or pending_rows is None or req.request_id not in pending_rows:
+        raise RuntimeError(f"{req!r}: its unresolved token is not the last input of the running step")
+    return pending_rows[req.request_id]
+
+
+class Launched:
+    """A step handed to the device: ``result`` waits for its sampled ids on the host."""
+
+    def __init__(self, future: Future | None = None, output: SamplerOutput | None = None):
+        self.future, self.output = future, output
+
+    def result(self) -> SamplerOutput | None:
+        if self.future is not None:
+            sample = self.future.result()
+            self.future, self.output = None, None if sample is None else sample.result()
+        return self.output
+
+
+def host_tensor(values: list[int], pin: bool) -> torch.Tensor:
+    """An int64 host tensor of ``values``; page-locked when ``pin`` (CUDA's copies then do not block)."""
+    if not pin:
+        return torch.tensor(values, dtype=torch.long)
+    out = torch.empty(len(values), dtype=torch.long, pin_memory=True)  # from the caching host allocator
+    out.numpy()[:] = values
+    return out
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -161,6 +199,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.sampler = Sampler(self.device, seed=config.seed) if tp.rank == 0 else None
+        self.last_sampled: torch.Tensor | None = None  # (S,) the last step's sampled ids, on the device
 
     def _load(self, checkpoint: Checkpoint) -> DecoderLM:
         stored_head = bool(checkpoint.component_keys("lm_head"))  # none stored: tied to the embedding
@@ -236,8 +275,10 @@ class ModelRunner:
         self.num_blocks = num_blocks
 
     # -- a step ------------------------------------------------------------------------------------
-    def prepare(self, chunks: list[ScheduledChunk]) -> StepInput:
-        return self.build_step([chunk_work(ch) for ch in chunks], [ch.request.block_ids for ch in chunks])
+    def prepare(self, chunks: list[ScheduledChunk], pending_rows: dict[str, int] | None = None) -> StepInput:
+        return self.build_step(
+            [chunk_work(ch, pending_rows) for ch in chunks], [ch.request.block_ids for ch in chunks]
+        )
 
     def build_step(self, items: list[ChunkWork], tables: list[list[int]]) -> StepInput:
         """The flat batch of ``items``, request ``i`` reading and writing the blocks ``tables[i]``.
@@ -251,6 +292,7 @@ class ModelRunner:
         slots: list[int] = []
         qsl, ctx, logits_idx = [0], [], []
         rows, row_index = [], []
+        pending_at, pending_rows = [], []
         for item, table in zip(items, tables, strict=True):
             s, n = item.start, len(item.token_ids)
             base = len(ids)
@@ -264,31 +306,45 @@ class ModelRunner:
             if item.image_rows is not None:
                 rows.append(item.image_rows)
                 row_index += [base + i for i in item.image_index]
+            if item.pending_row is not None:
+                pending_at.append(base + n - 1)
+                pending_rows.append(item.pending_row)
+        pin = self.device.type == "cuda"
         return StepInput(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            positions=torch.tensor(positions, dtype=torch.long),
-            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            input_ids=host_tensor(ids, pin),
+            positions=host_tensor(positions, pin),
+            slot_mapping=host_tensor(slots, pin),
             query_start_loc=qsl,
             context_lens=ctx,
             block_tables=list(tables),
-            logits_indices=torch.tensor(logits_idx, dtype=torch.long),
+            logits_indices=host_tensor(logits_idx, pin),
             image_rows=torch.cat(rows).to(self.dtype) if rows else None,  # (R, hidden)
             image_index=torch.tensor(row_index, dtype=torch.long) if rows else None,
+            pending=(host_tensor(pending_at, pin), host_tensor(pending_rows, pin)) if pending_at else None,
         )
 
-    def execute(self, step: StepInput) -> torch.Tensor | None:
-        """Run the forward on this rank; rank 0 returns the logits (S, vocab) of the sampling rows."""
-        dev = self.device
+    def metadata(self, step: StepInput) -> AttentionMetadata:
+        """The attention backend's view of the step (host work: under overlap, while a step runs)."""
         meta = AttentionMetadata(
-            slot_mapping=step.slot_mapping.to(dev, non_blocking=True),
+            slot_mapping=step.slot_mapping.to(self.device, non_blocking=True),
             query_start_loc=step.query_start_loc,
             context_lens=step.context_lens,
             block_tables=step.block_tables,
             block_size=self.block_size,
         )
-        self.backend.prepare(meta, dev)
+        self.backend.prepare(meta, self.device)
+        return meta
+
+    def execute(self, step: StepInput, meta: AttentionMetadata | None = None) -> torch.Tensor | None:
+        """Run the forward on this rank; rank 0 returns the logits (S, vocab) of the sampling rows."""
+        dev = self.device
+        meta = self.metadata(step) if meta is None else meta
+        input_ids = step.input_ids.to(dev, non_blocking=True)
+        if step.pending is not None:
+            at, rows = (t.to(dev, non_blocking=True) for t in step.pending)
+            input_ids[at] = self.last_sampled[rows]  # the running step's tokens, never via the host
         hidden = self.model(
-            step.input_ids.to(dev, non_blocking=True),
+            input_ids,
             step.positions.to(dev, non_blocking=True),
             self.kv_caches,
             meta,
@@ -297,7 +353,19 @@ class ModelRunner:
         )  # (T, hidden)
         if self.tp.rank != 0 or step.logits_indices.numel() == 0:
             return None
-        return self.model.compute_logits(hidden[step.logits_indices.to(dev)])  # (S, vocab)
+        return self.model.compute_logits(hidden[step.logits_indices.to(dev, non_blocking=True)])  # (S, vocab)
 
     def sample(self, logits: torch.Tensor, chunks: list[ScheduledChunk]) -> SamplerOutput:
         return self.sampler(logits, [c.request for c in chunks if c.sample])
+
+    @torch.inference_mode()
+    def run(self, step: StepInput, meta: AttentionMetadata, rows: list[SampleRow]) -> DeviceSample | None:
+        """Forward and sampling of a launched step (the device worker's job); the sampled ids stay on
+        the device for the next step's placeholders, and start their copy to the host."""
+        logits = self.execute(step, meta)
+        if logits is None:
+            return None
+        sample = self.sampler.sample(logits, rows)
+        self.last_sampled = sample.tokens
+        sample.to_host()
+        return sample

@@ -17,6 +17,10 @@ from services.decoder.types import FinishReason
 
 _arrival_counter = itertools.count()
 
+# An output token sampled by a step that is still running: its value is on the device until the step
+# is resolved (overlapped scheduling, ``Scheduler.advance``), and it is the next step's input there.
+PLACEHOLDER = -1
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -83,6 +87,7 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hits at first scheduling; -1 until then
         self.num_preemptions = 0
+        self.num_pending = 0  # output tokens appended as PLACEHOLDER, their step not yet resolved
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []  # hashes of the full blocks of all_token_ids, in order
         self.num_hashed_cached_blocks = 0  # leading blocks already registered in the prefix cache

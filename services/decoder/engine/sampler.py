@@ -7,8 +7,9 @@ top-k, top-p, and a draw. Greedy rows take the argmax of the penalised logits.
 The whole batch goes through each stage at once: per-row parameters become tensors, penalties come
 from token-count tensors (``penalties.TokenCounts``), the filters from one sort of the rows with a
 top-p and one ``topk`` of the rows with only a top-k, and every sampled row is drawn by one Gumbel-max
-``argmax`` (``gumbel``). The sampled ids reach the host in one transfer, the logprobs (when a row asks
-for them) in one more.
+``argmax`` (``gumbel``). ``sample`` leaves the step's ids and logprobs on the device (``DeviceSample``):
+they reach the host in one transfer, the logprobs (when a row asks for them) in one more, started
+without blocking and waited for only when the engine resolves the step.
 
 Filters: top-k keeps the tokens whose logit is at least the k-th largest (ties with it included);
 top-p then keeps the smallest prefix of the remaining tokens, best first, whose probability reaches
@@ -43,6 +44,60 @@ BYTES_PER_LOGIT = 41
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    """What sampling reads of a request, taken when its step is launched (the request moves on while
+    the step runs). The token ids are copied only for a row with penalties, the one reader."""
+
+    request_id: str
+    sampling_params: SamplingParams
+    num_output_tokens: int
+    num_prompt_tokens: int
+    all_token_ids: tuple[int, ...]
+
+    @classmethod
+    def of(cls, req: Request) -> SampleRow:
+        p = req.sampling_params
+        if p.needs_penalties and req.num_pending:
+            raise RuntimeError(f"{req!r}: penalties need its tokens, one is still on the device")
+        ids = tuple(req.all_token_ids) if p.needs_penalties else ()
+        return cls(req.request_id, p, req.num_output_tokens, req.num_prompt_tokens, ids)
+
+
+class DeviceSample:
+    """A step's draw while it may still be on the device: the ids (the next step's placeholders read
+    them there) and the logprob table; ``to_host`` starts their copy, ``result`` waits for it."""
+
+    def __init__(self, tokens: torch.Tensor, table: torch.Tensor | None, params: list[SamplingParams]):
+        self.tokens = tokens  # (B,) int64
+        self.table = table  # (L, 1 + 2k) float64 for the rows that ask for logprobs
+        self.params = params
+        self._host: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._ready = None
+
+    def to_host(self) -> None:
+        """Copy to page-locked host memory without blocking; a no-op on the CPU."""
+        if self.tokens.device.type != "cuda":
+            return
+        pinned = [
+            None if t is None else torch.empty_like(t, device="cpu", pin_memory=True)
+            for t in (self.tokens, self.table)
+        ]
+        for dst, src in zip(pinned, (self.tokens, self.table), strict=True):
+            if dst is not None:
+                dst.copy_(src, non_blocking=True)
+        self._ready = torch.cuda.Event()
+        self._ready.record()
+        self._host = (pinned[0], pinned[1])
+
+    def result(self) -> SamplerOutput:
+        tokens, table = (self.tokens, self.table) if self._host is None else self._host
+        if self._ready is not None:
+            self._ready.synchronize()
+        token_ids = tokens.tolist()  # on the CPU (or once the copy is done): the one transfer of ids
+        return SamplerOutput(token_ids, _logprob_rows(table, token_ids, self.params))
 
 
 def _index(rows: list[int], total: int, device: torch.device) -> torch.Tensor | None:
@@ -104,9 +159,13 @@ class Sampler:
         """The request ended: its token counts go."""
         self.counts.release(request_id)
 
-    @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, requests: list[Request] | list[SampleRow]) -> SamplerOutput:
         """logits (B, V) float32, one row per request that samples this step."""
+        return self.sample(logits, requests).result()
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, requests: list[Request] | list[SampleRow]) -> DeviceSample:
+        """The draw of every row, left on the device (no transfer, no sync)."""
         params = [r.sampling_params for r in requests]
         raw = logits  # logprobs come from the model's own distribution
         penalised = [i for i, p in enumerate(params) if p.needs_penalties]
@@ -121,10 +180,9 @@ class Sampler:
             tokens = logits.argmax(dim=-1)  # (B,)
         else:
             tokens = self._draw(logits, requests, drawn)
-        token_ids = tokens.tolist()  # the step's one device -> host transfer of the sampled ids
-        return SamplerOutput(token_ids, self._logprobs(raw, tokens, token_ids, params))
+        return DeviceSample(tokens, self._logprob_table(raw, tokens, params), params)
 
-    def _draw(self, logits: torch.Tensor, requests: list[Request], drawn: list[int]) -> torch.Tensor:
+    def _draw(self, logits: torch.Tensor, requests, drawn: list[int]) -> torch.Tensor:
         """(B,) ids: a draw for the rows ``drawn``, the argmax for the others (greedy)."""
         dev, vocab = logits.device, logits.shape[1]
         params: list[SamplingParams] = [requests[i].sampling_params for i in drawn]
@@ -158,14 +216,15 @@ class Sampler:
             return picked
         return logits.argmax(dim=-1).index_copy(0, index, picked)
 
-    def _logprobs(
-        self, raw: torch.Tensor, tokens: torch.Tensor, token_ids: list[int], params: list[SamplingParams]
-    ) -> list[TokenLogprob | None]:
-        """The chosen token's logprob and the top alternatives of each row that asks, in one transfer."""
+    @staticmethod
+    def _logprob_table(
+        raw: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]
+    ) -> torch.Tensor | None:
+        """(L, 1 + 2k) float64 for the L rows that ask: the chosen token's logprob, then the top k
+        alternatives' logprobs and ids (float64 holds float32 logprobs and token ids exactly)."""
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
-        out: list[TokenLogprob | None] = [None] * len(params)
         if not wanted:
-            return out
+            return None
         index = _index(wanted, len(params), raw.device)
         lp = torch.log_softmax(raw if index is None else raw[index], dim=-1)  # (L, V)
         chosen = tokens if index is None else tokens[index]
@@ -174,10 +233,20 @@ class Sampler:
         if k:
             vals, ids = lp.topk(k, dim=-1)  # (L, k) each, best first
             cols += [vals, ids]
-        # float64 holds float32 logprobs and token ids exactly: one transfer for all of them
-        table = torch.cat([c.double() for c in cols], dim=1).tolist()  # (L, 1 + 2k)
-        for i, row in zip(wanted, table, strict=True):
-            n = params[i].logprobs
-            top = [TopLogprob(int(t), v) for t, v in zip(row[1 + k : 1 + k + n], row[1 : 1 + n], strict=True)]
-            out[i] = TokenLogprob(token_ids[i], row[0], top)
+        return torch.cat([c.double() for c in cols], dim=1)
+
+
+def _logprob_rows(
+    table: torch.Tensor | None, token_ids: list[int], params: list[SamplingParams]
+) -> list[TokenLogprob | None]:
+    """The rows of ``Sampler._logprob_table``, on the host, as each request's ``TokenLogprob``."""
+    out: list[TokenLogprob | None] = [None] * len(params)
+    if table is None:
         return out
+    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+    k = max(params[i].logprobs for i in wanted)
+    for i, row in zip(wanted, table.tolist(), strict=True):
+        n = params[i].logprobs
+        top = [TopLogprob(int(t), v) for t, v in zip(row[1 + k : 1 + k + n], row[1 : 1 + n], strict=True)]
+        out[i] = TokenLogprob(token_ids[i], row[0], top)
+    return out

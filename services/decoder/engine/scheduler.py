@@ -13,6 +13,15 @@ waiting request may also preempt running requests of strictly lower priority.
 Contract with the engine: ``schedule() -> SchedulerOutput``; the runner executes it; then
 ``update_from_output(scheduler_output, sampled_token_ids)`` advances the requests and reports which
 finished. Deadlines use an injectable clock so tests need no sleeps.
+
+Overlapped scheduling splits that update in two. ``advance`` runs as soon as a step is launched: its
+chunks count as computed, and each request that samples gets a ``PLACEHOLDER`` output token, so the
+next step can be scheduled while this one runs (its decode input is the placeholder, which the model
+runner takes from the running step's sampled ids on the device). ``resolve`` runs when the step's
+tokens reach the host: placeholders get their values, blocks are registered in the prefix cache, stop
+conditions are checked. A request whose token ends it by length gets no placeholder (it will not run
+again); one that ends by a stop token has run one step too many, whose token is dropped. A preempted
+request waits to be prefilled again until its placeholder is resolved.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.decoder.engine.block_manager import BlockManager
-from services.decoder.engine.request import Request, RequestStatus
+from services.decoder.engine.request import PLACEHOLDER, Request, RequestStatus
 
 
 @dataclass
@@ -43,6 +52,7 @@ class ScheduledChunk:
     start: int
     num_tokens: int
     sample: bool  # this chunk reaches the last known token: its logits give the next token
+    token_index: int | None = None  # where ``advance`` put the placeholder of the sampled token
 
 
 @dataclass
@@ -158,6 +168,8 @@ class Scheduler:
         self.waiting.sort(key=Request.sort_key)
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
             req = self.waiting[0]
+            if req.num_pending:
+                break  # preempted while its step ran: its last token is not known yet
             computed_blocks, num_cached = self.block_manager.get_computed_blocks(req)
             num_new = req.num_tokens - num_cached
             if not self.limits.enable_chunked_prefill and num_new > budget:
@@ -211,28 +223,59 @@ class Scheduler:
     # -- after the step ----------------------------------------------------------------------------
     def update_from_output(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[RequestUpdate]:
         """Advance the scheduled requests; ``sampled_token_ids`` follow the sampling chunks' order."""
+        self.advance(out)
+        return self.resolve(out, sampled_token_ids)
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """The step is launched: its tokens count as computed, its samples as placeholders."""
+        for chunk in out.chunks:
+            req = chunk.request
+            if req.is_finished:
+                continue
+            req.num_computed_tokens += chunk.num_tokens
+            if chunk.sample and not self._ends_by_length(req, req.num_output_tokens + 1):
+                chunk.token_index = req.num_tokens
+                req.append_output_token(PLACEHOLDER)
+                req.num_pending += 1
+
+    def resolve(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[RequestUpdate]:
+        """The step's sampled tokens are known: place them, cache full blocks, end what stops."""
         updates: list[RequestUpdate] = []
         sampled = iter(sampled_token_ids)
         for chunk in out.chunks:
             req = chunk.request
             token = next(sampled) if chunk.sample else None
-            if req.is_finished or req.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
-            req.num_computed_tokens += chunk.num_tokens
-            self.block_manager.cache_computed_blocks(req)
+            if req.is_finished:
+                continue  # ended while the step ran (abort, deadline, or a stop in an earlier step)
+            index = chunk.token_index
+            if index is not None:
+                req.all_token_ids[index] = token
+                req.num_pending -= 1
+            elif token is not None:
+                index = req.num_tokens
+                req.append_output_token(token)
+            if req.status == RequestStatus.RUNNING:
+                self.block_manager.cache_computed_blocks(req)
             if token is None:
                 continue
-            req.append_output_token(token)
-            status = self._stop_status(req, token)
+            # the outputs up to this token: a later step may already have put its placeholder after it
+            status = self._stop_status(req, token, index + 1 - req.num_prompt_tokens)
             if status is not None:
+                del req.all_token_ids[index + 1 :]  # a later step's placeholder: that step is dropped
+                req.num_pending = 0
                 self.finish_request(req.request_id, status)
             updates.append(RequestUpdate(req, [token], status is not None))
         return updates
 
-    def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
+    def _ends_by_length(self, req: Request, num_output_tokens: int) -> bool:
+        return num_output_tokens >= req.max_tokens or req.num_prompt_tokens + num_output_tokens >= (
+            self.limits.max_model_len
+        )
+
+    def _stop_status(self, req: Request, token: int, num_output_tokens: int) -> RequestStatus | None:
         params = req.sampling_params
         if token in params.stop_token_ids or (not params.ignore_eos and token in req.eos_token_ids):
             return RequestStatus.FINISHED_STOPPED
-        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.limits.max_model_len:
+        if self._ends_by_length(req, num_output_tokens):
             return RequestStatus.FINISHED_LENGTH
         return None

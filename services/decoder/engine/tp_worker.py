@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from services.decoder.config import DecoderConfig
-from services.decoder.engine.model_runner import ChunkWork, ModelRunner, chunk_work
+from services.decoder.engine.model_runner import ChunkWork, Launched, ModelRunner, chunk_work
 from services.decoder.engine.sampler import SamplerOutput
 from services.decoder.engine.scheduler import ScheduledChunk
 from services.decoder.models.layers import TPContext
@@ -200,6 +200,10 @@ class TPDriver:
         items = [ch.work for ch in delta.chunks]
         logits = self.runner.execute(self.runner.build_step(items, [ch.request.block_ids for ch in chunks]))
         return None if logits is None else self.runner.sample(logits, chunks)
+
+    def launch(self, chunks: list[ScheduledChunk]) -> Launched:
+        """``step``, done on return: the ranks run in lockstep, so tensor parallelism runs in series."""
+        return Launched(output=self.step(chunks))
 
     def release(self, request_id: str) -> None:
         """The request ended: its sampler state goes now, the ranks' table with the next step."""

@@ -81,11 +81,12 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
     return [torch.randint(20, vocab, (length,), generator=g).tolist() for _ in range(n)]
 
 
-def greedy_request(request_id: str, ids: list[int], max_tokens: int):
+def greedy_request(request_id: str, ids: list[int], max_tokens: int, params=None):
+    """A request that runs to ``max_tokens``: greedy unless ``params`` (``SamplingParams``) say otherwise."""
     from services.decoder.engine.request import Request
     from services.decoder.engine.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=0.0, ignore_eos=True)
+    params = params or SamplingParams(temperature=0.0, ignore_eos=True)
     return Request(request_id, ids, params, max_tokens, eos_token_ids=frozenset())
 
 

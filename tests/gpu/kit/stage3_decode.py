@@ -14,8 +14,10 @@ import time
 
 import torch
 
+from services.decoder.engine.sampling_params import SamplingParams
+
 from .common import decode_checkpoint, engine_model, free, greedy_request, make_engine, random_prompts
-from .report import Context, StageResult, judge
+from .report import INCONCLUSIVE, Context, StageResult, Verdict, judge
 
 
 def plan(smoke: bool) -> tuple[list[int], int, int]:
@@ -31,12 +33,14 @@ def streamed_weight_bytes(engine) -> int:
     )
 
 
-def decode_batch(ctx: Context, engine, batch: int, prompt_len: int, steps: int) -> dict[str, float]:
+def decode_batch(
+    ctx: Context, engine, batch: int, prompt_len: int, steps: int, sampling=None
+) -> dict[str, float]:
     prompts = random_prompts(batch, prompt_len, engine.vocab_size, seed=batch)
-    reqs = [greedy_request(f"d{batch}-{i}", p, steps + 1) for i, p in enumerate(prompts)]
+    reqs = [greedy_request(f"d{batch}-{i}", p, steps + 1, sampling) for i, p in enumerate(prompts)]
     for req in reqs:
         engine.add_request(req)
-    while any(r.num_output_tokens == 0 for r in reqs):  # prefill (and its first token), untimed
+    while any(r.num_output_tokens - r.num_pending == 0 for r in reqs):  # prefill, its first token: untimed
         engine.step()
     cuda = ctx.device == "cuda"
     if cuda:
@@ -97,7 +101,80 @@ def run(ctx: Context, res: StageResult) -> None:
                 f"{row['pct_of_bandwidth_bound']:.1f}% of bandwidth bound",
                 f"{batch * steps} tokens; speed reported, not judged",
             ))  # fmt: skip
+        idle_checks(ctx, engine, res, max(batches) if ctx.smoke else 64, prompt_len, steps)
     finally:
         res.figures["prompt_len"], res.figures["decode_steps"], res.figures["rows"] = prompt_len, steps, rows
         engine.shutdown()
         free(ctx.device)
+
+
+def device_idle_share(ctx: Context, engine, batch: int, prompt_len: int, steps: int, sampling=None) -> dict:
+    """Decode ``batch`` requests and time each launched step on the device (CUDA events around the
+    device worker's job; wall clock on the CPU): the share of the run between two steps' spans is the
+    time the device waited for the host."""
+    runner = engine.executor.runner
+    spans: list[tuple] = []
+    run_step = runner.run
+    cuda = ctx.device == "cuda"
+
+    def mark():
+        if not cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def timed(*args):
+        start = mark()
+        try:
+            return run_step(*args)
+        finally:
+            spans.append((start, mark()))
+
+    runner.run = timed
+    try:
+        row = decode_batch(ctx, engine, batch, prompt_len, steps, sampling)
+    finally:
+        runner.run = run_step
+    spans = spans[-steps:]  # the timed decode steps
+    if cuda:
+        torch.cuda.synchronize()
+        busy = sum(a.elapsed_time(b) / 1e3 for a, b in spans)
+        total = spans[0][0].elapsed_time(spans[-1][1]) / 1e3
+    else:
+        busy = sum(b - a for a, b in spans)
+        total = spans[-1][1] - spans[0][0]
+    return {**row, "device_idle_share": 1.0 - busy / total}
+
+
+def idle_checks(ctx: Context, engine, res: StageResult, batch: int, prompt_len: int, steps: int) -> None:
+    """Overlapped scheduling's two targets: the device idle between decode steps at ``batch``, and
+    sampled (temperature 0.8, top-p 0.9) against greedy throughput at batch 32."""
+    rows = {}
+    for overlap in (True, False):
+        engine.overlap = overlap
+        rows[overlap] = device_idle_share(ctx, engine, batch, prompt_len, steps)
+    engine.overlap = True
+    idle = rows[True]["device_idle_share"]
+    res.figures["idle"] = {"batch": batch, "overlap": rows[True], "serial": rows[False]}
+    measured = (
+        f"device idle {100 * idle:.1f}% of the run with overlap, "
+        f"{100 * rows[False]['device_idle_share']:.1f}% in series"
+    )
+    _target(ctx, res, f"decode.idle_b{batch}", idle <= 0.10, measured, "<= 10% with overlap")
+    b = min(32, batch)
+    greedy = decode_batch(ctx, engine, b, prompt_len, steps)
+    sampled = decode_batch(
+        ctx, engine, b, prompt_len, steps, SamplingParams(temperature=0.8, top_p=0.9, ignore_eos=True)
+    )
+    ratio = sampled["tokens_per_s"] / greedy["tokens_per_s"]
+    res.figures["sampled_vs_greedy"] = {"batch": b, "greedy": greedy, "sampled": sampled, "ratio": ratio}
+    _target(ctx, res, f"decode.sampled_vs_greedy_b{b}", ratio >= 0.9, f"{ratio:.2f}x", ">= 0.9x")
+
+
+def _target(ctx: Context, res: StageResult, check: str, ok: bool, measured: str, threshold: str) -> None:
+    """A GPU target: judged on a GPU; on the CPU (the kit's own smoke run) reported, not judged."""
+    if ctx.device == "cuda" and not ctx.smoke:
+        res.add(judge(check, ok, measured, threshold))
+    else:
+        res.add(Verdict(check, INCONCLUSIVE, measured, f"{threshold}, on a GPU"))
