@@ -6,7 +6,8 @@ inputs), greedy, no early stop. Peers: (a) ``generate`` one request at a time, (
 batching (``init_continuous_batching`` + ``add_request``). Throughput counts generated tokens only.
 Also: our decode step time (16 requests, all decoding) against a bare forward of the same batch with a
 contiguous KV cache (``DynamicCache``), i.e. what the engine adds around the model. The engine runs
-twice, with overlapped scheduling (the default) and in series (``engine_serial``).
+twice: in series (``engine``, the CPU default) and with overlapped scheduling (``engine_overlap``, the
+GPU default).
 
 The machine may be shared: every peer runs ``--rounds`` times, interleaved in a rotating order, and
 reports wall and process CPU time; ratios are medians over rounds of pairs measured close together
@@ -93,7 +94,7 @@ def _rates(produced: int, m: Meter) -> dict:
 class EngineBench:
     """One engine, built and warmed once; each ``run`` submits the workload again."""
 
-    def __init__(self, ckpt_dir: Path, work, overlap: bool = True):
+    def __init__(self, ckpt_dir: Path, work, overlap: bool):
         cfg = DecoderConfig(
             model=str(ckpt_dir),
             cache=CacheConfig(num_blocks=1024, block_size=16, enable_prefix_caching=False),
@@ -174,11 +175,11 @@ class EngineBench:
         wrap(runner, "execute", "model")
         wrap(runner.sampler, "sample", "sample")
         wrap(runner, "run", "device_busy_s", clock=time.perf_counter)
-        cpu0 = time.process_time()
+        cpu0, engine_cpu0 = time.process_time(), time.thread_time()
         with Meter() as total:
             for _ in range(steps):
                 eng.step()
-        process_cpu = time.process_time() - cpu0
+        process_cpu, engine_cpu = time.process_time() - cpu0, time.thread_time() - engine_cpu0
         for obj, name, fn in originals:
             setattr(obj, name, fn)
         with profile() as prof:  # op shares only: the profiler's own times are wall time
@@ -194,13 +195,16 @@ class EngineBench:
             "device_worker_busy_ms": ms["device_busy_s"],
             # between two steps' forwards, the model waits on the host for this share of a step
             "device_idle_share": 1.0 - parts["device_busy_s"] / total.wall,
+            # the engine thread's own CPU (schedule, inputs, metadata, resolve): added to the step in
+            # series, beside the forward under overlap
+            "engine_thread_cpu_ms": engine_cpu / steps * 1e3,
+            "engine_thread_share_of_step": engine_cpu / total.wall,
             "step_cpu_ms": step_ms,
             "model_forward_and_logits_cpu_ms": ms["model"],
             "attention_cpu_ms": ms["attention"],
             "attention_metadata_cpu_ms": ms["attention_metadata"],
             "prepare_inputs_cpu_ms": ms["prepare_inputs"],
             "sample_cpu_ms": ms["sample"],
-            "engine_outside_model_cpu_ms": step_ms - ms["model"],
         }
         kinds = {"matmul": 0.0, "attention_kernel": 0.0, "kv_cache_read_write": 0.0, "other_ops": 0.0}
         for ev in prof.key_averages():
@@ -340,8 +344,8 @@ def main() -> None:
     model = hf_lm(ckpt)
     with torch.inference_mode():  # warm transformers' generate
         model.generate(input_ids=torch.tensor([work[0][0]]), max_new_tokens=4, do_sample=False)
-    engine = EngineBench(ckpt, work)
-    serial = EngineBench(ckpt, work, overlap=False)
+    engine = EngineBench(ckpt, work, overlap=False)  # the CPU default
+    overlapped = EngineBench(ckpt, work, overlap=True)
 
     def cb():
         try:
@@ -351,7 +355,7 @@ def main() -> None:
 
     peers = {
         "engine": engine.run,
-        "engine_serial": serial.run,
+        "engine_overlap": overlapped.run,
         "sequential_generate": lambda: bench_sequential(model, work),
         "static_padded_batch": lambda: bench_static(model, work, pad_id=0),
         "transformers_continuous_batching": cb,
@@ -363,10 +367,10 @@ def main() -> None:
         for name in names[r % len(names) :] + names[: r % len(names)]:  # a different order each round
             rounds[name].append(peers[name]())
             print(f"round {r} {name}", rounds[name][-1], flush=True)
-    profile = engine.profile()
-    profile_serial = serial.profile()
+    profile_serial = engine.profile()
+    profile = overlapped.profile()
     engine.shutdown()
-    serial.shutdown()
+    overlapped.shutdown()
 
     results = {n: _median_of(rounds[n]) for n in names}
     results["profile_decode_step_batch16"] = profile
@@ -388,8 +392,8 @@ def main() -> None:
         "vs_static_batch": ratio("static_padded_batch", "tokens_per_s"),
         "vs_transformers_cb": ratio("transformers_continuous_batching", "tokens_per_s"),
         "engine_overhead_vs_bare_forward": overhead("decode_step_ms_batch16"),
-        "engine_overhead_around_own_model": profile["engine_outside_model_cpu_ms"] / profile["step_cpu_ms"],
-        "overlap_vs_serial": ratio("engine_serial", "tokens_per_s"),
+        "engine_thread_share_of_step_serial": profile_serial["engine_thread_share_of_step"],
+        "overlap_vs_serial": 1 / ratio("engine_overlap", "tokens_per_s"),
         "device_idle_share_overlap": profile["device_idle_share"],
         "device_idle_share_serial": profile_serial["device_idle_share"],
     }

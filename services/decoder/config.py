@@ -54,11 +54,11 @@ class SchedulerConfig(BaseModel):
         ),
     )
     enable_chunked_prefill: bool = True
-    overlap: bool = Field(
-        True,
+    overlap: bool | Literal["auto"] = Field(
+        "auto",
         description=(
             "Schedule and prepare step N+1 while step N runs (its sampled ids feed N+1 on the device). "
-            "Steps with penalised requests, and tensor parallelism, run in series."
+            "auto: on CUDA. Steps with penalised requests, and tensor parallelism, run in series."
         ),
     )
     max_images_per_request: int = Field(

@@ -190,3 +190,8 @@ def test_a_request_preempted_while_its_step_runs_waits_for_its_token():
     assert all(c.request is not a for c in third.chunks)  # not prefilled with an unknown token
     s.resolve(first, [21])
     assert a.output_token_ids == [21] and a.num_pending == 0
+
+
+def test_overlap_is_on_by_default_on_cuda_only(engine):
+    """``scheduler.overlap`` "auto": on a CPU the engine thread would take a core from the forward."""
+    assert engine.config.scheduler.overlap == "auto" and engine.overlap is False

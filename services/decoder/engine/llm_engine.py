@@ -98,7 +98,9 @@ class LLMEngine:
             enable_chunked_prefill=config.scheduler.enable_chunked_prefill,
         )
         self.scheduler = Scheduler(limits, self.block_manager, clock=clock)
-        self.overlap = config.scheduler.overlap and config.parallel.tensor_parallel_size == 1
+        overlap = config.scheduler.overlap
+        overlap = config.device == "cuda" if overlap == "auto" else overlap
+        self.overlap = overlap and config.parallel.tensor_parallel_size == 1
         self._pending: tuple[SchedulerOutput, Launched] | None = None  # the step launched, not resolved
         self.processor = OutputProcessor(self.tokenizer)  # used by ``step``; DecoderCore has its own
 

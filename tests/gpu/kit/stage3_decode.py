@@ -150,11 +150,11 @@ def device_idle_share(ctx: Context, engine, batch: int, prompt_len: int, steps: 
 def idle_checks(ctx: Context, engine, res: StageResult, batch: int, prompt_len: int, steps: int) -> None:
     """Overlapped scheduling's two targets: the device idle between decode steps at ``batch``, and
     sampled (temperature 0.8, top-p 0.9) against greedy throughput at batch 32."""
-    rows = {}
+    rows, default = {}, engine.overlap
     for overlap in (True, False):
         engine.overlap = overlap
         rows[overlap] = device_idle_share(ctx, engine, batch, prompt_len, steps)
-    engine.overlap = True
+    engine.overlap = default
     idle = rows[True]["device_idle_share"]
     res.figures["idle"] = {"batch": batch, "overlap": rows[True], "serial": rows[False]}
     measured = (
