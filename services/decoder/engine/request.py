@@ -65,6 +65,9 @@ class Request:
         priority: int = 0,
         arrival_time: float = 0.0,
         deadline: float | None = None,
+        tenant: str = "",
+        weight: float = 1.0,
+        max_kv_share: float | None = None,
     ):
         if not prompt_token_ids:
             raise ValueError("a request needs at least one prompt token")
@@ -82,6 +85,13 @@ class Request:
         self.arrival_time = arrival_time
         self.arrival_seq = next(_arrival_counter)
         self.deadline = deadline
+        self.tenant = tenant
+        if not weight > 0:
+            raise ValueError(f"a request's weight must be positive, got {weight!r}")
+        self.weight = weight
+        self.max_kv_share = max_kv_share  # fraction of the KV blocks its tenant's requests may hold
+        self.waiting_since = arrival_time  # the scheduler sets it when the request (re)joins the queue
+        self.starved = False  # waited the scheduler's max_wait_s: served above every priority
 
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0

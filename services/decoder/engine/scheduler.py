@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.decoder.engine.block_manager import BlockManager
+from services.decoder.engine.fair_share import FairShare, StepQueues
 from services.decoder.engine.request import PLACEHOLDER, Request, RequestStatus
 
 
@@ -42,6 +43,8 @@ class SchedulerLimits:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
     enable_chunked_prefill: bool = True
+    fair_share: bool = True  # weighted fair share between tenants (``fair_share.py``); off: priority, arrival
+    max_wait_s: float = 30.0  # with fair share, a request waiting this long is served above every priority
 
 
 @dataclass
@@ -71,6 +74,18 @@ class SchedulerOutput:
 
 
 @dataclass
+class _Step:
+    """The state of one ``schedule`` call."""
+
+    out: SchedulerOutput
+    budget: int
+    queues: StepQueues
+    now: float
+    scheduled: dict[str, ScheduledChunk] = field(default_factory=dict)
+    short: bool = False  # a running request had to preempt for blocks
+
+
+@dataclass
 class RequestUpdate:
     """What one step did to one request (only requests that sampled or finished appear)."""
 
@@ -93,6 +108,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.policy = FairShare(limits.fair_share, limits.max_wait_s, block_manager.num_blocks)
 
     # -- queue management ------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -103,7 +119,14 @@ class Scheduler:
             raise ValueError(
                 f"request {req.request_id!r} needs {needed} KV blocks, the cache has {self.block_manager.num_blocks}"
             )
+        cap = self.policy.kv_cap(req)
+        if cap is not None and needed > cap:
+            raise ValueError(
+                f"request {req.request_id!r} needs {needed} KV blocks, its tenant's max_kv_share allows {cap}"
+            )
         req.status = RequestStatus.WAITING
+        req.waiting_since = self.clock()
+        self.policy.note(req)
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
@@ -134,74 +157,102 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         self._expire_deadlines(out)
-        budget = self.limits.max_num_batched_tokens
-        scheduled: dict[str, ScheduledChunk] = {}
-
+        now = self.clock()
         self.running.sort(key=Request.sort_key)
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if num_new <= 0:
-                i += 1
-                continue
-            while not self.block_manager.allocate_slots(req, num_new):
-                victim = self.running[-1]
-                self._preempt(victim, out)
-                if victim is req:
-                    break
-            else:
-                scheduled[req.request_id] = self._chunk(req, num_new)
-                budget -= num_new
-                i += 1
-                continue
-            break  # req itself was preempted: nothing after it in the list remains either
-
-        if not out.preempted:
-            budget = self._schedule_waiting(budget, scheduled, out)
-        out.chunks = list(scheduled.values())
+        self.waiting.sort(key=Request.sort_key)
+        step = _Step(
+            out,
+            self.limits.max_num_batched_tokens,
+            self.policy.begin_step(self.running, self.waiting, now),
+            now,
+        )
+        while step.budget > 0:
+            item = step.queues.pop()
+            if item is None:
+                break
+            req, was_running = item
+            if was_running:
+                if req.status == RequestStatus.RUNNING:  # not preempted earlier in this step
+                    self._schedule_running(req, step)
+            elif not step.short:
+                self._schedule_waiting(req, step)
+        out.chunks = list(step.scheduled.values())
         return out
 
-    def _schedule_waiting(
-        self, budget: int, scheduled: dict[str, ScheduledChunk], out: SchedulerOutput
-    ) -> int:
-        self.waiting.sort(key=Request.sort_key)
-        while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
-            req = self.waiting[0]
-            if req.num_pending:
-                break  # preempted while its step ran: its last token is not known yet
+    def _schedule_running(self, req: Request, step: _Step) -> None:
+        num_new = min(req.num_tokens - req.num_computed_tokens, step.budget)
+        if num_new <= 0:
+            return
+        cap = self.policy.kv_cap(req)
+        while cap is not None and self._held_after(req, req.num_computed_tokens + num_new) > cap:
+            victim = self.policy.own_latest(req, self.running)
+            self._evict(victim, step)
+            if victim is req:
+                return
+        while not self.block_manager.allocate_slots(req, num_new):
+            victim = self.policy.running_victim(req, self.running, step.now)
+            self._evict(victim, step)
+            step.short = True  # blocks ran out: no waiting request is admitted this step
+            if victim is req:
+                return
+        self._add_chunk(req, num_new, step)
+
+    def _schedule_waiting(self, req: Request, step: _Step) -> None:
+        group = self.policy.group(req)
+        if req.num_pending:
+            step.queues.drop_waiting(group)  # preempted while its step ran: its last token is not known yet
+            return
+        while len(self.running) >= self.limits.max_num_seqs:
+            victim = self.policy.admission_victim(req, self.running, step.now, slots=True)
+            if victim is None:
+                return step.queues.drop_waiting(group)
+            self._evict(victim, step)
+        computed_blocks, num_cached = self.block_manager.get_computed_blocks(req)
+        num_new = req.num_tokens - num_cached
+        if not self.limits.enable_chunked_prefill and num_new > step.budget:
+            return step.queues.drop_waiting(group)
+        num_new = min(num_new, step.budget)
+        cap = self.policy.kv_cap(req)
+        if cap is not None and self._held_after(req, num_cached + num_new) > cap:
+            return step.queues.drop_waiting(group)
+        while not self.block_manager.allocate_slots(req, num_new, computed_blocks):
+            need = self.block_manager.blocks_needed(num_cached + num_new)
+            victim = self.policy.admission_victim(req, self.running, step.now, slots=False, need=need)
+            if victim is None:
+                return step.queues.drop_waiting(group)
+            self._evict(victim, step)
             computed_blocks, num_cached = self.block_manager.get_computed_blocks(req)
-            num_new = req.num_tokens - num_cached
-            if not self.limits.enable_chunked_prefill and num_new > budget:
-                break
-            num_new = min(num_new, budget)
-            while not self.block_manager.allocate_slots(req, num_new, computed_blocks):
-                victim = self._lower_priority_victim(req)
-                if victim is None:
-                    return budget
-                chunk = scheduled.pop(victim.request_id, None)
-                if chunk is not None:
-                    budget += chunk.num_tokens
-                self._preempt(victim, out)
-                computed_blocks, num_cached = self.block_manager.get_computed_blocks(req)
-                num_new = min(req.num_tokens - num_cached, budget)
-            self.waiting.pop(0)
-            req.num_computed_tokens = num_cached
-            if req.num_cached_tokens < 0:
-                req.num_cached_tokens = num_cached
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            scheduled[req.request_id] = self._chunk(req, num_new)
-            budget -= num_new
-        return budget
+            num_new = min(req.num_tokens - num_cached, step.budget)
+        self.waiting.remove(req)
+        req.num_computed_tokens = num_cached
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = num_cached
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        self._add_chunk(req, num_new, step)
+
+    def _held_after(self, req: Request, num_tokens: int) -> int:
+        """KV blocks ``req``'s tenant holds once ``req`` has blocks for ``num_tokens`` tokens."""
+        held = self.policy.blocks_held(self.policy.group(req), self.running)
+        own = len(req.block_ids) if req.status == RequestStatus.RUNNING else 0
+        return held - own + self.block_manager.blocks_needed(num_tokens)
+
+    def _add_chunk(self, req: Request, num_new: int, step: _Step) -> None:
+        step.scheduled[req.request_id] = self._chunk(req, num_new)
+        step.budget -= num_new
+        self.policy.charge(req, num_new)
+
+    def _evict(self, victim: Request, step: _Step) -> None:
+        """Preempt ``victim``; a chunk it had in this step is dropped and refunded."""
+        chunk = step.scheduled.pop(victim.request_id, None)
+        if chunk is not None:
+            step.budget += chunk.num_tokens
+            self.policy.charge(victim, -chunk.num_tokens)
+        self._preempt(victim, step.out)
 
     def _chunk(self, req: Request, num_new: int) -> ScheduledChunk:
         start = req.num_computed_tokens
         return ScheduledChunk(req, start, num_new, sample=start + num_new == req.num_tokens)
-
-    def _lower_priority_victim(self, req: Request) -> Request | None:
-        candidates = [r for r in self.running if r.priority < req.priority]
-        return max(candidates, key=Request.sort_key) if candidates else None
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         """Preempt by recompute: drop the KV, keep the tokens, queue again at the front of its class."""
@@ -209,6 +260,7 @@ class Scheduler:
         self.block_manager.free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
+        req.waiting_since = self.clock()
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.append(req)
