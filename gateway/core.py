@@ -261,6 +261,8 @@ class Gateway:
             tenant=tenant.name,
             cache_namespace=tenant.cache_namespace,
             priority=tenant.priority,
+            weight=tenant.weight,
+            max_kv_share=tenant.max_kv_share,
             deadline=time.time() + timeout_s,
         )
         root = tracing.start_root_span(

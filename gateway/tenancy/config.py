@@ -8,6 +8,8 @@ become "unlimited")::
       - name: acme
         allowed_models: ["internvl2-8b"]   # or ["*"]
         priority: 2
+        weight: 3                          # fair share of the decoder within its priority class
+        max_kv_share: 0.5                  # at most half the decoder's KV blocks
         limits: {requests_per_s: 20, tokens_per_min: 400000, max_concurrent: 32}
     keys:
       - {key_id: k1a2b3, tenant: acme, digest: "<64 hex>", created_at: 2025-01-01T00:00:00Z}
@@ -33,6 +35,8 @@ from services.common.limits import (
     MAX_PRIORITY,
     MAX_TILES_PER_REQUEST,
     MAX_TOKENS_PER_REQUEST,
+    MAX_WEIGHT,
+    MIN_WEIGHT,
 )
 
 TENANT_NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
@@ -147,6 +151,25 @@ class Tenant(_Strict):
         ge=-MAX_PRIORITY,
         le=MAX_PRIORITY,
         description="Passed to the decoder's scheduler and the encoder's batching; higher runs first.",
+    )
+    weight: float = Field(
+        default=1.0,
+        ge=MIN_WEIGHT,
+        le=MAX_WEIGHT,
+        allow_inf_nan=False,
+        description=(
+            "Fair share of the decoder within a priority class: busy tenants of one class get tokens "
+            "computed in proportion to their weights. Signed into the request context."
+        ),
+    )
+    max_kv_share: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "Fraction of each decoder's KV blocks this tenant's running requests may hold at most; "
+            "None: no cap beyond the fair share. Signed into the request context."
+        ),
     )
     cache_namespace: str | None = Field(
         default=None,

@@ -2,7 +2,8 @@
 
 Nothing behind the gateway believes the wire. The gateway authenticates the caller, derives the tenant,
 cache namespace and priority from the credential, and signs the context with the mesh secret (an
-HMAC-SHA256 over every field that decides identity or scheduling, plus an expiry). Each service verifies
+HMAC-SHA256 over every field that decides identity or scheduling (the tenant's fair-share weight and KV
+share included), plus an expiry). Each service verifies
 the signature on every entry point it has (Ray handle methods and gRPC servicers) and refuses an
 unsigned, tampered or expired context with UNAUTHENTICATED; what it then uses comes from the verified
 context only. The trace context is not signed: it names a span, never who asks.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import time
 from collections.abc import Mapping
@@ -23,12 +25,12 @@ from dataclasses import dataclass, field, replace
 
 from services.common.audit import audit_event
 from services.common.errors import FailedPrecondition, Unauthenticated
-from services.common.limits import MAX_PRIORITY
+from services.common.limits import MAX_PRIORITY, MAX_WEIGHT, MIN_WEIGHT
 from services.common.refs import DEFAULT_NAMESPACE
 
 MESH_SECRET_ENV = "IVM_MESH_SECRET"
 MIN_SECRET_BYTES = 32
-_DOMAIN = b"internvl-mesh/request-context/v1"
+_DOMAIN = b"internvl-mesh/request-context/v2"
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class RequestContext:
     tenant: str = ""
     cache_namespace: str = DEFAULT_NAMESPACE
     priority: int = 0
+    weight: float = 1.0  # the tenant's fair share of the decoder within its priority class
+    max_kv_share: float | None = None  # the fraction of the decoder's KV blocks its requests may hold
     deadline: float | None = None
     trace: dict[str, str] = field(default_factory=dict)  # W3C trace context of the caller's span
     expires: float = 0.0
@@ -57,6 +61,8 @@ class RequestContext:
             self.tenant,
             self.cache_namespace,
             str(int(self.priority)),
+            repr(float(self.weight)),
+            "" if self.max_kv_share is None else repr(float(self.max_kv_share)),
             str(_ms(self.deadline)),
             str(_ms(self.expires)),
         ]
@@ -141,7 +147,18 @@ class ContextSigner:
             raise Unauthenticated("the request context expires too late", reason="context_invalid")
         if abs(ctx.priority) > MAX_PRIORITY:  # only a signer with a bug gets here
             raise Unauthenticated("the request context's priority is out of range", reason="context_invalid")
+        if not _scheduling_in_range(ctx):  # only a signer with a bug gets here
+            raise Unauthenticated(
+                "the request context's weight or max_kv_share is out of range", reason="context_invalid"
+            )
         return ctx
 
     def _mac(self, ctx: RequestContext) -> bytes:
         return hmac.new(self._secret, ctx.signed_fields(), hashlib.sha256).digest()
+
+
+def _scheduling_in_range(ctx: RequestContext) -> bool:
+    weight, share = ctx.weight, ctx.max_kv_share
+    if not (isinstance(weight, int | float) and math.isfinite(weight) and MIN_WEIGHT <= weight <= MAX_WEIGHT):
+        return False
+    return share is None or (isinstance(share, int | float) and 0.0 < share <= 1.0)

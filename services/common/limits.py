@@ -30,6 +30,10 @@ MAX_TOKENS_PER_REQUEST = 1_000_000  # the cap of max_tokens; the model's context
 
 # Scheduling: a tenant's priority (higher runs first) lies in -MAX_PRIORITY..MAX_PRIORITY.
 MAX_PRIORITY = 10
+# Fair share: a tenant's weight (its share of the decoder within its priority class) lies in
+# MIN_WEIGHT..MAX_WEIGHT; its max_kv_share (fraction of the KV blocks) in (0, 1].
+MIN_WEIGHT = 0.01
+MAX_WEIGHT = 100.0
 
 
 def check_image_tiles(tiles: Sequence[int]) -> None:

@@ -61,6 +61,22 @@ class SchedulerConfig(BaseModel):
             "auto: on CUDA. Steps with penalised requests, and tensor parallelism, run in series."
         ),
     )
+    fair_share: bool = Field(
+        True,
+        description=(
+            "Weighted fair share between tenants (their weights come with the signed request context) "
+            "within strict priority classes, and tenants' max_kv_share caps; off: priority, then arrival."
+        ),
+    )
+    max_wait_s: float = Field(
+        30.0,
+        gt=0.0,
+        le=86400.0,
+        description=(
+            "With fair_share: a request that has waited this long is served above every priority "
+            "until it finishes, so a lower class waits a bounded time."
+        ),
+    )
     max_images_per_request: int = Field(
         MAX_IMAGES_PER_REQUEST,
         ge=0,

@@ -108,6 +108,9 @@ class DecoderFrontend:
             max_tokens=request.max_tokens,
             cache_namespace=ctx.cache_namespace,
             priority=ctx.priority,
+            tenant=ctx.tenant,
+            weight=ctx.weight,
+            max_kv_share=ctx.max_kv_share,
             deadline=ctx.deadline,
             deadline_is_epoch=ctx.deadline is not None,
         )

@@ -126,7 +126,8 @@ class GenerateInput:
     [part, ...]}]`` with parts ``{"type": "text", "text": str}`` and ``{"type": "image"}``
     (``template_messages`` builds it from a ``DecodeRequest``); ``images`` follow the image parts in
     order. ``deadline`` is absolute, in ``time.monotonic()`` seconds (or epoch seconds when
-    ``deadline_is_epoch``). ``priority``: higher runs first. ``max_tokens`` ``None`` means up to the context.
+    ``deadline_is_epoch``). ``priority``: higher runs first;
+    ``tenant``, ``weight``, ``max_kv_share``: the scheduler's fair share between tenants. ``max_tokens`` ``None`` means up to the context.
     """
 
     request_id: str
@@ -136,6 +137,9 @@ class GenerateInput:
     max_tokens: int | None = None
     cache_namespace: str = ""
     priority: int = 0
+    tenant: str = ""
+    weight: float = 1.0
+    max_kv_share: float | None = None
     deadline: float | None = None
     deadline_is_epoch: bool = False
 

@@ -43,6 +43,12 @@ def _forgeries() -> dict[str, tuple[RequestContext, str]]:
         "altered after signing": (tampered, "context_invalid"),
         "expired": (SIGNER.sign(VICTIM, now=time.time() - 600), "context_expired"),
         "priority out of range": (SIGNER.sign(replace(VICTIM, priority=11)), "context_invalid"),
+        "weight raised after signing": (replace(signed(VICTIM), weight=100.0), "context_invalid"),
+        "kv cap lifted after signing": (
+            replace(signed(replace(VICTIM, max_kv_share=0.1)), max_kv_share=None),
+            "context_invalid",
+        ),
+        "weight out of range": (SIGNER.sign(replace(VICTIM, weight=1000.0)), "context_invalid"),
     }
 
 

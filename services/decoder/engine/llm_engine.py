@@ -96,6 +96,8 @@ class LLMEngine:
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             enable_chunked_prefill=config.scheduler.enable_chunked_prefill,
+            fair_share=config.scheduler.fair_share,
+            max_wait_s=config.scheduler.max_wait_s,
         )
         self.scheduler = Scheduler(limits, self.block_manager, clock=clock)
         overlap = config.scheduler.overlap
@@ -178,6 +180,9 @@ class LLMEngine:
             priority=inp.priority,
             arrival_time=self.clock(),
             deadline=deadline,
+            tenant=inp.tenant,
+            weight=inp.weight,
+            max_kv_share=inp.max_kv_share,
         )
 
     def add_request(self, req: Request) -> None:

@@ -5,10 +5,14 @@ Every step each request's computed tokens catch up with its known tokens, within
 has many tokens to catch up (prefill, chunked when the budget is short); a running request has one
 (decode). So chunked prefill, decode and recompute-after-preemption are the same code path.
 
-Order is priority (higher first), then arrival. When blocks run out for a running request, the
-lowest-priority running request is preempted by recompute: its blocks are freed and it goes back to
-the waiting queue with its output tokens, to be prefilled again (from the prefix cache, often). A
-waiting request may also preempt running requests of strictly lower priority.
+The order in which the budget is spent, and whom a preemption takes, is the policy of ``fair_share.py``:
+by default weighted fair share between tenants within strict priority classes (with a bound on how long
+a lower class waits); with ``fair_share`` off, priority (higher first) then arrival, running requests
+before waiting ones. When blocks run out for a running request, a running request is preempted by
+recompute (off: the lowest-priority latest; on: of the lowest class, the tenant furthest over its share
+of KV blocks): its blocks are freed and it goes back to the waiting queue with its output tokens, to be
+prefilled again (from the prefix cache, often). A waiting request may also preempt running requests of
+strictly lower priority, and with fair share those of a tenant over its share.
 
 Contract with the engine: ``schedule() -> SchedulerOutput``; the runner executes it; then
 ``update_from_output(scheduler_output, sampled_token_ids)`` advances the requests and reports which

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1finternvl/common/v1/common.proto\x12\x12internvl.common.v1\"U\n\x06Tensor\x12.\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1f.internvl.common.v1.ElementType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"^\n\x0cTilingParams\x12\x0f\n\x07min_num\x18\x01 \x01(\x05\x12\x0f\n\x07max_num\x18\x02 \x01(\x05\x12\x1a\n\ruse_thumbnail\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x10\n\x0e_use_thumbnail\"\xa7\x02\n\x0eRequestContext\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61\x63he_namespace\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x03\x12K\n\rtrace_context\x18\x06 \x03(\x0b\x32\x34.internvl.common.v1.RequestContext.TraceContextEntry\x12\x17\n\x0f\x65xpires_unix_ms\x18\x07 \x01(\x03\x12\x11\n\tsignature\x18\x08 \x01(\x0c\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xaf\x02\n\x0c\x45mbeddingRef\x12\x32\n\x04kind\x18\x01 \x01(\x0e\x32$.internvl.common.v1.EmbeddingRefKind\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x14\n\x0cimage_sha256\x18\x03 \x01(\t\x12\r\n\x05tiles\x18\x04 \x01(\x05\x12\x17\n\x0ftokens_per_tile\x18\x05 \x01(\x05\x12\x0b\n\x03\x64im\x18\x06 \x01(\x05\x12.\n\x05\x64type\x18\x07 \x01(\x0e\x32\x1f.internvl.common.v1.ElementType\x12\x11\n\tgrid_cols\x18\x08 \x01(\x05\x12\x11\n\tgrid_rows\x18\t \x01(\x05\x12\x11\n\tcache_hit\x18\n \x01(\x08\x12*\n\x06tensor\x18\x0b \x01(\x0b\x32\x1a.internvl.common.v1.Tensor*\xf3\x01\n\x0b\x45lementType\x12\x1c\n\x18\x45LEMENT_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45LEMENT_TYPE_UINT8\x10\x01\x12\x15\n\x11\x45LEMENT_TYPE_INT8\x10\x02\x12\x16\n\x12\x45LEMENT_TYPE_INT32\x10\x03\x12\x16\n\x12\x45LEMENT_TYPE_INT64\x10\x04\x12\x18\n\x14\x45LEMENT_TYPE_FLOAT16\x10\x05\x12\x19\n\x15\x45LEMENT_TYPE_BFLOAT16\x10\x06\x12\x18\n\x14\x45LEMENT_TYPE_FLOAT32\x10\x07\x12\x18\n\x14\x45LEMENT_TYPE_FLOAT64\x10\x08*\x92\x01\n\x10\x45mbeddingRefKind\x12\"\n\x1e\x45MBEDDING_REF_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45MBEDDING_REF_KIND_CACHE\x10\x01\x12\x1d\n\x19\x45MBEDDING_REF_KIND_OBJECT\x10\x02\x12\x1d\n\x19\x45MBEDDING_REF_KIND_INLINE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1finternvl/common/v1/common.proto\x12\x12internvl.common.v1\"U\n\x06Tensor\x12.\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1f.internvl.common.v1.ElementType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"^\n\x0cTilingParams\x12\x0f\n\x07min_num\x18\x01 \x01(\x05\x12\x0f\n\x07max_num\x18\x02 \x01(\x05\x12\x1a\n\ruse_thumbnail\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x10\n\x0e_use_thumbnail\"\xcd\x02\n\x0eRequestContext\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61\x63he_namespace\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x03\x12K\n\rtrace_context\x18\x06 \x03(\x0b\x32\x34.internvl.common.v1.RequestContext.TraceContextEntry\x12\x17\n\x0f\x65xpires_unix_ms\x18\x07 \x01(\x03\x12\x11\n\tsignature\x18\x08 \x01(\x0c\x12\x0e\n\x06weight\x18\t \x01(\x01\x12\x14\n\x0cmax_kv_share\x18\n \x01(\x01\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xaf\x02\n\x0c\x45mbeddingRef\x12\x32\n\x04kind\x18\x01 \x01(\x0e\x32$.internvl.common.v1.EmbeddingRefKind\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x14\n\x0cimage_sha256\x18\x03 \x01(\t\x12\r\n\x05tiles\x18\x04 \x01(\x05\x12\x17\n\x0ftokens_per_tile\x18\x05 \x01(\x05\x12\x0b\n\x03\x64im\x18\x06 \x01(\x05\x12.\n\x05\x64type\x18\x07 \x01(\x0e\x32\x1f.internvl.common.v1.ElementType\x12\x11\n\tgrid_cols\x18\x08 \x01(\x05\x12\x11\n\tgrid_rows\x18\t \x01(\x05\x12\x11\n\tcache_hit\x18\n \x01(\x08\x12*\n\x06tensor\x18\x0b \x01(\x0b\x32\x1a.internvl.common.v1.Tensor*\xf3\x01\n\x0b\x45lementType\x12\x1c\n\x18\x45LEMENT_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45LEMENT_TYPE_UINT8\x10\x01\x12\x15\n\x11\x45LEMENT_TYPE_INT8\x10\x02\x12\x16\n\x12\x45LEMENT_TYPE_INT32\x10\x03\x12\x16\n\x12\x45LEMENT_TYPE_INT64\x10\x04\x12\x18\n\x14\x45LEMENT_TYPE_FLOAT16\x10\x05\x12\x19\n\x15\x45LEMENT_TYPE_BFLOAT16\x10\x06\x12\x18\n\x14\x45LEMENT_TYPE_FLOAT32\x10\x07\x12\x18\n\x14\x45LEMENT_TYPE_FLOAT64\x10\x08*\x92\x01\n\x10\x45mbeddingRefKind\x12\"\n\x1e\x45MBEDDING_REF_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45MBEDDING_REF_KIND_CACHE\x10\x01\x12\x1d\n\x19\x45MBEDDING_REF_KIND_OBJECT\x10\x02\x12\x1d\n\x19\x45MBEDDING_REF_KIND_INLINE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,18 +33,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REQUESTCONTEXT_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_REQUESTCONTEXT_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_ELEMENTTYPE']._serialized_start=843
-  _globals['_ELEMENTTYPE']._serialized_end=1086
-  _globals['_EMBEDDINGREFKIND']._serialized_start=1089
-  _globals['_EMBEDDINGREFKIND']._serialized_end=1235
+  _globals['_ELEMENTTYPE']._serialized_start=881
+  _globals['_ELEMENTTYPE']._serialized_end=1124
+  _globals['_EMBEDDINGREFKIND']._serialized_start=1127
+  _globals['_EMBEDDINGREFKIND']._serialized_end=1273
   _globals['_TENSOR']._serialized_start=55
   _globals['_TENSOR']._serialized_end=140
   _globals['_TILINGPARAMS']._serialized_start=142
   _globals['_TILINGPARAMS']._serialized_end=236
   _globals['_REQUESTCONTEXT']._serialized_start=239
-  _globals['_REQUESTCONTEXT']._serialized_end=534
-  _globals['_REQUESTCONTEXT_TRACECONTEXTENTRY']._serialized_start=483
-  _globals['_REQUESTCONTEXT_TRACECONTEXTENTRY']._serialized_end=534
-  _globals['_EMBEDDINGREF']._serialized_start=537
-  _globals['_EMBEDDINGREF']._serialized_end=840
+  _globals['_REQUESTCONTEXT']._serialized_end=572
+  _globals['_REQUESTCONTEXT_TRACECONTEXTENTRY']._serialized_start=521
+  _globals['_REQUESTCONTEXT_TRACECONTEXTENTRY']._serialized_end=572
+  _globals['_EMBEDDINGREF']._serialized_start=575
+  _globals['_EMBEDDINGREF']._serialized_end=878
 # @@protoc_insertion_point(module_scope)

@@ -60,7 +60,7 @@ class TilingParams(_message.Message):
     def __init__(self, min_num: _Optional[int] = ..., max_num: _Optional[int] = ..., use_thumbnail: _Optional[bool] = ...) -> None: ...
 
 class RequestContext(_message.Message):
-    __slots__ = ("request_id", "tenant", "cache_namespace", "priority", "deadline_unix_ms", "trace_context", "expires_unix_ms", "signature")
+    __slots__ = ("request_id", "tenant", "cache_namespace", "priority", "deadline_unix_ms", "trace_context", "expires_unix_ms", "signature", "weight", "max_kv_share")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,8 @@ class RequestContext(_message.Message):
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_KV_SHARE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tenant: str
     cache_namespace: str
@@ -84,7 +86,9 @@ class RequestContext(_message.Message):
     trace_context: _containers.ScalarMap[str, str]
     expires_unix_ms: int
     signature: bytes
-    def __init__(self, request_id: _Optional[str] = ..., tenant: _Optional[str] = ..., cache_namespace: _Optional[str] = ..., priority: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., expires_unix_ms: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    weight: float
+    max_kv_share: float
+    def __init__(self, request_id: _Optional[str] = ..., tenant: _Optional[str] = ..., cache_namespace: _Optional[str] = ..., priority: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., expires_unix_ms: _Optional[int] = ..., signature: _Optional[bytes] = ..., weight: _Optional[float] = ..., max_kv_share: _Optional[float] = ...) -> None: ...
 
 class EmbeddingRef(_message.Message):
     __slots__ = ("kind", "key", "image_sha256", "tiles", "tokens_per_tile", "dim", "dtype", "grid_cols", "grid_rows", "cache_hit", "tensor")
