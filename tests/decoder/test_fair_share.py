@@ -181,3 +181,28 @@ def test_preemption_takes_the_tenant_furthest_over_its_share(fair, victim):
     step(s)
     out, _ = step(s)
     assert [r.request_id for r in out.preempted] == [victim]
+
+
+def test_greedy_tokens_are_the_same_with_fair_share_on_and_off(tiny_ckpt, reference):
+    """Two tenants at 3:1 and one capped, in a batch of 2 and a small cache: fair share reorders
+    admission and preemption, never a request's greedy tokens."""
+    from services.decoder.engine.llm_engine import LLMEngine
+    from tests.decoder.helpers import CASES, make_config, make_input, run, tokens_of
+
+    tenants = [("a", 3.0, None), ("b", 1.0, None), ("c", 1.0, 0.75)]
+    inputs = [
+        make_input(f"r{k}", case, reference, tenant=t, weight=w, max_kv_share=cap)
+        for k, (case, (t, w, cap)) in enumerate(zip(CASES * 2, itertools.cycle(tenants)))
+    ]
+    outcomes = {}
+    for fair in (True, False):
+        sched_cfg = {"fair_share": fair, "max_num_seqs": 2, "overlap": False}
+        engine = LLMEngine(make_config(tiny_ckpt, cache={"num_blocks": 64}, scheduler=sched_cfg))
+        try:
+            events = run(engine, inputs, [0] * 4 + [1] * (len(inputs) - 4))
+        finally:
+            engine.shutdown()
+        outcomes[fair] = {rid: (tokens_of(evs), evs[-1].finish_reason) for rid, evs in events.items()}
+    assert outcomes[True] == outcomes[False]
+    for k, case in enumerate(CASES):
+        assert outcomes[True][f"r{k}"][0] == reference.generate(case)
