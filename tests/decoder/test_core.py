@@ -165,8 +165,11 @@ def test_count_tokens(core, reference):
     assert core.count_tokens(CASES[0].messages, [1]) == (len(reference.prompt_ids(CASES[0])), 256)
 
 
-def test_priority_runs_urgent_requests_first(tiny_ckpt, reference):
-    eng = LLMEngine(make_config(tiny_ckpt, scheduler={"max_num_seqs": 1}))
+@pytest.mark.parametrize("fair_share", [True, False])
+def test_priority_runs_urgent_requests_first(tiny_ckpt, reference, fair_share):
+    """Strict priority: with fair share (the default) an urgent request takes the one slot from a
+    running, less urgent one (preempted, recomputed later); without it, it waits for the slot."""
+    eng = LLMEngine(make_config(tiny_ckpt, scheduler={"max_num_seqs": 1, "fair_share": fair_share}))
     try:
         inputs = {
             "busy": make_input("busy", Case(user("a"), [], 4), reference, LONG),
@@ -183,7 +186,10 @@ def test_priority_runs_urgent_requests_first(tiny_ckpt, reference):
             for e in eng.step():
                 if e.finished:
                     finish_step[e.request_id] = step
-        assert finish_step["busy"] < finish_step["high"] < finish_step["low"]
+        if fair_share:
+            assert finish_step["high"] < finish_step["busy"] < finish_step["low"]
+        else:
+            assert finish_step["busy"] < finish_step["high"] < finish_step["low"]
     finally:
         eng.shutdown()
 

@@ -160,6 +160,8 @@ class FairShare:
         """Whom a waiting ``req`` may preempt for a slot (``slots``) or for ``need`` KV blocks: a
         lower class; with fair share also a tenant of its class still over ``req``'s tenant's share
         (slots or blocks per weight) once ``req`` is admitted."""
+        if slots and not self.enabled:
+            return None  # the old order: a waiting request waits for a free slot
         mine, group = self.klass(req, now), self.group(req)
         measure = (lambda r: 1.0) if slots else (lambda r: float(len(r.block_ids)))
         share = self._per_weight(running, measure) if self.enabled else {}
