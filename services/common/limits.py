@@ -28,6 +28,12 @@ MAX_TEXT_BYTES = 1 * MIB  # UTF-8 bytes of all text parts of a request
 MAX_TOP_LOGPROBS = 20
 MAX_TOKENS_PER_REQUEST = 1_000_000  # the cap of max_tokens; the model's context bounds it further
 
+# Structured outputs (``response_format``) and ``logit_bias`` (the decoder compiles and applies them).
+MAX_SCHEMA_BYTES = 256 * 1024  # a JSON schema, as canonical JSON (UTF-8)
+MAX_GRAMMAR_COMPILE_MS = 10_000  # wall time to compile one schema, queueing in the compile pool included
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's bound
+MAX_ABS_LOGIT_BIAS = 100.0  # a bias lies in -100..100, as OpenAI's
+
 # Scheduling: a tenant's priority (higher runs first) lies in -MAX_PRIORITY..MAX_PRIORITY.
 MAX_PRIORITY = 10
 # Fair share: a tenant's weight (its share of the decoder within its priority class) lies in

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.common.config import CommonConfig, ModelConfig, StrictModel
-from services.common.limits import MAX_IMAGES_PER_REQUEST
+from services.common.limits import MAX_GRAMMAR_COMPILE_MS, MAX_IMAGES_PER_REQUEST, MAX_SCHEMA_BYTES
 
 
 class CacheConfig(BaseModel):
@@ -85,6 +85,37 @@ class SchedulerConfig(BaseModel):
     )
 
 
+class StructuredConfig(BaseModel):
+    """Structured outputs (``response_format``): grammars compiled off the engine thread and cached."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grammar_cache_size: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="Compiled grammars kept (an LRU keyed by the schema's canonical JSON).",
+    )
+    compile_threads: int = Field(
+        1, ge=1, le=64, description="Threads that compile grammars at admission (never the engine thread)."
+    )
+    mask_threads: int = Field(
+        1, ge=1, le=64, description="Threads that fill the token masks of a step's constrained rows."
+    )
+    max_compile_ms: int = Field(
+        MAX_GRAMMAR_COMPILE_MS,
+        ge=1,
+        le=MAX_GRAMMAR_COMPILE_MS,
+        description="Longest a request waits for its grammar (a request's own budget, the tenant's, is lower).",
+    )
+    max_schema_bytes: int = Field(
+        MAX_SCHEMA_BYTES,
+        ge=1,
+        le=MAX_SCHEMA_BYTES,
+        description="Largest JSON schema accepted, as compact JSON (256 KiB, the mesh's bound).",
+    )
+
+
 class ParallelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -111,6 +142,7 @@ class DecoderSettings(BaseModel):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    structured: StructuredConfig = Field(default_factory=StructuredConfig)
     seed: int = Field(0, ge=0, description="Seeds sampling of requests that bring no seed of their own.")
 
     @model_validator(mode="after")

@@ -68,6 +68,8 @@ class DecoderCore:
         if self._stopping:
             raise Unavailable("the decoder is shutting down")
         req = self.engine.make_request(inp)  # validation errors surface here, before anything runs
+        if req.grammar is not None:
+            await req.grammar.ready()  # compiled on the engine's grammar pool; a refusal surfaces here
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         with self._lock:

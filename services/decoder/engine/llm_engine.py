@@ -24,6 +24,7 @@ from services.decoder.engine.output_processor import EngineOutput, NewRequest, O
 from services.decoder.engine.request import Request, RequestStatus
 from services.decoder.engine.sampler import SamplerOutput, SampleRow
 from services.decoder.engine.scheduler import ScheduledChunk, Scheduler, SchedulerLimits, SchedulerOutput
+from services.decoder.engine.structured import GrammarCompiler
 from services.decoder.models.layers import TPContext
 from services.decoder.prompting import load_prompt_builder
 from services.decoder.types import GenerateInput, GenerationEvent
@@ -105,6 +106,9 @@ class LLMEngine:
         self.overlap = overlap and config.parallel.tensor_parallel_size == 1
         self._pending: tuple[SchedulerOutput, Launched] | None = None  # the step launched, not resolved
         self.processor = OutputProcessor(self.tokenizer)  # used by ``step``; DecoderCore has its own
+        self.grammars = GrammarCompiler.from_config(
+            self.tokenizer, self.vocab_size, self.eos_token_ids, config.structured
+        )
 
     def _eos_ids(self, checkpoint: Checkpoint) -> frozenset[int]:
         ids = set()
@@ -183,6 +187,7 @@ class LLMEngine:
             tenant=inp.tenant,
             weight=inp.weight,
             max_kv_share=inp.max_kv_share,
+            grammar=self.grammars.grammar_for(params.response_format),  # compiling on its pool
         )
 
     def add_request(self, req: Request) -> None:
@@ -195,6 +200,8 @@ class LLMEngine:
         the cache cannot hold)."""
         if req.request_id in self.scheduler.requests:
             raise InvalidArgument(f"request id {req.request_id!r} is already in use")
+        if req.grammar is not None:
+            req.grammar.wait()  # at once where the caller awaited ``Grammar.ready`` (``DecoderCore``)
         try:
             self.scheduler.add_request(req)
         except ValueError as exc:
@@ -307,4 +314,5 @@ class LLMEngine:
         return outputs
 
     def shutdown(self) -> None:
+        self.grammars.close()
         self.executor.shutdown()

@@ -68,6 +68,7 @@ class Request:
         tenant: str = "",
         weight: float = 1.0,
         max_kv_share: float | None = None,
+        grammar: Any = None,
     ):
         if not prompt_token_ids:
             raise ValueError("a request needs at least one prompt token")
@@ -92,6 +93,9 @@ class Request:
         self.max_kv_share = max_kv_share  # fraction of the KV blocks its tenant's requests may hold
         self.waiting_since = arrival_time  # the scheduler sets it when the request (re)joins the queue
         self.starved = False  # waited the scheduler's max_wait_s: served above every priority
+        # ``engine.structured.Grammar`` when a response format constrains the output: the scheduler
+        # advances it with every token it appends, the sampler masks the row's logits with it.
+        self.grammar = grammar
 
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
@@ -118,6 +122,12 @@ class Request:
     @property
     def num_image_tokens(self) -> int:
         return sum(span.length for span in self.images)
+
+    @property
+    def needs_sync(self) -> bool:
+        """Its next token's mask depends on its previous token (a grammar): the step that samples it
+        must wait for the previous step's tokens on the host."""
+        return self.grammar is not None
 
     @property
     def is_finished(self) -> bool:

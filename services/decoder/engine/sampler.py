@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from services.decoder.engine.gumbel import GumbelNoise, seeded_key
+from services.decoder.engine.logit_constraints import apply_logit_constraints
 from services.decoder.engine.penalties import TokenCounts
 from services.decoder.engine.request import Request
 from services.decoder.engine.sampling_params import SamplingParams
@@ -174,6 +175,7 @@ class Sampler:
             sub = logits if index is None else logits[index]
             sub = self.counts.apply(sub, [requests[i] for i in penalised])
             logits = sub if index is None else logits.index_copy(0, index, sub)
+        logits = apply_logit_constraints(logits, requests)  # logit_bias, then the grammars' masks
 
         drawn = [i for i, p in enumerate(params) if not p.greedy]
         if not drawn:

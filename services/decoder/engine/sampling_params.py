@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 from services.common.errors import InvalidArgument
+from services.decoder.engine.response_format import ResponseFormat, check_logit_bias
 
 MAX_TEMPERATURE = 100.0
 MAX_TOP_K = 1 << 20
@@ -31,6 +32,8 @@ class SamplingParams:
     ``frequency_penalty`` / ``presence_penalty`` are OpenAI's additive rules over output tokens.
     ``logprobs``: ``None`` for none, ``k >= 0`` for the chosen token's log-probability plus ``k``
     top alternatives (from the model's distribution before temperature and filters).
+    ``response_format`` constrains the output to JSON (``response_format``); ``logit_bias`` adds a bias to
+    the logits of some token ids before temperature and filters.
     """
 
     temperature: float = 1.0
@@ -45,6 +48,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    response_format: ResponseFormat | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     @property
     def greedy(self) -> bool:
@@ -53,6 +58,12 @@ class SamplingParams:
     @property
     def needs_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @property
+    def needs_host_state(self) -> bool:
+        """A grammar constrains this request: its next token's mask needs the previous token consumed on
+        the host, so its row cannot be sampled before the previous step's token is known."""
+        return self.response_format is not None
 
     def validate(self, vocab_size: int | None = None) -> SamplingParams:
         def finite(name: str, value: float) -> float:
@@ -99,4 +110,7 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size):
                 raise InvalidArgument(f"stop token id {t!r} is outside the vocabulary (size {vocab_size})")
+        self.logit_bias = check_logit_bias(self.logit_bias, vocab_size)
+        if self.response_format is not None:
+            self.response_format.validate()
         return self

@@ -329,6 +329,8 @@ class Scheduler:
         )
 
     def _stop_status(self, req: Request, token: int, num_output_tokens: int) -> RequestStatus | None:
+        if req.grammar is not None and (ended := req.grammar.advance(token)) is not None:
+            return ended  # the grammar refused the token (error), or it ended the document (stop)
         params = req.sampling_params
         if token in params.stop_token_ids or (not params.ignore_eos and token in req.eos_token_ids):
             return RequestStatus.FINISHED_STOPPED
