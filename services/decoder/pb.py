@@ -11,6 +11,12 @@ from __future__ import annotations
 from internvl.decoder.v1 import decoder_pb2
 
 from services.common.errors import InvalidArgument
+from services.decoder.engine.response_format import (
+    KIND_JSON_OBJECT,
+    KIND_JSON_SCHEMA,
+    REASON_INVALID,
+    ResponseFormat,
+)
 from services.decoder.types import (
     ChatMessage,
     DecodeRequest,
@@ -27,6 +33,11 @@ from services.decoder.types import (
 # The wire enum is named after the domain one: a member without its wire value fails at import.
 _FINISH_TO_PB = {r: decoder_pb2.FinishReason.Value(f"FINISH_REASON_{r.name}") for r in FinishReason}
 _FINISH_FROM_PB = {v: r for r, v in _FINISH_TO_PB.items()}
+_FORMAT_TO_PB = {
+    KIND_JSON_OBJECT: decoder_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
+    KIND_JSON_SCHEMA: decoder_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+}
+_FORMAT_FROM_PB = {v: k for k, v in _FORMAT_TO_PB.items()}
 
 
 # -- the request ------------------------------------------------------------------------------------
@@ -64,6 +75,26 @@ def messages_to_pb(messages: list[ChatMessage]) -> list[decoder_pb2.Message]:
     return out
 
 
+def response_format_from_pb(f: decoder_pb2.ResponseFormat) -> ResponseFormat | None:
+    """None for free text; the schema in its canonical form (InvalidArgument if it is not JSON)."""
+    if f.type == decoder_pb2.RESPONSE_FORMAT_TYPE_UNSPECIFIED:
+        return None
+    kind = _FORMAT_FROM_PB.get(f.type)
+    if kind is None:
+        raise InvalidArgument(f"response_format.type {f.type} is not a known type", reason=REASON_INVALID)
+    if kind == KIND_JSON_SCHEMA:
+        if not f.schema:
+            raise InvalidArgument("response_format: json_schema needs a schema", reason=REASON_INVALID)
+        return ResponseFormat(kind, ResponseFormat.json_schema(f.schema).schema, f.max_compile_ms)
+    return ResponseFormat(kind, f.schema, f.max_compile_ms)
+
+
+def response_format_to_pb(fmt: ResponseFormat) -> decoder_pb2.ResponseFormat:
+    return decoder_pb2.ResponseFormat(
+        type=_FORMAT_TO_PB[fmt.kind], schema=fmt.schema, max_compile_ms=fmt.max_compile_ms
+    )
+
+
 def sampling_from_pb(s: decoder_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(
         temperature=s.temperature,
@@ -78,11 +109,13 @@ def sampling_from_pb(s: decoder_pb2.SamplingParams) -> SamplingParams:
         ignore_eos=s.ignore_eos,
         logprobs=s.top_logprobs if s.logprobs else None,
         skip_special_tokens=s.skip_special_tokens if s.HasField("skip_special_tokens") else True,
+        response_format=response_format_from_pb(s.response_format),
+        logit_bias=dict(s.logit_bias),
     )
 
 
 def sampling_to_pb(p: SamplingParams, max_tokens: int | None) -> decoder_pb2.SamplingParams:
-    return decoder_pb2.SamplingParams(
+    pb = decoder_pb2.SamplingParams(
         temperature=p.temperature,
         top_p=p.top_p,
         top_k=p.top_k,
@@ -97,7 +130,11 @@ def sampling_to_pb(p: SamplingParams, max_tokens: int | None) -> decoder_pb2.Sam
         top_logprobs=p.logprobs or 0,
         ignore_eos=p.ignore_eos,
         skip_special_tokens=p.skip_special_tokens,
+        logit_bias=p.logit_bias,
     )
+    if p.response_format is not None:
+        pb.response_format.CopyFrom(response_format_to_pb(p.response_format))
+    return pb
 
 
 def decode_request_from_pb(pb: decoder_pb2.GenerateRequest) -> DecodeRequest:

@@ -107,3 +107,41 @@ async def test_the_grpc_stream_equals_the_handle_stream(decoder, reference, name
     assert all(len(lp.top) == request.sampling.logprobs for lp in lps)
     for k, (want, got) in enumerate(zip(local, remote, strict=True)):
         assert got == want, f"event {k}"
+
+
+async def test_a_structured_request_crosses_the_hop(decoder, reference):
+    """``response_format`` and ``logit_bias`` reach the engine over gRPC as over the handle: the same
+    events, a document of the schema."""
+    import json
+
+    import jsonschema
+
+    from services.decoder.engine.response_format import ResponseFormat
+
+    frontend, port = decoder
+    schema = {
+        "type": "object",
+        "properties": {
+            "label": {"enum": ["cat", "dog"]},
+            "count": {"type": "integer", "minimum": 0, "maximum": 9},
+        },
+        "required": ["label", "count"],
+        "additionalProperties": False,
+    }
+    sampling = SamplingParams(
+        temperature=0.9, seed=3, response_format=ResponseFormat.json_schema(schema), logit_bias={100: -100.0}
+    )
+    request = DecodeRequest(
+        [ChatMessage("user", [ImagePlaceholder(), TextContent("JSON, please.")])], sampling, 64
+    )
+    refs = [inline_ref(reference, 3)]
+    local_ctx = signed(request_id="hop-structured", cache_namespace="local-structured")
+    local = [e async for e in frontend.generate(request, refs, local_ctx)]
+    pb = decode_request_to_pb(request)
+    pb.images.extend(ref_to_pb(r) for r in refs)
+    pb.context.CopyFrom(context_to_pb(signed(request_id="hop-structured", cache_namespace="grpc-structured")))
+    async with open_channel(f"127.0.0.1:{port}") as channel:
+        stream = decoder_pb2_grpc.DecoderServiceStub(channel).Generate(pb, timeout=120)
+        remote = [event_from_pb(r) async for r in stream]
+    assert remote == local and local[-1].finish_reason is FinishReason.STOP
+    jsonschema.validate(json.loads("".join(e.text for e in local)), schema)

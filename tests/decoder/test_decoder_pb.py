@@ -10,6 +10,7 @@ import pytest
 from internvl.decoder.v1 import decoder_pb2
 
 from services.common.errors import InvalidArgument
+from services.decoder.engine.response_format import ResponseFormat
 from services.decoder.pb import (
     decode_request_from_pb,
     decode_request_to_pb,
@@ -49,6 +50,8 @@ REQUEST = DecodeRequest(
         ignore_eos=True,
         logprobs=2,
         skip_special_tokens=False,
+        response_format=ResponseFormat("json_schema", '{"type":"object","required":["b","a"]}', 250),
+        logit_bias={3: -100.0, 50: 2.5},
     ),
     max_tokens=9,
 )
@@ -80,6 +83,24 @@ def test_a_request_round_trips():
 def test_defaults_round_trip():
     request = DecodeRequest([ChatMessage("user", [TextContent("hi")])])
     assert decode_request_from_pb(decode_request_to_pb(request)) == request
+
+
+def test_response_formats_cross_the_wire():
+    plain = DecodeRequest([ChatMessage("user", [TextContent("hi")])])
+    plain.sampling.response_format = ResponseFormat.json_object()
+    assert decode_request_from_pb(decode_request_to_pb(plain)) == plain
+    pb = decode_request_to_pb(plain)
+    pb.sampling.response_format.type = decoder_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
+    pb.sampling.response_format.schema = '{ "type" : "object",\n "required": [] }'  # a foreign client's text
+    got = decode_request_from_pb(pb).sampling.response_format
+    assert got == ResponseFormat("json_schema", '{"type":"object","required":[]}')  # the cache key's form
+    for schema, match in [("", "needs a schema"), ("{oops", "not JSON")]:
+        pb.sampling.response_format.schema = schema
+        with pytest.raises(InvalidArgument, match=match):
+            decode_request_from_pb(pb)
+    pb.sampling.response_format.type = 7  # a type this decoder does not know
+    with pytest.raises(InvalidArgument, match="not a known type"):
+        decode_request_from_pb(pb)
 
 
 @pytest.mark.parametrize("event", EVENTS, ids=range(len(EVENTS)))
