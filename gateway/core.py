@@ -212,6 +212,7 @@ class Gateway:
         max_tokens = self._max_tokens(req, tenant, route)
         decode = req.decode_request(max_tokens)
         decode.sampling.validate()
+        decode.sampling.response_format = tenant.bound_response_format(decode.sampling.response_format)
         tilings, tiles = self._plan_images(req, tenant, route)
         estimate = text_token_bound(text_bytes(req), len(req.messages)) + sum(tiles) * TOKENS_PER_TILE
         async with self.admitted(

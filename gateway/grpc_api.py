@@ -11,7 +11,7 @@ from internvl.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from gateway.core import Gateway
 from gateway.images import checked_image, decode_data_uri, is_remote
-from gateway.intake import api_key, trace_context
+from gateway.intake import api_key, response_format, trace_context
 from gateway.tenancy.config import SCOPE_CHAT
 from gateway.types import ChatChunk, ChatRequest, ImagePart, Message, TextPart, Usage
 from services.common.errors import InvalidArgument
@@ -48,7 +48,27 @@ def chat_from_pb(request: gateway_pb2.ChatRequest, allow_remote: bool = False) -
         logprobs=request.logprobs,
         top_logprobs=request.top_logprobs,
         timeout_s=_timeout_s(request.timeout_ms),
+        response_format=_response_format_from_pb(request),
+        logit_bias=dict(request.logit_bias),
     )
+
+
+_FORMAT_TYPES = {
+    gateway_pb2.RESPONSE_FORMAT_TYPE_UNSPECIFIED: "text",
+    gateway_pb2.RESPONSE_FORMAT_TYPE_TEXT: "text",
+    gateway_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT: "json_object",
+    gateway_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA: "json_schema",
+}
+
+
+def _response_format_from_pb(request: gateway_pb2.ChatRequest):
+    if not request.HasField("response_format"):
+        return None
+    fmt = request.response_format
+    kind = _FORMAT_TYPES.get(fmt.type, f"type {fmt.type}")
+    if not fmt.HasField("json_schema"):
+        return response_format(kind)
+    return response_format(kind, fmt.json_schema.name, fmt.json_schema.schema)
 
 
 def count_images(request: gateway_pb2.ChatRequest) -> int:

@@ -9,14 +9,41 @@ reason and message, as an HTTP status or the matching gRPC code.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from typing import Any
 
 from gateway.types import ChatRequest, ImagePart, TextPart
 from services.common.errors import InvalidArgument
 from services.common.limits import MAX_MESSAGES, MAX_TEXT_BYTES, MAX_TOP_LOGPROBS
+from services.decoder.engine.response_format import REASON_INVALID, ResponseFormat
 from services.decoder.types import ROLES
 
 TRACE_HEADERS = ("traceparent", "tracestate")
+JSON_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for json_schema.name
+
+
+def response_format(kind: str, name: str | None = None, schema: Any = None) -> ResponseFormat | None:
+    """OpenAI's ``response_format`` as either API spells it: None for ``text``, else the domain's
+    ``ResponseFormat``; InvalidArgument (``response_format_invalid``) for an unknown type, a json_schema
+    without a valid ``name`` or without a ``schema`` (a JSON object, or its JSON text over gRPC)."""
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ResponseFormat.json_object()
+    if kind != "json_schema":
+        raise InvalidArgument(
+            f"response_format.type must be text, json_object or json_schema, got {kind!r}",
+            reason=REASON_INVALID,
+        )
+    if name is None or not JSON_SCHEMA_NAME.fullmatch(name):
+        raise InvalidArgument(
+            "response_format.json_schema.name must be 1..64 letters, digits, '_' or '-'",
+            reason=REASON_INVALID,
+        )
+    if schema is None or schema == "":
+        raise InvalidArgument("response_format.json_schema.schema is required", reason=REASON_INVALID)
+    return ResponseFormat.json_schema(schema)
 
 
 def api_key(headers: Iterable[tuple[str, str]]) -> str | None:

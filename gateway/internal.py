@@ -124,7 +124,10 @@ class InternalDoor:
         max_tokens = tenant.max_tokens(
             request.max_tokens, context=route.max_model_len, default=self.gateway.limits.default_max_tokens
         )
-        request = replace(request, max_tokens=max_tokens)
+        sampling = replace(
+            request.sampling, response_format=tenant.bound_response_format(request.sampling.response_format)
+        )
+        request = replace(request, max_tokens=max_tokens, sampling=sampling)
         estimate = (
             text_token_bound(text_bytes(request.messages), len(request.messages))
             + sum(r.tokens for r in refs)

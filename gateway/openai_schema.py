@@ -1,7 +1,9 @@
 """The OpenAI chat-completions request schema we accept, and its translation to ``ChatRequest``.
 
 Bounded everywhere; fields we do not implement are refused by name (400) rather than ignored, so a
-client never believes it got tools or JSON mode when it did not. Extensions beyond OpenAI: ``top_k``,
+client never believes it got tools when it did not. ``response_format`` (``json_object``, ``json_schema``) and
+``logit_bias`` are OpenAI's and checked alike for both APIs (``gateway.intake.response_format``, the
+decoder's ``check_logit_bias``). Extensions beyond OpenAI: ``top_k``,
 ``repetition_penalty``, per-image ``max_num`` (also settable per request) and ``timeout``.
 
 The schema checks types and the ranges of sampling values; the rules of the conversation and the
@@ -17,20 +19,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.images import decode_data_uri, is_remote, max_num_for_detail
+from gateway.intake import response_format
 from gateway.types import ChatRequest, ImagePart, Message, TextPart
 from services.common.errors import InvalidArgument
 from services.common.limits import MAX_TILES_PER_IMAGE, MAX_TOKENS_PER_REQUEST
+from services.decoder.engine.response_format import parse_logit_bias
 
 UNSUPPORTED = {
     "tools": "tool calling",
     "tool_choice": "tool calling",
     "functions": "function calling",
     "function_call": "function calling",
-    "response_format": "response_format (JSON mode)",
     "audio": "audio output",
     "modalities": "non-text output",
     "prediction": "predicted outputs",
-    "logit_bias": "logit_bias",
 }
 
 
@@ -64,6 +66,24 @@ class ChatMessageIn(BaseModel):
     name: str | None = Field(default=None, max_length=64)
 
 
+class JsonSchemaIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str | None = Field(default=None, max_length=1024)
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # accepted: the schema is enforced either way
+
+
+class ResponseFormatIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str = Field(max_length=64)
+    json_schema: JsonSchemaIn | None = None
+
+    def to_domain(self):
+        spec = self.json_schema or JsonSchemaIn()
+        return response_format(self.type, spec.name, spec.schema_)
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
@@ -92,6 +112,8 @@ class ChatCompletionRequest(_Lenient):
         default=None, ge=1, le=MAX_TILES_PER_IMAGE, description="Extension: tile cap for every image."
     )
     timeout: float | None = Field(default=None, gt=0, le=86_400, description="Extension: seconds.")
+    response_format: ResponseFormatIn | None = None
+    logit_bias: dict[str, float] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -160,6 +182,8 @@ class ChatCompletionRequest(_Lenient):
             logprobs=bool(self.logprobs),
             top_logprobs=self.top_logprobs or 0,
             timeout_s=self.timeout,
+            response_format=self.response_format.to_domain() if self.response_format else None,
+            logit_bias=parse_logit_bias(self.logit_bias or {}),
         )
 
 

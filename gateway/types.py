@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.decoder.engine.response_format import ResponseFormat
 from services.decoder.types import (
     ChatMessage,
     DecodeRequest,
@@ -48,6 +49,8 @@ class ChatRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     timeout_s: float | None = None
+    response_format: ResponseFormat | None = None  # None: free text
+    logit_bias: dict[int, float] = field(default_factory=dict)
     request_id: str = ""
     trace: dict[str, str] = field(default_factory=dict)  # the caller's W3C trace context, if any
 
@@ -76,6 +79,8 @@ class ChatRequest:
                 seed=self.seed,
                 stop=list(self.stop),
                 logprobs=self.top_logprobs if self.logprobs else None,
+                response_format=self.response_format,
+                logit_bias=dict(self.logit_bias),
             ),
             max_tokens=max_tokens,
         )

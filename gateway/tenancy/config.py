@@ -24,20 +24,26 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Annotated, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.common.errors import InvalidArgument, PermissionDenied
 from services.common.limits import (
+    MAX_GRAMMAR_COMPILE_MS,
     MAX_IMAGES_PER_REQUEST,
     MAX_PRIORITY,
+    MAX_SCHEMA_BYTES,
     MAX_TILES_PER_REQUEST,
     MAX_TOKENS_PER_REQUEST,
     MAX_WEIGHT,
     MIN_WEIGHT,
 )
+
+if TYPE_CHECKING:
+    from services.decoder.engine.response_format import ResponseFormat
 
 TENANT_NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 # No '-' in a key id: keys are ``ivm-<key_id>-<secret>`` and the id is what lies between the dashes.
@@ -111,6 +117,18 @@ class TenantLimits(_Strict):
         le=MAX_TOKENS_PER_REQUEST,
         description="Cap of a request's max_tokens (the model's context caps it too).",
     )
+    max_schema_bytes: int = Field(
+        default=32 * 1024,
+        ge=1,
+        le=MAX_SCHEMA_BYTES,
+        description="Largest response_format JSON schema, in bytes as compact JSON; at most 256 KiB.",
+    )
+    max_grammar_compile_ms: int = Field(
+        default=1000,
+        ge=1,
+        le=MAX_GRAMMAR_COMPILE_MS,
+        description="Longest a request's JSON schema may take to compile (waiting included); at most 10 s.",
+    )
 
     @property
     def bucket_size(self) -> int:
@@ -132,6 +150,8 @@ class TenantLimits(_Strict):
             max_tiles_per_request=MAX_TILES_PER_REQUEST,
             max_images_per_request=MAX_IMAGES_PER_REQUEST,
             max_tokens_per_request=MAX_TOKENS_PER_REQUEST,
+            max_schema_bytes=MAX_SCHEMA_BYTES,
+            max_grammar_compile_ms=MAX_GRAMMAR_COMPILE_MS,
         )
 
 
@@ -211,6 +231,15 @@ class Tenant(_Strict):
                 "request; lower max_num or send fewer images",
                 reason="too_many_tiles",
             )
+
+    def bound_response_format(self, fmt: ResponseFormat | None) -> ResponseFormat | None:
+        """``fmt`` within this tenant's limits: InvalidArgument (``response_format_too_large``) for a
+        schema over ``max_schema_bytes``; its compile budget at most ``max_grammar_compile_ms``."""
+        if fmt is None:
+            return None
+        fmt.check_size(self.limits.max_schema_bytes)
+        cap = self.limits.max_grammar_compile_ms
+        return replace(fmt, max_compile_ms=min(fmt.max_compile_ms or cap, cap))
 
     def max_tokens(self, requested: int | None, *, context: int, default: int) -> int:
         """The ``max_tokens`` a request runs with: ``requested`` if in 1..cap, else InvalidArgument;

@@ -11,6 +11,7 @@ tenant; the tenant's default caps, 8 images, 48 tiles, max_tokens 4096).
 from __future__ import annotations
 
 import base64
+import json
 
 import grpc
 import httpx
@@ -56,7 +57,13 @@ def http_body(request: dict) -> dict:
         }
 
     messages = [{"role": role, "content": [part(p) for p in parts]} for role, parts in request["messages"]]
-    return {"messages": messages, "temperature": 0, **request["fields"]}
+    fields = dict(request["fields"])
+    if "response_format" in fields:  # (name, schema): a json_schema format
+        name, schema = fields["response_format"]
+        fields["response_format"] = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+    if "logit_bias" in fields:  # OpenAI's keys are token ids as strings
+        fields["logit_bias"] = {str(k): v for k, v in fields["logit_bias"].items()}
+    return {"messages": messages, "temperature": 0, **fields}
 
 
 def grpc_request(request: dict) -> gateway_pb2.ChatRequest:
@@ -69,10 +76,19 @@ def grpc_request(request: dict) -> gateway_pb2.ChatRequest:
         gateway_pb2.ChatMessage(role=role, content=[part(p) for p in parts])
         for role, parts in request["messages"]
     ]
-    return gateway_pb2.ChatRequest(messages=messages, **request["fields"])
+    fields = dict(request["fields"])
+    if "response_format" in fields:
+        name, schema = fields["response_format"]
+        fields["response_format"] = gateway_pb2.ResponseFormat(
+            type=gateway_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+            json_schema=gateway_pb2.JsonSchema(name=name, schema=json.dumps(schema)),
+        )
+    return gateway_pb2.ChatRequest(messages=messages, **fields)
 
 
 HI = user("Say hi.")
+WIDE = {"type": "object", "properties": {f"p{i:04d}": {"type": "string"} for i in range(1500)}}  # 41 kB
+HUGE = {"enum": ["x" * 1000] * 300}  # 300 kB
 
 # (id, request, HTTP status, reason); every case runs in both modes unless its id says which.
 CASES = [
@@ -94,6 +110,23 @@ CASES = [
     ("top-logprobs-over-bound", conv(HI, logprobs=True, top_logprobs=21), 400, "invalid_parameter"),
     ("max-tokens-over-context", conv(HI, max_tokens=100_000), 400, "max_tokens_out_of_range"),
     ("model-unknown", conv(HI, model="gpt-4o"), 404, "model_not_found"),
+    (
+        "schema-does-not-compile",
+        conv(HI, response_format=("x", {"type": "foo"})),
+        400,
+        "response_format_invalid",
+    ),
+    ("schema-name-invalid", conv(HI, response_format=("a b", {})), 400, "response_format_invalid"),
+    ("schema-over-mesh-bound", conv(HI, response_format=("x", HUGE)), 400, "response_format_too_large"),
+    (
+        "tenant/schema-over-tenant-bound",
+        conv(HI, response_format=("x", WIDE)),
+        400,
+        "response_format_too_large",
+    ),
+    ("logit-bias-out-of-range", conv(HI, logit_bias={5: -100.5}), 400, "logit_bias_out_of_range"),
+    ("logit-bias-unknown-token", conv(HI, logit_bias={1024: 1.0}), 400, "logit_bias_unknown_token"),
+    ("logit-bias-too-many", conv(HI, logit_bias={i: 1.0 for i in range(301)}), 400, "logit_bias_invalid"),
     ("single/images-over-16", conv(user(*[IMG] * 17, "What are they?")), 400, "too_many_images"),
     ("single/tiles-over-128", conv(user(*[THIRTEEN] * 10, "What are they?")), 400, "too_many_tiles"),
     ("tenant/images-over-8", conv(user(*[IMG] * 9, "What are they?")), 400, "too_many_images"),

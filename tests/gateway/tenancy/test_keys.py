@@ -242,6 +242,7 @@ def test_single_tenant_mode_without_a_file():
     assert lim.max_concurrent >= 64 * 100 and lim.requests_per_s >= 10_000 and lim.tokens_per_min >= 10**9
     # Per request it gets the mesh's own bounds, the numbers README's "Limits" states.
     assert (lim.max_images_per_request, lim.max_tiles_per_request) == (16, 128)
+    assert (lim.max_schema_bytes, lim.max_grammar_compile_ms) == (256 * 1024, 10_000)
     with pytest.raises(InvalidArgument):
         store.create_key("default")
 
@@ -262,6 +263,8 @@ def test_an_empty_file_is_multi_tenant_with_no_keys(tmp_path):
         ({"tenants": [{"name": "a", "limits": {"requests_per_s": 0}}]}, "requests_per_s"),
         ({"tenants": [{"name": "a", "limits": {"max_images_per_request": 17}}]}, "max_images_per_request"),
         ({"tenants": [{"name": "a", "limits": {"max_tiles_per_request": 129}}]}, "max_tiles_per_request"),
+        ({"tenants": [{"name": "a", "limits": {"max_schema_bytes": 256 * 1024 + 1}}]}, "max_schema_bytes"),
+        ({"tenants": [{"name": "a", "limits": {"max_grammar_compile_ms": 0}}]}, "max_grammar_compile_ms"),
         ({"tenants": [{"name": "a b"}]}, "name"),
         ({"tenants": [{"name": "a", "priority": 11}]}, "priority"),
         ({"tenants": [{"name": "a"}, {"name": "a"}]}, "duplicate tenant name"),
