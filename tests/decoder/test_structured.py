@@ -306,3 +306,8 @@ def test_requests_without_either_leave_the_logits_untouched():
     want[0, [0, 2, 31, 64]] = True
     assert torch.equal(allowed_tokens(packed, 70), want)
     assert torch.equal(allowed_tokens(packed, 100)[:, 70:], torch.zeros(1, 30, dtype=torch.bool))
+    words = torch.randint(
+        -(2**31), 2**31 - 1, (3, 5), dtype=torch.int32, generator=torch.Generator().manual_seed(1)
+    )
+    bits = [[(int(words[g, t // 32]) >> (t % 32)) & 1 == 1 for t in range(160)] for g in range(3)]
+    assert allowed_tokens(words, 160).tolist() == bits  # bit t % 32 of word t // 32, as llguidance packs it
