@@ -70,6 +70,8 @@ class DecoderCore:
         req = self.engine.make_request(inp)  # validation errors surface here, before anything runs
         if req.grammar is not None:
             await req.grammar.ready()  # compiled on the engine's grammar pool; a refusal surfaces here
+            if self._stopping:
+                raise Unavailable("the decoder is shutting down")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         with self._lock:
