@@ -311,3 +311,37 @@ def test_requests_without_either_leave_the_logits_untouched():
     )
     bits = [[(int(words[g, t // 32]) >> (t % 32)) & 1 == 1 for t in range(160)] for g in range(3)]
     assert allowed_tokens(words, 160).tolist() == bits  # bit t % 32 of word t // 32, as llguidance packs it
+
+
+def test_a_model_vocabulary_wider_than_its_tokenizer_is_padded(tmp_path):
+    """Checkpoints often pad the embedding rows past the tokenizer's ids: the grammar's tokenizer is
+    built over the model's rows, and the ids no token has are never allowed."""
+    from services.common.tiny_checkpoint import make_tiny_checkpoint
+    from services.decoder.engine.llm_engine import LLMEngine
+    from tests.decoder.helpers import make_config
+
+    ckpt = make_tiny_checkpoint(tmp_path / "padded", preset="tiny", text_overrides={"vocab_size": 1100})
+    engine = LLMEngine(make_config(ckpt))
+    try:
+        assert engine.vocab_size == 1100 and len(engine.tokenizer) == 1024
+        assert engine.grammars.mask_words * 32 >= 1100
+        events = run(engine, [inp("pad", schema_params(PERSON, temperature=2.0, seed=2))])["pad"]
+        check_valid(events, PERSON)
+        assert max(tokens_of(events)) < 1024
+    finally:
+        engine.shutdown()
+
+
+def test_the_demo_models_tokenizer_takes_a_grammar():
+    from services.common.checkpoint import Checkpoint
+    from services.decoder.engine.structured import GrammarCompiler
+    from services.decoder.prompting import load_prompt_builder
+    from services.demo import demo_model_path
+
+    demo = Checkpoint.open(demo_model_path())
+    tokenizer = load_prompt_builder(demo).tokenizer
+    compiler = GrammarCompiler(tokenizer, int(demo.text_config["vocab_size"]), [tokenizer.eos_token_id])
+    try:
+        compiler.grammar_for(ResponseFormat.json_schema(INVOICE)).wait()
+    finally:
+        compiler.close()
