@@ -195,3 +195,21 @@ def test_a_request_preempted_while_its_step_runs_waits_for_its_token():
 def test_overlap_is_on_by_default_on_cuda_only(engine):
     """``scheduler.overlap`` "auto": on a CPU the engine thread would take a core from the forward."""
     assert engine.config.scheduler.overlap == "auto" and engine.overlap is False
+
+
+def test_structured_rows_run_in_series_with_the_same_documents(engines):
+    """A grammar's next mask needs the row's last token on the host: such a batch resolves the step
+    before (``SampleRow`` refuses a placeholder), and every document is the serial loop's, valid."""
+    from tests.decoder.test_structured import INVOICE, PERSON, check_valid, inp, schema_params
+
+    inputs = [
+        inp("inv", schema_params(INVOICE, temperature=0.0)),
+        inp("per", schema_params(PERSON, temperature=0.8, seed=3), "Who are you?"),
+        inp("free", SamplingParams(temperature=0.0, ignore_eos=True), "Tell me about the rain.", 24),
+    ]
+    arrivals = [0, 1, 0]
+    serial = run(engines(False), inputs, arrivals)
+    overlapped = run(engines(True), inputs, arrivals)
+    assert _outcome(overlapped) == _outcome(serial)
+    check_valid(overlapped["inv"], INVOICE)
+    check_valid(overlapped["per"], PERSON)

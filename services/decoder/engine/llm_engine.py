@@ -240,7 +240,7 @@ class LLMEngine:
         """Schedule and launch a step, then resolve the one before it (overlap) or this one (in series).
 
         Under overlap a request's outputs come one call after its step was launched; a step runs in
-        series when a request in the batch needs its tokens on the host to sample (penalties).
+        series when a request in the batch needs its tokens on the host to sample (penalties, a grammar).
         """
         try:
             outputs = [] if self.overlap and not self._needs_sync() else self._resolve()
@@ -260,7 +260,7 @@ class LLMEngine:
             raise
 
     def _needs_sync(self) -> bool:
-        return any(r.sampling_params.needs_penalties for r in self.scheduler.running)
+        return any(r.sampling_params.needs_penalties or r.needs_sync for r in self.scheduler.running)
 
     def _resolve(self) -> list[EngineOutput]:
         """Wait for the launched step's tokens and hand them to the scheduler."""

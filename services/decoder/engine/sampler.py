@@ -24,6 +24,7 @@ logits themselves (and a filter's boundary) can move with the batch's shape.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -57,14 +58,15 @@ class SampleRow:
     num_output_tokens: int
     num_prompt_tokens: int
     all_token_ids: tuple[int, ...]
+    grammar: Any = None  # the request's ``structured.Grammar``: its steps run in series (``needs_sync``)
 
     @classmethod
     def of(cls, req: Request) -> SampleRow:
         p = req.sampling_params
-        if p.needs_penalties and req.num_pending:
-            raise RuntimeError(f"{req!r}: penalties need its tokens, one is still on the device")
+        if (p.needs_penalties or req.needs_sync) and req.num_pending:
+            raise RuntimeError(f"{req!r}: sampling it needs its tokens, one is still on the device")
         ids = tuple(req.all_token_ids) if p.needs_penalties else ()
-        return cls(req.request_id, p, req.num_output_tokens, req.num_prompt_tokens, ids)
+        return cls(req.request_id, p, req.num_output_tokens, req.num_prompt_tokens, ids, req.grammar)
 
 
 class DeviceSample:
