@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,10 +35,14 @@ import torch
 
 from services.common.checkpoint import Checkpoint
 from services.common.tiny_checkpoint import make_tiny_checkpoint
-from services.decoder.config import CacheConfig, DecoderConfig, SchedulerConfig
-from services.decoder.engine.llm_engine import LLMEngine
 from services.decoder.engine.request import Request
 from services.decoder.engine.sampling_params import SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.engine_common import Meter, machine, make_bench_engine, write_results  # noqa: E402
 
 NUM_REQUESTS = 16
 
@@ -68,19 +71,6 @@ def hf_lm(ckpt_dir: Path):
     return model
 
 
-class Meter:
-    """Wall and process CPU time (all threads) of a block: on a shared machine the wall clock moves
-    with other people's load; CPU time says what the work itself cost."""
-
-    def __enter__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall = time.perf_counter() - self.wall
-        self.cpu = time.process_time() - self.cpu
-
-
 def _rates(produced: int, m: Meter) -> dict:
     return {
         "tokens": produced,
@@ -95,14 +85,7 @@ class EngineBench:
     """One engine, built and warmed once; each ``run`` submits the workload again."""
 
     def __init__(self, ckpt_dir: Path, work, overlap: bool):
-        cfg = DecoderConfig(
-            model=str(ckpt_dir),
-            cache=CacheConfig(num_blocks=1024, block_size=16, enable_prefix_caching=False),
-            scheduler=SchedulerConfig(
-                max_model_len=1024, max_num_batched_tokens=1024, max_num_seqs=32, overlap=overlap
-            ),
-        )
-        self.eng = LLMEngine(cfg)
+        self.eng = make_bench_engine(ckpt_dir, num_blocks=1024, overlap=overlap)
         self.work = work
         self.params = SamplingParams(temperature=0.0, ignore_eos=True)
         self.runs = 0
@@ -411,20 +394,14 @@ def main() -> None:
         "device_idle_share_max": 0.02,
     }
     results["rounds"] = rounds
-    results["setup"] = {
-        "checkpoint": str(ckpt) if args.checkpoint else "tiny_checkpoint preset=small llm=qwen2",
-        "requests": [{"prompt_tokens": len(i), "output_tokens": n} for i, n in work],
-        "dtype": "float32",
-        "device": "cpu",
-        "torch_threads": torch.get_num_threads(),
-        "rounds": args.rounds,
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "load_average_at_end": os.getloadavg(),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    results["setup"] = machine(
+        checkpoint=str(ckpt) if args.checkpoint else "tiny_checkpoint preset=small llm=qwen2",
+        requests=[{"prompt_tokens": len(i), "output_tokens": n} for i, n in work],
+        dtype="float32",
+        device="cpu",
+        rounds=args.rounds,
+    )
+    write_results(args.out, results)
     print(
         json.dumps(
             {k: results[k] for k in ("ratios", "ratios_cpu_time", "profile_decode_step_batch16")}, indent=2

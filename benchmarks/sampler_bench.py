@@ -17,11 +17,9 @@ beside it.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,11 +28,15 @@ import torch
 
 from services.common.checkpoint import Checkpoint
 from services.common.tiny_checkpoint import make_tiny_checkpoint
-from services.decoder.config import CacheConfig, DecoderConfig, SchedulerConfig
-from services.decoder.engine.llm_engine import LLMEngine
 from services.decoder.engine.request import Request
 from services.decoder.engine.sampler import Sampler
 from services.decoder.engine.sampling_params import SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.engine_common import Meter, machine, make_bench_engine, random_prompts, write_results  # noqa: E402
 
 BATCH = 16
 PROMPT_TOKENS = 64
@@ -60,29 +62,12 @@ SAMPLER_MODES = {
 }
 
 
-class Meter:
-    def __enter__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall = time.perf_counter() - self.wall
-        self.cpu = time.process_time() - self.cpu
-
-
 class EngineRun:
     """One engine, warmed once; each ``run(mode)`` submits the 16 requests again."""
 
     def __init__(self, ckpt_dir: Path):
-        cfg = DecoderConfig(
-            model=str(ckpt_dir),
-            cache=CacheConfig(num_blocks=512, block_size=16, enable_prefix_caching=False),
-            scheduler=SchedulerConfig(max_model_len=1024, max_num_batched_tokens=1024, max_num_seqs=32),
-        )
-        self.eng = LLMEngine(cfg)
-        rng = random.Random(0)
-        vocab = int(Checkpoint.open(ckpt_dir).text_config["vocab_size"])
-        self.prompts = [[rng.randrange(20, vocab) for _ in range(PROMPT_TOKENS)] for _ in range(BATCH)]
+        self.eng = make_bench_engine(ckpt_dir)
+        self.prompts = random_prompts(ckpt_dir, BATCH, PROMPT_TOKENS)
         self.runs = 0
         for mode in ENGINE_MODES:
             self.run(mode)  # warm-up
@@ -232,22 +217,16 @@ def main() -> None:
         results["engine"] = bench_engine(ckpt, args.rounds)
     results["sampler_alone"] = bench_sampler([vocab, QWEN2_VOCAB])
     results["target"] = {"engine_sampled_vs_greedy_min": 0.9}
-    results["setup"] = {
-        "checkpoint": "tiny_checkpoint preset=small llm=qwen2",
-        "batch": BATCH,
-        "prompt_tokens": PROMPT_TOKENS,
-        "output_tokens": OUTPUT_TOKENS,
-        "dtype": "float32",
-        "device": "cpu",
-        "torch_threads": torch.get_num_threads(),
-        "rounds": args.rounds,
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "load_average_at_end": os.getloadavg(),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    results["setup"] = machine(
+        checkpoint="tiny_checkpoint preset=small llm=qwen2",
+        batch=BATCH,
+        prompt_tokens=PROMPT_TOKENS,
+        output_tokens=OUTPUT_TOKENS,
+        dtype="float32",
+        device="cpu",
+        rounds=args.rounds,
+    )
+    write_results(args.out, results)
     if "engine" in results:
         print("engine sampled / greedy:", results["engine"]["ratio_sampled_vs_greedy_tokens_per_cpu_s"])
     if tmp is not None:

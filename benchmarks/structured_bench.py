@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import os
-import platform
-import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,12 +35,16 @@ import torch
 
 from services.common.checkpoint import Checkpoint
 from services.common.tiny_checkpoint import make_tiny_checkpoint
-from services.decoder.config import CacheConfig, DecoderConfig, SchedulerConfig
 from services.decoder.engine import logit_constraints, sampler, structured
-from services.decoder.engine.llm_engine import LLMEngine
 from services.decoder.engine.request import Request
 from services.decoder.engine.response_format import ResponseFormat
 from services.decoder.engine.sampling_params import SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.engine_common import Meter, machine, make_bench_engine, random_prompts, write_results  # noqa: E402
 
 BATCH = 16
 PROMPT_TOKENS = 64
@@ -67,16 +69,6 @@ def invoice_schema(n: int = 50, salt: str = "") -> dict:
     }
     props["lines"] = {"type": "array", "items": line, "minItems": 1}
     return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
-
-
-class Meter:
-    def __enter__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall = time.perf_counter() - self.wall
-        self.cpu = time.process_time() - self.cpu
 
 
 class GrammarTimer:
@@ -131,15 +123,8 @@ class EngineRun:
     """One engine, warmed once; each ``run(mode)`` submits the 16 requests again."""
 
     def __init__(self, ckpt_dir: Path):
-        cfg = DecoderConfig(
-            model=str(ckpt_dir),
-            cache=CacheConfig(num_blocks=512, block_size=16, enable_prefix_caching=False),
-            scheduler=SchedulerConfig(max_model_len=1024, max_num_batched_tokens=1024, max_num_seqs=32),
-        )
-        self.eng = LLMEngine(cfg)
-        rng = random.Random(0)
-        vocab = int(Checkpoint.open(ckpt_dir).text_config["vocab_size"])
-        self.prompts = [[rng.randrange(20, vocab) for _ in range(PROMPT_TOKENS)] for _ in range(BATCH)]
+        self.eng = make_bench_engine(ckpt_dir)
+        self.prompts = random_prompts(ckpt_dir, BATCH, PROMPT_TOKENS)
         self.fmt = ResponseFormat.json_schema(invoice_schema())
         self.runs = 0
         self.timer = GrammarTimer()
@@ -438,26 +423,18 @@ def main() -> None:
         "mask_apply_alone": bench_apply(),
         "peers": peers(ckpt),
         "target": {"grammar_share_of_step_max": 0.10, "cached_compile_ms_max": 1.0},
-        "setup": {
-            "checkpoint": str(args.checkpoint)
-            if args.checkpoint
-            else "tiny_checkpoint preset=small llm=qwen2",
-            "vocab": int(Checkpoint.open(ckpt).text_config["vocab_size"]),
-            "batch": BATCH,
-            "prompt_tokens": PROMPT_TOKENS,
-            "output_tokens": OUTPUT_TOKENS,
-            "schema": "invoice_schema(50): 49 typed properties + an array of line objects",
-            "device": "cpu",
-            "torch_threads": torch.get_num_threads(),
-            "rounds": args.rounds,
-            "torch": torch.__version__,
-            "machine": platform.machine(),
-            "cpus": os.cpu_count(),
-            "load_average_at_end": os.getloadavg(),
-        },
+        "setup": machine(
+            checkpoint=str(args.checkpoint) if args.checkpoint else "tiny_checkpoint preset=small llm=qwen2",
+            vocab=int(Checkpoint.open(ckpt).text_config["vocab_size"]),
+            batch=BATCH,
+            prompt_tokens=PROMPT_TOKENS,
+            output_tokens=OUTPUT_TOKENS,
+            schema="invoice_schema(50): 49 typed properties + an array of line objects",
+            device="cpu",
+            rounds=args.rounds,
+        ),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     e, c = results["engine"]["medians"]["json_schema"], results["compile"]
     print(f"grammar: {e['grammar_us_per_row']:.1f} us/row/step, {e['grammar_share_of_step']:.1%} of the step")
     print(f"compile: cold {c['cold_ms']:.2f} ms, cached {c['cached_ms']:.3f} ms")
