@@ -5,10 +5,13 @@ by one: each ``submit`` queues a request's uint8 tiles, and one worker repeatedl
 
 1. waits until tiles are queued, then at most ``max_wait_ms`` (counted from the oldest waiting
    request's arrival) for the queue to fill the tile budget ``max_batch_tiles``;
-2. plans a batch: priorities strictly first (a higher tenant priority is served before a lower one);
-   within a priority the budget is water-filled, smallest remainder first, so every waiting request
-   gets a fair share of each forward and a small image finishes in the next forward even while a
-   40-tile image is being worked through (a request larger than the budget is split across forwards);
+2. plans a batch (``fair_queue.py``): priority classes strictly first (a higher tenant priority is
+   served before a lower one, up to a starvation bound ``max_wait_s``); within a class the tiles go to
+   tenants in proportion to their weights (weighted fair queueing in tiles); a tenant's share of a
+   forward is water-filled over its requests, smallest remainder first, so a small image finishes in
+   the next forward even while a 40-tile image is being worked through (a request larger than the
+   budget is split across forwards). With ``fair_share`` off: priorities, then the budget water-filled
+   over every waiting request;
 3. runs the forward on its one executor thread (the event loop keeps accepting requests meanwhile)
    and hands each request its rows; a request completes when all its tiles are done.
 
@@ -30,7 +33,9 @@ from dataclasses import dataclass, field
 import torch
 
 from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from services.common.tenant_labels import TenantLabels
 from services.encoder.config import BatchingConfig
+from services.encoder.fair_queue import Take, TileFairShare, plan_water_fill
 from services.encoder.metrics import EncoderMetrics
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,9 @@ class _Request:
     scheduled: int = 0  # tiles handed to a forward so far
     parts: list[torch.Tensor] = field(default_factory=list)  # outputs, in tile order
     started: bool = False
+    tenant: str = ""
+    weight: float = 1.0  # the tenant's fair share of the tiles within its priority class
+    starved: bool = False  # waited max_wait_s: planned above every priority
 
     @property
     def total(self) -> int:
@@ -67,23 +75,12 @@ class _Slice:
 
 
 def plan_batch(waiting: list[_Request], budget: int) -> list[_Slice]:
-    """Choose which tiles of which requests go into the next forward (pure; see the module docstring)."""
-    chosen: list[_Slice] = []
-    for priority in sorted({r.priority for r in waiting if r.remaining > 0}, reverse=True):
-        if budget <= 0:
-            break
-        level = sorted(
-            (r for r in waiting if r.priority == priority and r.remaining > 0),
-            key=lambda r: (r.remaining, r.seq),
-        )
-        for i, req in enumerate(level):
-            if budget <= 0:
-                break
-            share = max(budget // (len(level) - i), 1)
-            take = min(req.remaining, share)
-            chosen.append(_Slice(req, req.scheduled, req.scheduled + take))
-            budget -= take
-    return chosen
+    """The plan with fair share off: priorities strictly, then the budget water-filled (pure)."""
+    return _slices(plan_water_fill(waiting, budget))  # type: ignore[arg-type]
+
+
+def _slices(takes: list[Take]) -> list[_Slice]:
+    return [_Slice(t.request, t.request.scheduled, t.request.scheduled + t.tiles) for t in takes]  # type: ignore[arg-type]
 
 
 class TileBatcher:
@@ -112,15 +109,24 @@ class TileBatcher:
         self.recent_batches: deque[tuple[int, int]] = deque(maxlen=1024)
         self.forwards = 0
         self.tiles_encoded = 0
+        self.policy = TileFairShare(self.config.fair_share, self.config.max_wait_s)
+        self._tenant_label = TenantLabels(self.config.tenant_labels)
 
     @property
     def queued_tiles(self) -> int:
         return self._queued_tiles
 
     async def submit(
-        self, tiles: torch.Tensor, priority: int = 0, deadline: float | None = None
+        self,
+        tiles: torch.Tensor,
+        priority: int = 0,
+        deadline: float | None = None,
+        *,
+        tenant: str = "",
+        weight: float = 1.0,
     ) -> torch.Tensor:
-        """Encode ``tiles`` (N, S, S, 3) uint8. ``deadline`` is a ``time.monotonic()`` instant."""
+        """Encode ``tiles`` (N, S, S, 3) uint8. ``deadline`` is a ``time.monotonic()`` instant;
+        ``tenant`` and ``weight`` come from the verified request context."""
         if self._closed:
             raise Unavailable("the vision encoder is shutting down")
         n = int(tiles.shape[0]) if tiles.dim() == 4 else 0
@@ -138,7 +144,14 @@ class TileBatcher:
         self._ensure_worker()
         loop = asyncio.get_running_loop()
         req = _Request(
-            next(self._seq), int(priority), tiles.contiguous(), loop.create_future(), now, deadline
+            next(self._seq),
+            int(priority),
+            tiles.contiguous(),
+            loop.create_future(),
+            now,
+            deadline,
+            tenant=tenant,
+            weight=float(weight),
         )
         self._waiting.append(req)
         self._queued_tiles += n
@@ -176,7 +189,7 @@ class TileBatcher:
                 continue
             await self._wait_for_company()
             self._expire(time.monotonic())
-            batch = plan_batch(self._waiting, self.config.max_batch_tiles)
+            batch = _slices(self.policy.plan(self._waiting, self.config.max_batch_tiles, time.monotonic()))
             if not batch:
                 continue
             await self._forward(loop, batch)
@@ -204,7 +217,10 @@ class TileBatcher:
             if not s.request.started:
                 s.request.started = True
                 if self._metrics is not None:
-                    self._metrics.queue_seconds.labels(self._label).observe(now - s.request.enqueued_at)
+                    waited = now - s.request.enqueued_at
+                    self._metrics.queue_seconds.labels(self._label).observe(waited)
+                    tenant = self._tenant_label(s.request.tenant)
+                    self._metrics.tenant_queue_seconds.labels(self._label, tenant).observe(waited)
             if not requests or requests[-1] is not s.request:
                 requests.append(s.request)
         tiles = torch.cat([s.request.tiles[s.start : s.stop] for s in batch])  # (sum, S, S, 3)
@@ -227,6 +243,9 @@ class TileBatcher:
             self._metrics.batch_tiles.labels(self._label).observe(n)
             self._metrics.batch_requests.labels(self._label).observe(len(requests))
             self._metrics.tiles_encoded.labels(self._label).inc(n)
+            for sl in batch:
+                tenant = self._tenant_label(sl.request.tenant)
+                self._metrics.tenant_tiles.labels(self._label, tenant).inc(sl.stop - sl.start)
         offset = 0
         for s in batch:
             size = s.stop - s.start

@@ -7,7 +7,7 @@ variables. Every field is bounded so a typo fails at start-up, not under load.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -47,6 +47,30 @@ class BatchingConfig(BaseModel):
         ge=1,
         le=1_000_000,
         description="Tiles waiting at most; beyond it a request is RESOURCE_EXHAUSTED (retry later).",
+    )
+    fair_share: bool = Field(
+        default=True,
+        description=(
+            "Weighted fair share of the tiles between tenants within a priority class (their weights, "
+            "per replica); off: priorities, then every waiting request water-filled (the old order)."
+        ),
+    )
+    max_wait_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        le=3600.0,
+        description=(
+            "With fair_share: a request that has waited this long gets tiles above every priority "
+            "(the starvation bound of a lower class)."
+        ),
+    )
+    tenant_labels: list[Annotated[str, Field(max_length=64)]] | None = Field(
+        default=None,
+        max_length=1000,
+        description=(
+            "Tenants that get their own label in the per-tenant metrics; the rest are 'other'. "
+            "None: the first 64 tenants seen."
+        ),
     )
 
 

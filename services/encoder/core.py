@@ -120,6 +120,8 @@ class _Job:
     get_tiles: Callable[[], Awaitable[TiledImage]]
     priority: int
     deadline: float | None
+    tenant: str = ""  # whose fair share of the tiles pays for an encode (the first asker's)
+    weight: float = 1.0
 
 
 class EncoderCore:
@@ -210,10 +212,13 @@ class EncoderCore:
         deadline: float | None = None,
         inline: bool = False,
         ctx: RequestContext | None = None,
+        tenant: str = "",
+        weight: float = 1.0,
     ) -> list[EmbeddingRef]:
         """Embed images given as encoded bytes; tiles are fetched from the tile source for misses only.
 
         ``deadline`` is a ``time.monotonic()`` instant (the servicer converts the RPC's deadline).
+        ``tenant`` and ``weight`` (from the verified context) place the tiles in the batcher's fair share.
         ``inline`` answers with the tensors themselves, whatever the cache holds: the gateway asks for
         that when the decoder could not read a first set of references (a cache entry gone, or a cache
         the decoder cannot reach while this replica can). ``ctx``: the verified context, passed on to
@@ -239,6 +244,8 @@ class EncoderCore:
                     self._tiler(image.data, tiling, ctx),
                     priority,
                     deadline,
+                    tenant,
+                    weight,
                 )
             )
         return await self._run_jobs(jobs, deadline, inline)
@@ -251,6 +258,8 @@ class EncoderCore:
         priority: int = 0,
         deadline: float | None = None,
         inline: bool = False,
+        tenant: str = "",
+        weight: float = 1.0,
     ) -> list[EmbeddingRef]:
         """Embed already-made uint8 tiles (N, S, S, 3) per image.
 
@@ -274,6 +283,8 @@ class EncoderCore:
                     _ready(image),
                     priority,
                     deadline,
+                    tenant,
+                    weight,
                 )
             )
         return await self._run_jobs(jobs, deadline, inline)
@@ -393,7 +404,9 @@ class EncoderCore:
         self._check_tiled(tiled)
         tiles = torch.from_numpy(np.ascontiguousarray(tiled.tiles))  # (N, S, S, 3) uint8, no copy
         with tracing.span(tracing.SPAN_ENCODE, {tracing.ATTR_TILES: int(tiles.shape[0])}):
-            out = await self.batcher.submit(tiles, job.priority, job.deadline)  # (N, T, D)
+            out = await self.batcher.submit(
+                tiles, job.priority, job.deadline, tenant=job.tenant, weight=job.weight
+            )  # (N, T, D)
         n, t, d = out.shape
         self.stats.encodes += 1
         self.stats.tiles_encoded += n

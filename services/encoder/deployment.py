@@ -74,6 +74,8 @@ class EncoderDeployment:
                 namespace=ctx.cache_namespace,
                 priority=ctx.priority,
                 deadline=deadline,
+                tenant=ctx.tenant,
+                weight=ctx.weight,
                 inline=inline,
                 ctx=ctx,
             )

@@ -64,6 +64,19 @@ class EncoderMetrics:
         self.tiles_encoded = Counter(
             "internvl_mesh_encoder_tiles_encoded", "Tiles run through the ViT.", ["model"], registry=r
         )
+        self.tenant_queue_seconds = Histogram(
+            "internvl_mesh_encoder_tenant_queue_seconds",
+            "Time from submission to a request's first forward, per tenant (bounded labels).",
+            ["model", "tenant"],
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.tenant_tiles = Counter(
+            "internvl_mesh_encoder_tenant_tiles",
+            "Tiles run through the ViT per tenant (bounded labels): the unit of the encoder's fair share.",
+            ["model", "tenant"],
+            registry=r,
+        )
         self.cache_lookups = Counter(
             "internvl_mesh_encoder_cache_lookups",
             "Cache lookups by level and result.",

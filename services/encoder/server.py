@@ -1,7 +1,7 @@
 """The encoder servicer: protobuf in, one call to ``EncoderCore``, protobuf out.
 
 The request context is verified first (the gateway's signature, ``services.common.context``); the
-namespace and priority come from it only.
+namespace, priority, tenant and fair-share weight come from it only.
 """
 
 from __future__ import annotations
@@ -47,7 +47,13 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             else:
                 raise InvalidArgument(f"image {i} has neither bytes nor tiles")
         refs = [None] * len(request.images)
-        common = dict(namespace=ctx.cache_namespace, priority=ctx.priority, deadline=deadline)
+        common = dict(
+            namespace=ctx.cache_namespace,
+            priority=ctx.priority,
+            deadline=deadline,
+            tenant=ctx.tenant,
+            weight=ctx.weight,
+        )
         if by_bytes:
             for (i, _), ref in zip(
                 by_bytes, await self.core.embed_images([b for _, b in by_bytes], **common, ctx=ctx)

@@ -123,3 +123,36 @@ async def test_batch_sizes_are_in_the_histogram(vision_encoder):
     count = registry.get_sample_value("internvl_mesh_encoder_batch_tiles_count", {"model": "m"})
     total = registry.get_sample_value("internvl_mesh_encoder_batch_tiles_sum", {"model": "m"})
     assert count >= 1 and total == 5
+
+
+@pytest.mark.parametrize("fair", [True, False])
+async def test_tenants_share_forwards_by_weight(vision_encoder, fair):
+    registry = CollectorRegistry()
+    b = TileBatcher(
+        vision_encoder.encode,
+        BatchingConfig(max_batch_tiles=4, max_wait_ms=200, fair_share=fair),
+        metrics=encoder_metrics(registry),
+        model_label="tiny",
+    )
+    done_at = {}
+
+    async def run(name, tenant, seed):
+        await b.submit(tiles(4, seed), tenant=tenant, weight=1.0)
+        done_at[name] = b.forwards
+
+    await asyncio.gather(*(run(f"a{i}", "A", i) for i in range(3)), run("b", "B", 9))
+    # fair: B gets half of each forward and is done after two; off: every image a quarter, all after four
+    assert done_at["b"] == (2 if fair else 4)
+    assert (
+        registry.get_sample_value(
+            "internvl_mesh_encoder_tenant_tiles_total", {"model": "tiny", "tenant": "B"}
+        )
+        == 4
+    )
+    assert (
+        registry.get_sample_value(
+            "internvl_mesh_encoder_tenant_queue_seconds_count", {"model": "tiny", "tenant": "A"}
+        )
+        == 3
+    )
+    await b.close()
