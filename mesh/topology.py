@@ -98,6 +98,24 @@ def _cpu_pool() -> DeploymentConfig:
     )
 
 
+# Where a backlog waits. Serve's router queues a deployment's requests beyond ``max_ongoing_requests``
+# per replica in arrival order, where no fair share sees them; so the defaults let the backlog into the
+# replicas, to wait in the decoder's fair queue (its scheduler) and the encoder's tile batcher. A decoder
+# replica takes DECODER_QUEUE_FACTOR times its ``max_num_seqs``: a full batch and three batches waiting.
+# An encoder replica takes ENCODER_ONGOING requests (the batcher bounds its queue in tiles,
+# ``max_queued_tiles``, and answers RESOURCE_EXHAUSTED beyond it). A gateway replica streams every
+# request it holds, so it takes GATEWAY_ONGOING. Values set in the config win.
+DECODER_QUEUE_FACTOR = 4
+ENCODER_ONGOING = 256
+GATEWAY_ONGOING = 256
+
+
+def _gateway_pool() -> DeploymentConfig:
+    pool = _cpu_pool()
+    pool.max_ongoing_requests = GATEWAY_ONGOING
+    return pool
+
+
 class ServedModel(ModelConfig):
     """A model with its two pools."""
 
@@ -110,6 +128,16 @@ class ServedModel(ModelConfig):
     decoder_settings: DecoderSettings = Field(
         default_factory=DecoderSettings, description="The decoder's settings (services.decoder.config)."
     )
+
+    @model_validator(mode="after")
+    def _backlog_in_the_fair_queues(self) -> ServedModel:
+        """Unless set, ``max_ongoing_requests`` lets the backlog into the replicas (see DECODER_QUEUE_FACTOR)."""
+        if "max_ongoing_requests" not in self.decoder.model_fields_set:
+            factor = DECODER_QUEUE_FACTOR * self.decoder_settings.scheduler.max_num_seqs
+            self.decoder.__dict__["max_ongoing_requests"] = max(32, min(100_000, factor))
+        if "max_ongoing_requests" not in self.encoder.model_fields_set:
+            self.encoder.__dict__["max_ongoing_requests"] = ENCODER_ONGOING
+        return self
 
     @property
     def encoder_app(self) -> str:
@@ -129,7 +157,7 @@ class MeshConfig(CommonConfig):
     )
     preprocess_deployment: DeploymentConfig = Field(default_factory=_cpu_pool)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
-    gateway_deployment: DeploymentConfig = Field(default_factory=_cpu_pool)
+    gateway_deployment: DeploymentConfig = Field(default_factory=_gateway_pool)
 
     @field_validator("models")
     @classmethod

@@ -46,3 +46,21 @@ def test_good_settings_render_as_set():
     assert apps["decoder-m"]["args"]["settings"] == {"cache": {"block_size": 32}}
     assert apps["encoder-m"]["args"]["settings"] == {"batching": {"max_batch_tiles": 8}}
     assert apps["preprocess"]["args"]["config"] == {"max_images_per_request": 4}
+
+
+def _ongoing(cfg: dict, app: str) -> int:
+    (found,) = [a for a in cfg["applications"] if a["name"] == app]
+    return found["args"]["deployment_options"]["max_ongoing_requests"]
+
+
+@pytest.mark.parametrize("max_num_seqs", [8, 64])
+def test_the_backlog_waits_in_the_fair_queues_not_in_serves_router(max_num_seqs):
+    # Serve's router queues requests beyond max_ongoing_requests in arrival order: by default a decoder
+    # replica takes a full batch and three waiting, the encoder and the gateway 256
+    done = render(f"models.0.decoder_settings.scheduler.max_num_seqs={max_num_seqs}")
+    assert done.returncode == 0, done.stderr
+    cfg = yaml.safe_load(done.stdout)
+    assert _ongoing(cfg, "decoder-m") == max(32, 4 * max_num_seqs)
+    assert _ongoing(cfg, "encoder-m") == 256 and _ongoing(cfg, "gateway") == 256
+    done = render("models.0.decoder.max_ongoing_requests=7")  # a value set in the config wins
+    assert _ongoing(yaml.safe_load(done.stdout), "decoder-m") == 7
