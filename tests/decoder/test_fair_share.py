@@ -206,3 +206,24 @@ def test_greedy_tokens_are_the_same_with_fair_share_on_and_off(tiny_ckpt, refere
     assert outcomes[True] == outcomes[False]
     for k, case in enumerate(CASES):
         assert outcomes[True][f"r{k}"][0] == reference.generate(case)
+
+
+@pytest.mark.parametrize("fair", [True, False])
+def test_tenant_stats_count_admissions_ahead_of_a_waiting_tenant(fair):
+    now = [0.0]
+    s = fsched(fair, max_seqs=4, clock=lambda: now[0])
+    for k in range(12):
+        s.add_request(treq("A", arrival=k, max_tokens=12))
+    step(s)
+    now[0] = 1.0
+    s.add_request(treq("B", arrival=100.0, rid="b-stats"))
+    while "b-stats" not in {r.request_id for r in s.running}:
+        now[0] += 0.5
+        step(s)
+    stats = s.tenant_stats()
+    # on: B is admitted at the next step, no A request ahead of it; off: A's 8 waiting requests first
+    assert stats["B"]["passed_over"] == (0 if fair else 8)
+    assert stats["B"]["admissions"] == 1 and stats["B"]["queue_s"] == (0.5 if fair else now[0] - 1.0)
+    assert stats["A"]["admissions"] >= 4 and stats["B"]["tokens"] == 8  # its prompt, prefilled
+    assert stats["B"]["running"] == 1 and stats["B"]["kv_blocks"] == 2  # 8 tokens in 4-token blocks
+    assert stats["A"]["kv_blocks"] == sum(len(r.block_ids) for r in s.running if r.tenant == "A")

@@ -77,6 +77,9 @@ class FairShare:
         self.vtime: dict[str, float] = {}  # active tenants only
         self.weight: dict[str, float] = {}
         self.tokens: dict[str, int] = {}  # tokens scheduled per tenant (all time)
+        self.queue_s: dict[str, float] = {}  # seconds its requests waited before each admission
+        self.admissions: dict[str, int] = {}
+        self.passed_over: dict[str, int] = {}  # admissions of other tenants while one of its waited
 
     # -- classes and keys ------------------------------------------------------------------------
     def group(self, req: Request) -> str:
@@ -122,6 +125,34 @@ class FairShare:
         if self.enabled:
             group = self.group(req)
             self.vtime[group] = self.vtime.get(group, 0.0) + num_tokens / req.weight
+
+    def admit(self, req: Request, waiting: list[Request], now: float) -> None:
+        """Count an admission: ``req``'s wait, and each other tenant with a request of at least its class
+        still waiting (admitted ahead of it: the figure fair share keeps at zero)."""
+        tenant = req.tenant
+        self.queue_s[tenant] = self.queue_s.get(tenant, 0.0) + max(0.0, now - req.waiting_since)
+        self.admissions[tenant] = self.admissions.get(tenant, 0) + 1
+        mine = self.klass(req, now)
+        for other in {w.tenant for w in waiting if w.tenant != tenant and self.klass(w, now) >= mine}:
+            self.passed_over[other] = self.passed_over.get(other, 0) + 1
+
+    def stats(self, running: list[Request], waiting: list[Request]) -> dict[str, dict[str, float]]:
+        """Per tenant: tokens scheduled, admissions, seconds waited before them, admissions of others
+        ahead of its waiting requests, requests running and waiting, KV blocks held now."""
+        tenants = set(self.tokens) | set(self.admissions) | {r.tenant for r in running + waiting}
+        out = {}
+        for t in sorted(tenants):
+            out[t] = {
+                "tokens": self.tokens.get(t, 0),
+                "admissions": self.admissions.get(t, 0),
+                "queue_s": self.queue_s.get(t, 0.0),
+                "passed_over": self.passed_over.get(t, 0),
+                "running": sum(1 for r in running if r.tenant == t),
+                "waiting": sum(1 for r in waiting if r.tenant == t),
+                "kv_blocks": sum(len(r.block_ids) for r in running if r.tenant == t),
+                "weight": self.weight.get(t, 1.0),
+            }
+        return out
 
     def blocks_held(self, group: str, running: list[Request]) -> int:
         return sum(len(r.block_ids) for r in running if self.group(r) == group)

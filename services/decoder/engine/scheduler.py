@@ -157,6 +157,10 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    def tenant_stats(self) -> dict[str, dict[str, float]]:
+        """Per tenant: tokens, admissions, queue seconds, passed over, running, waiting, KV blocks."""
+        return self.policy.stats(self.running, self.waiting)
+
     # -- the step ----------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -228,6 +232,7 @@ class Scheduler:
             computed_blocks, num_cached = self.block_manager.get_computed_blocks(req)
             num_new = min(req.num_tokens - num_cached, step.budget)
         self.waiting.remove(req)
+        self.policy.admit(req, self.waiting, step.now)
         req.num_computed_tokens = num_cached
         if req.num_cached_tokens < 0:
             req.num_cached_tokens = num_cached
