@@ -128,6 +128,8 @@ class GenerateInput:
     order. ``deadline`` is absolute, in ``time.monotonic()`` seconds (or epoch seconds when
     ``deadline_is_epoch``). ``priority``: higher runs first;
     ``tenant``, ``weight``, ``max_kv_share``: the scheduler's fair share between tenants. ``max_tokens`` ``None`` means up to the context.
+    ``prefix_group``: the samples of one request with ``n`` > 1 (``DecoderFrontend``) name the same group,
+    so the scheduler prefills their shared prompt once (``engine.siblings``); None for a lone request.
     """
 
     request_id: str
@@ -142,6 +144,7 @@ class GenerateInput:
     max_kv_share: float | None = None
     deadline: float | None = None
     deadline_is_epoch: bool = False
+    prefix_group: str | None = None
 
 
 # -- the events -------------------------------------------------------------------------------------

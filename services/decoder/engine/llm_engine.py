@@ -188,6 +188,7 @@ class LLMEngine:
             weight=inp.weight,
             max_kv_share=inp.max_kv_share,
             grammar=self.grammars.grammar_for(params.response_format),  # compiling on its pool
+            prefix_group=inp.prefix_group,
         )
 
     def add_request(self, req: Request) -> None:

@@ -69,6 +69,7 @@ class Request:
         weight: float = 1.0,
         max_kv_share: float | None = None,
         grammar: Any = None,
+        prefix_group: str | None = None,
     ):
         if not prompt_token_ids:
             raise ValueError("a request needs at least one prompt token")
@@ -96,6 +97,9 @@ class Request:
         # ``engine.structured.Grammar`` when a response format constrains the output: the scheduler
         # advances it with every token it appends, the sampler masks the row's logits with it.
         self.grammar = grammar
+        # The samples of one request (``n`` > 1) share a group: they share the prompt, which one of them
+        # prefills while the others wait to find it in the prefix cache (``engine.siblings``).
+        self.prefix_group = prefix_group
 
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0

@@ -26,6 +26,9 @@ tokens reach the host: placeholders get their values, blocks are registered in t
 conditions are checked. A request whose token ends it by length gets no placeholder (it will not run
 again); one that ends by a stop token has run one step too many, whose token is dropped. A preempted
 request waits to be prefilled again until its placeholder is resolved.
+
+The samples of one request (``n`` > 1, one ``prefix_group``) prefill their shared prompt once: a
+sibling waits while another runs whose prompt is not yet in the prefix cache (``siblings.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field
 from services.decoder.engine.block_manager import BlockManager
 from services.decoder.engine.fair_share import FairShare, StepQueues
 from services.decoder.engine.request import PLACEHOLDER, Request, RequestStatus
+from services.decoder.engine.siblings import SiblingGate
 
 
 @dataclass
@@ -113,6 +117,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.policy = FairShare(limits.fair_share, limits.max_wait_s, block_manager.num_blocks)
+        self.siblings = SiblingGate(block_manager)
 
     # -- queue management ------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -131,6 +136,7 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         req.waiting_since = self.clock()
         self.policy.note(req)
+        self.siblings.add(req)
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
@@ -144,6 +150,7 @@ class Scheduler:
         else:
             self.waiting.remove(req)
         self.block_manager.free(req)
+        self.siblings.remove(req)
         req.status = status
         return req
 
@@ -210,6 +217,8 @@ class Scheduler:
         if req.num_pending:
             step.queues.drop_waiting(group)  # preempted while its step ran: its last token is not known yet
             return
+        if self.siblings.holds(req):
+            return  # a sibling is prefilling the shared prompt: this one will find it in the cache
         while len(self.running) >= self.limits.max_num_seqs:
             victim = self.policy.admission_victim(req, self.running, step.now, slots=True)
             if victim is None:
