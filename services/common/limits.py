@@ -27,6 +27,7 @@ MAX_MESSAGES = 256
 MAX_TEXT_BYTES = 1 * MIB  # UTF-8 bytes of all text parts of a request
 MAX_TOP_LOGPROBS = 20
 MAX_TOKENS_PER_REQUEST = 1_000_000  # the cap of max_tokens; the model's context bounds it further
+MAX_N = 16  # choices (``n``) of one request: each is a sequence in the decoder's batch, with its own KV
 
 # Structured outputs (``response_format``) and ``logit_bias`` (the decoder compiles and applies them).
 MAX_SCHEMA_BYTES = 256 * 1024  # a JSON schema, as canonical JSON (UTF-8)

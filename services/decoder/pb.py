@@ -143,6 +143,7 @@ def decode_request_from_pb(pb: decoder_pb2.GenerateRequest) -> DecodeRequest:
         messages=messages_from_pb(pb.messages, len(pb.images)),
         sampling=sampling_from_pb(pb.sampling),
         max_tokens=pb.sampling.max_tokens or None,
+        n=pb.n or 1,
     )
 
 
@@ -151,6 +152,7 @@ def decode_request_to_pb(request: DecodeRequest) -> decoder_pb2.GenerateRequest:
     return decoder_pb2.GenerateRequest(
         messages=messages_to_pb(request.messages),
         sampling=sampling_to_pb(request.sampling, request.max_tokens),
+        n=request.n,
     )
 
 
@@ -178,6 +180,7 @@ def event_to_pb(event: GenerationEvent) -> decoder_pb2.GenerateResponse:
         error_message=event.error or "",
         prompt_tokens=event.prompt_tokens,
         image_tokens=event.image_tokens,
+        index=event.index,
     )
     if event.finish_reason is not None:
         pb.finish_reason = _FINISH_TO_PB[event.finish_reason]
@@ -220,4 +223,5 @@ def event_from_pb(pb: decoder_pb2.GenerateResponse) -> GenerationEvent:
         error=pb.error_message or None,
         prompt_tokens=pb.prompt_tokens if pb.HasField("prompt_tokens") else None,
         image_tokens=pb.image_tokens if pb.HasField("image_tokens") else None,
+        index=pb.index,
     )

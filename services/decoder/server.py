@@ -3,7 +3,8 @@
 ``DecoderFrontend`` turns a :class:`DecodeRequest` (typed chat messages, sampling values, ``max_tokens``),
 its embedding references and the request context into the engine's ``GenerateInput`` — resolving every
 reference, whatever its kind — and streams the engine's ``GenerationEvent`` s back with the token strings
-of their log-probabilities filled in. The same objects travel over Ray handles. ``DecoderServicer`` is the
+of their log-probabilities filled in; a request with ``n`` > 1 runs as ``n`` samples whose streams are
+merged (``services.decoder.samples``). The same objects travel over Ray handles. ``DecoderServicer`` is the
 gRPC face of the same thing: protobuf → ``services.decoder.pb`` → the frontend → protobuf.
 
 The frontend is the decoder's one entry point, for handles and gRPC alike: it verifies the gateway's
@@ -30,6 +31,7 @@ from services.common.pb import context_from_pb, ref_from_pb
 from services.common.refs import KIND_INLINE, EmbeddingRef
 from services.decoder.bounds import check_messages, check_request
 from services.decoder.pb import decode_request_from_pb, event_to_pb, messages_from_pb
+from services.decoder.samples import generate_samples
 from services.decoder.types import (
     ChatMessage,
     DecodeRequest,
@@ -63,17 +65,18 @@ class DecoderFrontend:
             attributes={tracing.ATTR_REQUEST_ID: ctx.request_id, tracing.ATTR_IMAGES: len(refs)},
         )
         phase = tracing.start_span(tracing.SPAN_PREFILL, parent=root)
-        first = True
+        first, completion = True, 0
         try:
             inp = await self._input(request, refs, ctx)
-            async for event in self.core.generate(inp):
+            async for event in generate_samples(self.core, inp, request.n):
                 if first:  # queueing + prefill end with the first token
                     phase.end()
                     phase = tracing.start_span(tracing.SPAN_DECODE, parent=root)
                     first = False
-                if event.usage is not None:
+                if event.usage is not None:  # the last event of a choice
+                    completion += event.usage.completion_tokens
                     root.set_attribute(tracing.ATTR_PROMPT_TOKENS, event.usage.prompt_tokens)
-                    root.set_attribute(tracing.ATTR_COMPLETION_TOKENS, event.usage.completion_tokens)
+                    root.set_attribute(tracing.ATTR_COMPLETION_TOKENS, completion)
                     reason = event.finish_reason.value if event.finish_reason is not None else ""
                     root.set_attribute(tracing.ATTR_FINISH_REASON, reason)
                 if event.logprobs:

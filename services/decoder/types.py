@@ -77,11 +77,13 @@ class ChatMessage:
 class DecodeRequest:
     """One chat completion to decode. The request id, tenant, priority and deadline are the
     ``RequestContext``'s; the images are the embedding references sent with it, in placeholder order.
-    ``max_tokens`` ``None`` means up to the context."""
+    ``max_tokens`` ``None`` means up to the context. ``n``: the choices to generate, each a sample of the
+    same prompt (``services.decoder.samples``); their events carry the choice's ``index``."""
 
     messages: list[ChatMessage]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: int | None = None
+    n: int = 1
 
     @property
     def num_images(self) -> int:
@@ -187,6 +189,9 @@ class Usage:
 class GenerationEvent:
     """A streamed step of one request. The last event has ``finish_reason`` and ``usage`` set.
 
+    With ``n`` > 1 each event is one choice's (``index`` 0..n-1) and each choice ends with its own last
+    event, whose ``usage`` counts that choice's completion and the (shared) prompt.
+
     ``text`` is the new text only (never a broken UTF-8 sequence); ``token_ids`` the new token ids
     (a stop token is included in ids but not in text; text cut by a stop string is not emitted).
     ``error`` is set on a last event whose ``finish_reason`` is ``ERROR``.
@@ -203,6 +208,7 @@ class GenerationEvent:
     # accounts for the prompt it was given (the last event's ``usage`` says it again).
     prompt_tokens: int | None = None
     image_tokens: int | None = None
+    index: int = 0  # the choice this event belongs to (``DecodeRequest.n``)
 
     @property
     def finished(self) -> bool:

@@ -145,3 +145,33 @@ async def test_a_structured_request_crosses_the_hop(decoder, reference):
         remote = [event_from_pb(r) async for r in stream]
     assert remote == local and local[-1].finish_reason is FinishReason.STOP
     jsonschema.validate(json.loads("".join(e.text for e in local)), schema)
+
+
+async def test_the_choices_of_n_cross_the_hop(decoder, reference):
+    """``n`` reaches the engine over gRPC and each event comes back with its choice's index: per choice,
+    the same events as over the handle (the interleaving of the choices is the engine's timing)."""
+    request = DecodeRequest(
+        [ChatMessage("user", [ImagePlaceholder(), TextContent("Three takes, please.")])],
+        SamplingParams(temperature=0.8, seed=21, ignore_eos=True, logprobs=1),
+        5,
+        n=3,
+    )
+    frontend, port = decoder
+    refs = [inline_ref(reference, 3)]
+    local_ctx = signed(request_id="hop-n", cache_namespace="local-n")
+    local = [e async for e in frontend.generate(request, refs, local_ctx)]
+    pb = decode_request_to_pb(request)
+    pb.images.extend(ref_to_pb(r) for r in refs)
+    pb.context.CopyFrom(context_to_pb(signed(request_id="hop-n", cache_namespace="grpc-n")))
+    async with open_channel(f"127.0.0.1:{port}") as channel:
+        stream = decoder_pb2_grpc.DecoderServiceStub(channel).Generate(pb, timeout=120)
+        remote = [event_from_pb(r) async for r in stream]
+
+    def choices(events):
+        return {k: [e for e in events if e.index == k] for k in sorted({e.index for e in events})}
+
+    assert sorted(choices(local)) == [0, 1, 2]
+    for k, (want, got) in enumerate(zip(choices(local).values(), choices(remote).values(), strict=True)):
+        assert [e.token_ids for e in got] == [e.token_ids for e in want], k
+        assert [e.logprobs for e in got] == [e.logprobs for e in want], k
+        assert got[-1].finish_reason is FinishReason.LENGTH and got[-1].usage.completion_tokens == 5

@@ -54,6 +54,7 @@ REQUEST = DecodeRequest(
         logit_bias={3: -100.0, 50: 2.5},
     ),
     max_tokens=9,
+    n=3,
 )
 
 EVENTS = [
@@ -68,6 +69,7 @@ EVENTS = [
         ],
     ),
     GenerationEvent("r1", "", [], finish_reason=FinishReason.LENGTH, usage=Usage(300, 256, 3, 16)),
+    GenerationEvent("r1", "b", [8], finish_reason=FinishReason.STOP, usage=Usage(300, 256, 1, 0), index=2),
     GenerationEvent("r2", "", [], finish_reason=FinishReason.ERROR, usage=Usage(4, 0, 0), error="boom"),
 ]  # fmt: skip
 

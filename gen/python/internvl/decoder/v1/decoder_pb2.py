@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from internvl.common.v1 import common_pb2 as internvl_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!internvl/decoder/v1/decoder.proto\x12\x13internvl.decoder.v1\x1a\x1finternvl/common/v1/common.proto\"<\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x15\n\x0bimage_index\x18\x02 \x01(\x05H\x00\x42\x06\n\x04part\"J\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x31\n\x07\x63ontent\x18\x02 \x03(\x0b\x32 .internvl.decoder.v1.ContentPart\"\x98\x04\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x05 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x08 \x01(\x05\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0c \x01(\x05\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12 \n\x13skip_special_tokens\x18\x0e \x01(\x08H\x01\x88\x01\x01\x12<\n\x0fresponse_format\x18\x0f \x01(\x0b\x32#.internvl.decoder.v1.ResponseFormat\x12\x46\n\nlogit_bias\x18\x10 \x03(\x0b\x32\x32.internvl.decoder.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x16\n\x14_skip_special_tokens\"o\n\x0eResponseFormat\x12\x35\n\x04type\x18\x01 \x01(\x0e\x32\'.internvl.decoder.v1.ResponseFormatType\x12\x0e\n\x06schema\x18\x02 \x01(\t\x12\x16\n\x0emax_compile_ms\x18\x03 \x01(\x05\"\xdf\x01\n\x0fGenerateRequest\x12\x33\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\".internvl.common.v1.RequestContext\x12.\n\x08messages\x18\x02 \x03(\x0b\x32\x1c.internvl.decoder.v1.Message\x12\x30\n\x06images\x18\x03 \x03(\x0b\x32 .internvl.common.v1.EmbeddingRef\x12\x35\n\x08sampling\x18\x04 \x01(\x0b\x32#.internvl.decoder.v1.SamplingParams\"S\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x13\n\x0btoken_bytes\x18\x04 \x01(\x0c\"\x83\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12,\n\x03top\x18\x04 \x03(\x0b\x32\x1f.internvl.decoder.v1.TopLogprob\x12\x13\n\x0btoken_bytes\x18\x05 \x01(\x0c\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x14\n\x0cimage_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\x05\"\xd2\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x33\n\x08logprobs\x18\x03 \x03(\x0b\x32!.internvl.decoder.v1.TokenLogprob\x12\x38\n\rfinish_reason\x18\x04 \x01(\x0e\x32!.internvl.decoder.v1.FinishReason\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.internvl.decoder.v1.Usage\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x1a\n\rprompt_tokens\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x0cimage_tokens\x18\x08 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\t \x01(\tB\x10\n\x0e_prompt_tokensB\x0f\n\r_image_tokens\"\x8e\x01\n\x12\x43ountTokensRequest\x12.\n\x08messages\x18\x01 \x03(\x0b\x32\x1c.internvl.decoder.v1.Message\x12\x13\n\x0bimage_tiles\x18\x02 \x03(\x05\x12\x33\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\".internvl.common.v1.RequestContext\"A\n\x13\x43ountTokensResponse\x12\x14\n\x0ctotal_tokens\x18\x01 \x01(\x05\x12\x14\n\x0cimage_tokens\x18\x02 \x01(\x05*\x86\x01\n\x12ResponseFormatType\x12$\n RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x01\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x02*\xb1\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x32\xcd\x01\n\x0e\x44\x65\x63oderService\x12Y\n\x08Generate\x12$.internvl.decoder.v1.GenerateRequest\x1a%.internvl.decoder.v1.GenerateResponse0\x01\x12`\n\x0b\x43ountTokens\x12\'.internvl.decoder.v1.CountTokensRequest\x1a(.internvl.decoder.v1.CountTokensResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!internvl/decoder/v1/decoder.proto\x12\x13internvl.decoder.v1\x1a\x1finternvl/common/v1/common.proto\"<\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x15\n\x0bimage_index\x18\x02 \x01(\x05H\x00\x42\x06\n\x04part\"J\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x31\n\x07\x63ontent\x18\x02 \x03(\x0b\x32 .internvl.decoder.v1.ContentPart\"\x98\x04\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x05 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x08 \x01(\x05\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0c \x01(\x05\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12 \n\x13skip_special_tokens\x18\x0e \x01(\x08H\x01\x88\x01\x01\x12<\n\x0fresponse_format\x18\x0f \x01(\x0b\x32#.internvl.decoder.v1.ResponseFormat\x12\x46\n\nlogit_bias\x18\x10 \x03(\x0b\x32\x32.internvl.decoder.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x16\n\x14_skip_special_tokens\"o\n\x0eResponseFormat\x12\x35\n\x04type\x18\x01 \x01(\x0e\x32\'.internvl.decoder.v1.ResponseFormatType\x12\x0e\n\x06schema\x18\x02 \x01(\t\x12\x16\n\x0emax_compile_ms\x18\x03 \x01(\x05\"\xea\x01\n\x0fGenerateRequest\x12\x33\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\".internvl.common.v1.RequestContext\x12.\n\x08messages\x18\x02 \x03(\x0b\x32\x1c.internvl.decoder.v1.Message\x12\x30\n\x06images\x18\x03 \x03(\x0b\x32 .internvl.common.v1.EmbeddingRef\x12\x35\n\x08sampling\x18\x04 \x01(\x0b\x32#.internvl.decoder.v1.SamplingParams\x12\t\n\x01n\x18\x05 \x01(\x05\"S\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x13\n\x0btoken_bytes\x18\x04 \x01(\x0c\"\x83\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12,\n\x03top\x18\x04 \x03(\x0b\x32\x1f.internvl.decoder.v1.TopLogprob\x12\x13\n\x0btoken_bytes\x18\x05 \x01(\x0c\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x14\n\x0cimage_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\x05\"\xe1\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x33\n\x08logprobs\x18\x03 \x03(\x0b\x32!.internvl.decoder.v1.TokenLogprob\x12\x38\n\rfinish_reason\x18\x04 \x01(\x0e\x32!.internvl.decoder.v1.FinishReason\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.internvl.decoder.v1.Usage\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x1a\n\rprompt_tokens\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x0cimage_tokens\x18\x08 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\r\n\x05index\x18\n \x01(\x05\x42\x10\n\x0e_prompt_tokensB\x0f\n\r_image_tokens\"\x8e\x01\n\x12\x43ountTokensRequest\x12.\n\x08messages\x18\x01 \x03(\x0b\x32\x1c.internvl.decoder.v1.Message\x12\x13\n\x0bimage_tiles\x18\x02 \x03(\x05\x12\x33\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\".internvl.common.v1.RequestContext\"A\n\x13\x43ountTokensResponse\x12\x14\n\x0ctotal_tokens\x18\x01 \x01(\x05\x12\x14\n\x0cimage_tokens\x18\x02 \x01(\x05*\x86\x01\n\x12ResponseFormatType\x12$\n RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x01\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x02*\xb1\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x32\xcd\x01\n\x0e\x44\x65\x63oderService\x12Y\n\x08Generate\x12$.internvl.decoder.v1.GenerateRequest\x1a%.internvl.decoder.v1.GenerateResponse0\x01\x12`\n\x0b\x43ountTokens\x12\'.internvl.decoder.v1.CountTokensRequest\x1a(.internvl.decoder.v1.CountTokensResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_RESPONSEFORMATTYPE']._serialized_start=1991
-  _globals['_RESPONSEFORMATTYPE']._serialized_end=2125
-  _globals['_FINISHREASON']._serialized_start=2128
-  _globals['_FINISHREASON']._serialized_end=2305
+  _globals['_RESPONSEFORMATTYPE']._serialized_start=2017
+  _globals['_RESPONSEFORMATTYPE']._serialized_end=2151
+  _globals['_FINISHREASON']._serialized_start=2154
+  _globals['_FINISHREASON']._serialized_end=2331
   _globals['_CONTENTPART']._serialized_start=91
   _globals['_CONTENTPART']._serialized_end=151
   _globals['_MESSAGE']._serialized_start=153
@@ -49,19 +49,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESPONSEFORMAT']._serialized_start=768
   _globals['_RESPONSEFORMAT']._serialized_end=879
   _globals['_GENERATEREQUEST']._serialized_start=882
-  _globals['_GENERATEREQUEST']._serialized_end=1105
-  _globals['_TOPLOGPROB']._serialized_start=1107
-  _globals['_TOPLOGPROB']._serialized_end=1190
-  _globals['_TOKENLOGPROB']._serialized_start=1193
-  _globals['_TOKENLOGPROB']._serialized_end=1324
-  _globals['_USAGE']._serialized_start=1326
-  _globals['_USAGE']._serialized_end=1435
-  _globals['_GENERATERESPONSE']._serialized_start=1438
-  _globals['_GENERATERESPONSE']._serialized_end=1776
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=1779
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=1921
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1923
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1988
-  _globals['_DECODERSERVICE']._serialized_start=2308
-  _globals['_DECODERSERVICE']._serialized_end=2513
+  _globals['_GENERATEREQUEST']._serialized_end=1116
+  _globals['_TOPLOGPROB']._serialized_start=1118
+  _globals['_TOPLOGPROB']._serialized_end=1201
+  _globals['_TOKENLOGPROB']._serialized_start=1204
+  _globals['_TOKENLOGPROB']._serialized_end=1335
+  _globals['_USAGE']._serialized_start=1337
+  _globals['_USAGE']._serialized_end=1446
+  _globals['_GENERATERESPONSE']._serialized_start=1449
+  _globals['_GENERATERESPONSE']._serialized_end=1802
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=1805
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=1947
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1949
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=2014
+  _globals['_DECODERSERVICE']._serialized_start=2334
+  _globals['_DECODERSERVICE']._serialized_end=2539
 # @@protoc_insertion_point(module_scope)

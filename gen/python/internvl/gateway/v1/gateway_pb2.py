@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!internvl/gateway/v1/gateway.proto\x12\x13internvl.gateway.v1\"A\n\x05Image\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12\x0f\n\x07max_num\x18\x03 \x01(\x05\x42\x08\n\x06source\"K\n\x04Part\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x05image\x18\x02 \x01(\x0b\x32\x1a.internvl.gateway.v1.ImageH\x00\x42\x06\n\x04part\"G\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12*\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x19.internvl.gateway.v1.Part\"\x83\x04\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\x08messages\x18\x02 \x03(\x0b\x32 .internvl.gateway.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\r \x01(\x05\x12\x12\n\ntimeout_ms\x18\x0e \x01(\x05\x12<\n\x0fresponse_format\x18\x0f \x01(\x0b\x32#.internvl.gateway.v1.ResponseFormat\x12\x43\n\nlogit_bias\x18\x10 \x03(\x0b\x32/.internvl.gateway.v1.ChatRequest.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"O\n\nJsonSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0e\n\x06schema\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"}\n\x0eResponseFormat\x12\x35\n\x04type\x18\x01 \x01(\x0e\x32\'.internvl.gateway.v1.ResponseFormatType\x12\x34\n\x0bjson_schema\x18\x02 \x01(\x0b\x32\x1f.internvl.gateway.v1.JsonSchema\"z\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x13\n\x0btoken_bytes\x18\x03 \x01(\x0c\x12\x35\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1f.internvl.gateway.v1.TopLogprob\"A\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x13\n\x0btoken_bytes\x18\x03 \x01(\x0c\"\x9a\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x14\n\x0cimage_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\x05\x12\x15\n\rcached_images\x18\x05 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\x05\"\x9f\x01\n\x0c\x43hatResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x33\n\x08logprobs\x18\x03 \x03(\x0b\x32!.internvl.gateway.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.internvl.gateway.v1.Usage\"\x13\n\x11ListModelsRequest\"Y\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x1b\n\x13max_tiles_per_image\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.internvl.gateway.v1.Model*\xa5\x01\n\x12ResponseFormatType\x12$\n RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03\x32\xbe\x01\n\x0eGatewayService\x12M\n\x04\x43hat\x12 .internvl.gateway.v1.ChatRequest\x1a!.internvl.gateway.v1.ChatResponse0\x01\x12]\n\nListModels\x12&.internvl.gateway.v1.ListModelsRequest\x1a\'.internvl.gateway.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!internvl/gateway/v1/gateway.proto\x12\x13internvl.gateway.v1\"A\n\x05Image\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12\x0f\n\x07max_num\x18\x03 \x01(\x05\x42\x08\n\x06source\"K\n\x04Part\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x05image\x18\x02 \x01(\x0b\x32\x1a.internvl.gateway.v1.ImageH\x00\x42\x06\n\x04part\"G\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12*\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x19.internvl.gateway.v1.Part\"\x8e\x04\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\x08messages\x18\x02 \x03(\x0b\x32 .internvl.gateway.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\r \x01(\x05\x12\x12\n\ntimeout_ms\x18\x0e \x01(\x05\x12<\n\x0fresponse_format\x18\x0f \x01(\x0b\x32#.internvl.gateway.v1.ResponseFormat\x12\x43\n\nlogit_bias\x18\x10 \x03(\x0b\x32/.internvl.gateway.v1.ChatRequest.LogitBiasEntry\x12\t\n\x01n\x18\x11 \x01(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"O\n\nJsonSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0e\n\x06schema\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"}\n\x0eResponseFormat\x12\x35\n\x04type\x18\x01 \x01(\x0e\x32\'.internvl.gateway.v1.ResponseFormatType\x12\x34\n\x0bjson_schema\x18\x02 \x01(\x0b\x32\x1f.internvl.gateway.v1.JsonSchema\"z\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x13\n\x0btoken_bytes\x18\x03 \x01(\x0c\x12\x35\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1f.internvl.gateway.v1.TopLogprob\"A\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x13\n\x0btoken_bytes\x18\x03 \x01(\x0c\"\x9a\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x14\n\x0cimage_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\x05\x12\x15\n\rcached_images\x18\x05 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\x05\"\xae\x01\n\x0c\x43hatResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x33\n\x08logprobs\x18\x03 \x03(\x0b\x32!.internvl.gateway.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.internvl.gateway.v1.Usage\x12\r\n\x05index\x18\x06 \x01(\x05\"\x13\n\x11ListModelsRequest\"Y\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x1b\n\x13max_tiles_per_image\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.internvl.gateway.v1.Model*\xa5\x01\n\x12ResponseFormatType\x12$\n RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03\x32\xbe\x01\n\x0eGatewayService\x12M\n\x04\x43hat\x12 .internvl.gateway.v1.ChatRequest\x1a!.internvl.gateway.v1.ChatResponse0\x01\x12]\n\nListModels\x12&.internvl.gateway.v1.ListModelsRequest\x1a\'.internvl.gateway.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CHATREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_CHATREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_RESPONSEFORMATTYPE']._serialized_start=1690
-  _globals['_RESPONSEFORMATTYPE']._serialized_end=1855
+  _globals['_RESPONSEFORMATTYPE']._serialized_start=1716
+  _globals['_RESPONSEFORMATTYPE']._serialized_end=1881
   _globals['_IMAGE']._serialized_start=58
   _globals['_IMAGE']._serialized_end=123
   _globals['_PART']._serialized_start=125
@@ -42,27 +42,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=202
   _globals['_CHATMESSAGE']._serialized_end=273
   _globals['_CHATREQUEST']._serialized_start=276
-  _globals['_CHATREQUEST']._serialized_end=791
-  _globals['_CHATREQUEST_LOGITBIASENTRY']._serialized_start=734
-  _globals['_CHATREQUEST_LOGITBIASENTRY']._serialized_end=782
-  _globals['_JSONSCHEMA']._serialized_start=793
-  _globals['_JSONSCHEMA']._serialized_end=872
-  _globals['_RESPONSEFORMAT']._serialized_start=874
-  _globals['_RESPONSEFORMAT']._serialized_end=999
-  _globals['_TOKENLOGPROB']._serialized_start=1001
-  _globals['_TOKENLOGPROB']._serialized_end=1123
-  _globals['_TOPLOGPROB']._serialized_start=1125
-  _globals['_TOPLOGPROB']._serialized_end=1190
-  _globals['_USAGE']._serialized_start=1193
-  _globals['_USAGE']._serialized_end=1347
-  _globals['_CHATRESPONSE']._serialized_start=1350
-  _globals['_CHATRESPONSE']._serialized_end=1509
-  _globals['_LISTMODELSREQUEST']._serialized_start=1511
-  _globals['_LISTMODELSREQUEST']._serialized_end=1530
-  _globals['_MODEL']._serialized_start=1532
-  _globals['_MODEL']._serialized_end=1621
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1623
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1687
-  _globals['_GATEWAYSERVICE']._serialized_start=1858
-  _globals['_GATEWAYSERVICE']._serialized_end=2048
+  _globals['_CHATREQUEST']._serialized_end=802
+  _globals['_CHATREQUEST_LOGITBIASENTRY']._serialized_start=745
+  _globals['_CHATREQUEST_LOGITBIASENTRY']._serialized_end=793
+  _globals['_JSONSCHEMA']._serialized_start=804
+  _globals['_JSONSCHEMA']._serialized_end=883
+  _globals['_RESPONSEFORMAT']._serialized_start=885
+  _globals['_RESPONSEFORMAT']._serialized_end=1010
+  _globals['_TOKENLOGPROB']._serialized_start=1012
+  _globals['_TOKENLOGPROB']._serialized_end=1134
+  _globals['_TOPLOGPROB']._serialized_start=1136
+  _globals['_TOPLOGPROB']._serialized_end=1201
+  _globals['_USAGE']._serialized_start=1204
+  _globals['_USAGE']._serialized_end=1358
+  _globals['_CHATRESPONSE']._serialized_start=1361
+  _globals['_CHATRESPONSE']._serialized_end=1535
+  _globals['_LISTMODELSREQUEST']._serialized_start=1537
+  _globals['_LISTMODELSREQUEST']._serialized_end=1556
+  _globals['_MODEL']._serialized_start=1558
+  _globals['_MODEL']._serialized_end=1647
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1649
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1713
+  _globals['_GATEWAYSERVICE']._serialized_start=1884
+  _globals['_GATEWAYSERVICE']._serialized_end=2074
 # @@protoc_insertion_point(module_scope)
