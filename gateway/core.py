@@ -106,6 +106,8 @@ class RequestRecord:
     queue_s: float = 0.0
     ttft_s: float | None = None
     latency_s: float = 0.0
+    _streamed: dict[int, int] = field(default_factory=dict, repr=False)  # completion tokens per choice
+    _finished: int = field(default=0, repr=False)  # choices whose final event came
 
     def finish(self, usage: Usage) -> None:
         self.latency_s = time.monotonic() - self.started
@@ -115,20 +117,34 @@ class RequestRecord:
 
     def count(self, event: GenerationEvent, usage: Usage) -> None:
         """What a generation event adds: counted as events arrive, so a cancelled request still
-        accounts for its prompt (sent with the first token) and what it generated; the final event's
-        usage replaces the counts."""
+        accounts for its prompt (sent with the first token) and what it generated; a choice's final
+        event's usage replaces that choice's count. The prompt counts once, whatever ``n``; the
+        completions of all choices add up (as OpenAI counts them)."""
         if self.ttft_s is None:
             self.ttft_s = time.monotonic() - self.started
+        streamed = self._streamed.get(event.index, 0) + len(event.token_ids)
+        self._streamed[event.index] = streamed
         usage.completion_tokens += len(event.token_ids)
         if event.prompt_tokens is not None:
             usage.prompt_tokens = event.prompt_tokens
             usage.image_tokens = event.image_tokens or 0
         if event.usage is not None:
-            usage.prompt_tokens = event.usage.prompt_tokens
-            usage.image_tokens = event.usage.image_tokens
-            usage.completion_tokens = event.usage.completion_tokens
-            usage.cached_prompt_tokens = event.usage.cached_prompt_tokens
+            u = event.usage
+            usage.prompt_tokens = u.prompt_tokens
+            usage.image_tokens = u.image_tokens
+            usage.completion_tokens += u.completion_tokens - streamed
+            self._streamed[event.index] = u.completion_tokens
+            # one choice prefilled the prompt, the others found it cached: the request's own hits
+            first = self._finished == 0
+            usage.cached_prompt_tokens = (
+                u.cached_prompt_tokens if first else min(usage.cached_prompt_tokens, u.cached_prompt_tokens)
+            )
+            self._finished += 1
             self.finish_reason = event.finish_reason.value if event.finish_reason else ""
+
+    @property
+    def choices_finished(self) -> int:
+        return self._finished
 
 
 @dataclass
@@ -210,6 +226,7 @@ class Gateway:
         req.request_id = req.request_id or f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self._check_messages(req)
         max_tokens = self._max_tokens(req, tenant, route)
+        tenant.check_n(req.n)
         decode = req.decode_request(max_tokens)
         decode.sampling.validate()
         decode.sampling.response_format = tenant.bound_response_format(decode.sampling.response_format)
@@ -220,7 +237,7 @@ class Gateway:
             route.name,
             req.request_id,
             self.timeout_s(req.timeout_s),
-            estimate + max_tokens,
+            estimate + req.n * max_tokens,  # the prompt once, every choice's completion
             span=tracing.SPAN_CHAT,
             trace=req.trace,
             attributes={tracing.ATTR_IMAGES: len(tilings)},
@@ -350,8 +367,8 @@ class Gateway:
                         raise DeadlineExceeded(
                             f"request {req.request_id} reached its deadline in the decoder"
                         )
-                    if chunk.usage is not None:
-                        chunk.usage.cached_images = record.cache_hits
+                    if record.choices_finished == decode.n and event.finished:  # the request's last chunk
+                        chunk.usage = replace(call.usage, cached_images=record.cache_hits)
                     yield chunk
                 return
             except EmbeddingUnresolvable:
@@ -486,9 +503,9 @@ def _chunk(request_id: str, event: GenerationEvent) -> ChatChunk:
         from services.common.errors import MeshError
 
         raise MeshError(event.error)
-    u = event.usage
     return ChatChunk(
         request_id=request_id,
+        index=event.index,
         text=event.text,
         logprobs=[
             TokenLogprob(
@@ -500,14 +517,6 @@ def _chunk(request_id: str, event: GenerationEvent) -> ChatChunk:
             for lp in event.logprobs or ()
         ],
         finish_reason=event.finish_reason,
-        usage=Usage(
-            prompt_tokens=u.prompt_tokens,
-            image_tokens=u.image_tokens,
-            completion_tokens=u.completion_tokens,
-            cached_prompt_tokens=u.cached_prompt_tokens,
-        )
-        if u is not None
-        else None,
     )
 
 

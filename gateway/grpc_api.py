@@ -50,6 +50,7 @@ def chat_from_pb(request: gateway_pb2.ChatRequest, allow_remote: bool = False) -
         timeout_s=_timeout_s(request.timeout_ms),
         response_format=_response_format_from_pb(request),
         logit_bias=dict(request.logit_bias),
+        n=request.n or 1,  # 0: unset
     )
 
 
@@ -139,7 +140,8 @@ def chunk_to_pb(chunk: ChatChunk) -> gateway_pb2.ChatResponse:
             )
             for lp in chunk.logprobs
         ],
-        finish_reason=chunk.finish_reason.value if chunk.finish_reason else "",  # "" until the last message
+        finish_reason=chunk.finish_reason.value if chunk.finish_reason else "",  # "" until the choice's last
+        index=chunk.index,
     )
     if chunk.usage is not None:
         pb.usage.CopyFrom(_usage_to_pb(chunk.usage))

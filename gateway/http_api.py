@@ -203,13 +203,15 @@ def _logprobs(chunk: ChatChunk) -> list[dict[str, Any]]:
 
 
 async def _collect(first, stream: AsyncIterator[ChatChunk], model: str, created: int, logprobs: bool | None):
-    text, lps, last = [], [], first
-    chunk = first
+    choices: dict[int, dict[str, Any]] = {}  # index -> its text, log-probabilities and finish reason
+    chunk, usage = first, None
     try:
         while chunk is not None:
-            text.append(chunk.text)
-            lps.extend(_logprobs(chunk))
-            last = chunk
+            choice = choices.setdefault(chunk.index, {"text": [], "logprobs": [], "finish": None})
+            choice["text"].append(chunk.text)
+            choice["logprobs"].extend(_logprobs(chunk))
+            choice["finish"] = chunk.finish_reason or choice["finish"]
+            usage = chunk.usage or usage
             chunk = await anext(stream, None)
     finally:
         await stream.aclose()
@@ -221,13 +223,14 @@ async def _collect(first, stream: AsyncIterator[ChatChunk], model: str, created:
         "model": model,
         "choices": [
             {
-                "index": 0,
-                "message": {"role": "assistant", "content": "".join(text)},
-                "finish_reason": _finish(last.finish_reason if last else None),
-                "logprobs": {"content": lps} if logprobs else None,
+                "index": index,
+                "message": {"role": "assistant", "content": "".join(c["text"])},
+                "finish_reason": _finish(c["finish"]),
+                "logprobs": {"content": c["logprobs"]} if logprobs else None,
             }
+            for index, c in sorted(choices.items())
         ],
-        "usage": _usage(last.usage if last else None),
+        "usage": _usage(usage),
     }
 
 
@@ -263,18 +266,23 @@ async def _sse(first, stream, model: str, created: int, include_usage: bool, log
             payload["usage"] = usage
         return f"data: {sse_json(payload)}\n\n"
 
-    yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-    chunk, usage = first, None
+    chunk, usage, started = first, None, set()
     try:
         while chunk is not None:
+            index = chunk.index
+            if index not in started:  # a choice's first chunk names the role
+                started.add(index)
+                yield event(
+                    [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+                )
             if chunk.text or chunk.logprobs:
-                choice = {"index": 0, "delta": {"content": chunk.text}, "finish_reason": None}
+                choice = {"index": index, "delta": {"content": chunk.text}, "finish_reason": None}
                 if logprobs:
                     choice["logprobs"] = {"content": _logprobs(chunk)}
                 yield event([choice])
             if chunk.finish_reason is not None:
-                usage = chunk.usage
-                yield event([{"index": 0, "delta": {}, "finish_reason": _finish(chunk.finish_reason)}])
+                yield event([{"index": index, "delta": {}, "finish_reason": _finish(chunk.finish_reason)}])
+            usage = chunk.usage or usage
             chunk = await anext(stream, None)
     except MeshError as exc:  # after the stream started: an error event, then the end
         yield f"data: {json.dumps(error_body(exc.message, exc.http_status, exc.reason))}\n\n"

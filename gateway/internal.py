@@ -10,8 +10,9 @@ module). Each call is treated as a chat request is:
 2. the model is the ``x-model`` metadata (needed only when several are served); one the tenant may not
    use is NOT_FOUND, as for chat;
 3. the tenant's per-request caps are checked before any work (images, and tiles counted from the image
-   headers; ``max_tokens``), then admission through the limiter (requests/s, concurrency, and for
-   ``Generate`` the token budget: text bound + image tokens + ``max_tokens``);
+   headers; ``max_tokens``; ``n``, at most the tenant's ``max_n``), then admission through the limiter
+   (requests/s, concurrency, and for ``Generate`` the token budget: text bound + image tokens +
+   ``n`` x ``max_tokens``);
 4. the request context is built from the credential alone (tenant, cache namespace, priority, a fresh
    request id, the gRPC deadline capped by ``gateway.max_timeout_s``) and signed for each hop; a
    ``context`` the client put in its message is never read;
@@ -124,6 +125,7 @@ class InternalDoor:
         max_tokens = tenant.max_tokens(
             request.max_tokens, context=route.max_model_len, default=self.gateway.limits.default_max_tokens
         )
+        tenant.check_n(request.n)
         sampling = replace(
             request.sampling, response_format=tenant.bound_response_format(request.sampling.response_format)
         )
@@ -131,7 +133,7 @@ class InternalDoor:
         estimate = (
             text_token_bound(text_bytes(request.messages), len(request.messages))
             + sum(r.tokens for r in refs)
-            + max_tokens
+            + request.n * max_tokens
         )
         async with self._admitted(entry, OP_DECODE, "Generate", estimate) as call:
             call.record.images = len(refs)

@@ -3,7 +3,7 @@
 Bounded everywhere; fields we do not implement are refused by name (400) rather than ignored, so a
 client never believes it got tools when it did not. ``response_format`` (``json_object``, ``json_schema``) and
 ``logit_bias`` are OpenAI's and checked alike for both APIs (``gateway.intake.response_format``, the
-decoder's ``check_logit_bias``). Extensions beyond OpenAI: ``top_k``,
+decoder's ``check_logit_bias``), and so is ``n`` (against the tenant's ``max_n``, by ``Gateway.chat``). Extensions beyond OpenAI: ``top_k``,
 ``repetition_penalty``, per-image ``max_num`` (also settable per request) and ``timeout``.
 
 The schema checks types and the ranges of sampling values; the rules of the conversation and the
@@ -97,7 +97,7 @@ class ChatCompletionRequest(_Lenient):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1, le=1 << 20)
-    n: int | None = Field(default=None, ge=1, le=1)
+    n: int | None = Field(default=None, description="Choices; 1..the tenant's max_n, checked at intake.")
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=(1 << 63) - 1)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -184,6 +184,7 @@ class ChatCompletionRequest(_Lenient):
             timeout_s=self.timeout,
             response_format=self.response_format.to_domain() if self.response_format else None,
             logit_bias=parse_logit_bias(self.logit_bias or {}),
+            n=1 if self.n is None else self.n,
         )
 
 

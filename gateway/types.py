@@ -51,6 +51,7 @@ class ChatRequest:
     timeout_s: float | None = None
     response_format: ResponseFormat | None = None  # None: free text
     logit_bias: dict[int, float] = field(default_factory=dict)
+    n: int = 1  # choices: samples of the same prompt (the tenant's ``max_n`` caps it)
     request_id: str = ""
     trace: dict[str, str] = field(default_factory=dict)  # the caller's W3C trace context, if any
 
@@ -83,6 +84,7 @@ class ChatRequest:
                 logit_bias=dict(self.logit_bias),
             ),
             max_tokens=max_tokens,
+            n=self.n,
         )
 
 
@@ -109,10 +111,13 @@ class Usage:
 
 @dataclass
 class ChatChunk:
-    """A streamed piece of the answer; the last one has ``finish_reason`` and ``usage``."""
+    """A streamed piece of the answer to one choice (``index``); a choice's last piece has its
+    ``finish_reason``, and the stream's last piece the ``usage`` of the whole request (the prompt once,
+    the completions of every choice)."""
 
     request_id: str
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    index: int = 0

@@ -91,8 +91,8 @@ def check_estimate(tenant: Tenant, estimated_tokens: int) -> None:
     ):
         if estimated_tokens > cap:
             raise InvalidArgument(
-                f"request needs up to {estimated_tokens} tokens (prompt + max_tokens), more than tenant "
-                f"{tenant.name!r}'s {field_name} of {cap}; lower max_tokens",
+                f"request needs up to {estimated_tokens} tokens (prompt + n x max_tokens), more than tenant "
+                f"{tenant.name!r}'s {field_name} of {cap}; lower max_tokens or n",
                 reason=f"{field_name}_exceeded",
             )
 

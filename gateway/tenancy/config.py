@@ -34,12 +34,14 @@ from services.common.errors import InvalidArgument, PermissionDenied
 from services.common.limits import (
     MAX_GRAMMAR_COMPILE_MS,
     MAX_IMAGES_PER_REQUEST,
+    MAX_N,
     MAX_PRIORITY,
     MAX_SCHEMA_BYTES,
     MAX_TILES_PER_REQUEST,
     MAX_TOKENS_PER_REQUEST,
     MAX_WEIGHT,
     MIN_WEIGHT,
+    check_n,
 )
 
 if TYPE_CHECKING:
@@ -129,6 +131,15 @@ class TenantLimits(_Strict):
         le=MAX_GRAMMAR_COMPILE_MS,
         description="Longest a request's JSON schema may take to compile (waiting included); at most 10 s.",
     )
+    max_n: int = Field(
+        default=8,
+        ge=1,
+        le=MAX_N,
+        description=(
+            "Most choices (n) in one request; at most 16. Each choice is a sequence in the decoder's batch "
+            "and n x max_tokens completion tokens are reserved at admission."
+        ),
+    )
 
     @property
     def bucket_size(self) -> int:
@@ -152,6 +163,7 @@ class TenantLimits(_Strict):
             max_tokens_per_request=MAX_TOKENS_PER_REQUEST,
             max_schema_bytes=MAX_SCHEMA_BYTES,
             max_grammar_compile_ms=MAX_GRAMMAR_COMPILE_MS,
+            max_n=MAX_N,
         )
 
 
@@ -240,6 +252,10 @@ class Tenant(_Strict):
         fmt.check_size(self.limits.max_schema_bytes)
         cap = self.limits.max_grammar_compile_ms
         return replace(fmt, max_compile_ms=min(fmt.max_compile_ms or cap, cap))
+
+    def check_n(self, n: int) -> None:
+        """InvalidArgument (``n_out_of_range``) unless ``n`` choices lie in 1..``max_n``."""
+        check_n(n, self.limits.max_n)
 
     def max_tokens(self, requested: int | None, *, context: int, default: int) -> int:
         """The ``max_tokens`` a request runs with: ``requested`` if in 1..cap, else InvalidArgument;

@@ -62,3 +62,10 @@ def check_image_tiles(tiles: Sequence[int]) -> None:
             f"{sum(tiles)} tiles, over the limit of {MAX_TILES_PER_REQUEST} per request",
             reason="too_many_tiles",
         )
+
+
+def check_n(n: int, cap: int = MAX_N) -> None:
+    """InvalidArgument (``n_out_of_range``) unless ``n`` choices lie in 1..``cap`` (a tenant's ``max_n``,
+    at most ``MAX_N``): what the gateway checks for a tenant and the decoder again, whoever asks."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= cap:
+        raise InvalidArgument(f"n must be in 1..{cap}, got {n!r}", reason="n_out_of_range")

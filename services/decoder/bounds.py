@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from services.common.errors import InvalidArgument
 from services.common.limits import (
     MAX_MESSAGES,
-    MAX_N,
     MAX_TEXT_BYTES,
     check_image_tiles,
+    check_n,
 )
 from services.common.refs import EmbeddingRef
 from services.decoder.types import ChatMessage, DecodeRequest, TextContent
@@ -39,12 +39,6 @@ def check_messages(messages: Sequence[ChatMessage]) -> None:
         )
     if text_bytes(messages) > MAX_TEXT_BYTES:
         raise InvalidArgument(f"message text exceeds {MAX_TEXT_BYTES} bytes", reason="prompt_too_long")
-
-
-def check_n(n: int, cap: int = MAX_N) -> None:
-    """InvalidArgument (``n_out_of_range``) unless ``n`` choices lie in 1..``cap``."""
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= cap:
-        raise InvalidArgument(f"n must be in 1..{cap}, got {n!r}", reason="n_out_of_range")
 
 
 def check_request(request: DecodeRequest, refs: Sequence[EmbeddingRef]) -> None:

@@ -4,8 +4,8 @@ Each case is written once, as a conversation, and sent through both APIs of one 
 (real HTTP with httpx, a real gRPC channel; real encoder and decoder cores behind them). The HTTP status
 must be the gRPC code's counterpart, and HTTP's ``error.code`` / ``error.message`` must be gRPC's
 ``x-error-reason`` trailer / details: one check, written once, under both APIs. Two gateways: single
-tenant (no tenants file: the mesh's own bounds, 16 images and 128 tiles) and tenant mode (a key per
-tenant; the tenant's default caps, 8 images, 48 tiles, max_tokens 4096).
+tenant (no tenants file: the mesh's own bounds, 16 images, 128 tiles, n 16) and tenant mode (a key per
+tenant; the tenant's default caps, 8 images, 48 tiles, max_tokens 4096, n 8).
 """
 
 from __future__ import annotations
@@ -109,6 +109,9 @@ CASES = [
     ("top-logprobs-without-logprobs", conv(HI, top_logprobs=3), 400, "invalid_parameter"),
     ("top-logprobs-over-bound", conv(HI, logprobs=True, top_logprobs=21), 400, "invalid_parameter"),
     ("max-tokens-over-context", conv(HI, max_tokens=100_000), 400, "max_tokens_out_of_range"),
+    ("n-negative", conv(HI, n=-1), 400, "n_out_of_range"),
+    ("single/n-over-mesh-bound", conv(HI, n=17), 400, "n_out_of_range"),
+    ("tenant/n-over-tenant-cap", conv(HI, n=9), 400, "n_out_of_range"),
     ("model-unknown", conv(HI, model="gpt-4o"), 404, "model_not_found"),
     (
         "schema-does-not-compile",

@@ -243,6 +243,7 @@ def test_single_tenant_mode_without_a_file():
     # Per request it gets the mesh's own bounds, the numbers README's "Limits" states.
     assert (lim.max_images_per_request, lim.max_tiles_per_request) == (16, 128)
     assert (lim.max_schema_bytes, lim.max_grammar_compile_ms) == (256 * 1024, 10_000)
+    assert lim.max_n == 16
     with pytest.raises(InvalidArgument):
         store.create_key("default")
 
@@ -265,6 +266,8 @@ def test_an_empty_file_is_multi_tenant_with_no_keys(tmp_path):
         ({"tenants": [{"name": "a", "limits": {"max_tiles_per_request": 129}}]}, "max_tiles_per_request"),
         ({"tenants": [{"name": "a", "limits": {"max_schema_bytes": 256 * 1024 + 1}}]}, "max_schema_bytes"),
         ({"tenants": [{"name": "a", "limits": {"max_grammar_compile_ms": 0}}]}, "max_grammar_compile_ms"),
+        ({"tenants": [{"name": "a", "limits": {"max_n": 17}}]}, "max_n"),
+        ({"tenants": [{"name": "a", "limits": {"max_n": 0}}]}, "max_n"),
         ({"tenants": [{"name": "a b"}]}, "name"),
         ({"tenants": [{"name": "a", "priority": 11}]}, "priority"),
         ({"tenants": [{"name": "a"}, {"name": "a"}]}, "duplicate tenant name"),
