@@ -133,7 +133,11 @@ def test_list_models(client):
             400,
             "max_tokens",
         ),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 17}, 400, "n must be in 1..16"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 17},
+            400,
+            "n must be in 1..16",
+        ),
         (
             {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
             400,
