@@ -10,6 +10,10 @@ What crosses the process boundary each step is a ``StepDelta``, not the flat bat
 own tokens and image rows (data that crosses once per computation anyway), and of its block table
 only what changed since the ranks last saw it. The ranks keep the tables (``TableMirror``) and
 rebuild the same ``StepInput`` the driver runs; ended requests are named once so they drop them.
+
+A rank exits with its driver, even one killed outright (``services.common.lifeline``): the driver is
+built on a thread that lives as long as the engine (the engine process's main thread, or the thread
+that builds ``DecoderCore`` with the engine on a thread).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from services.common.lifeline import exit_with_parent
 from services.decoder.config import DecoderConfig
 from services.decoder.engine.model_runner import ChunkWork, Launched, ModelRunner, chunk_work
 from services.decoder.engine.sampler import SamplerOutput
@@ -145,8 +150,9 @@ def _init_group(config: DecoderConfig, rank: int, port: int) -> tuple[TPContext,
     return TPContext(rank=rank, size=world, group=group), control
 
 
-def worker_main(config_json: str, rank: int, port: int, threads: int) -> None:
+def worker_main(config_json: str, rank: int, port: int, threads: int, driver_pid: int) -> None:
     """Entry point of ranks 1..N-1: build the shard, then run whatever the driver broadcasts."""
+    exit_with_parent(driver_pid)  # a driver killed outright takes its ranks with it
     torch.set_num_threads(threads)
     config = DecoderConfig.model_validate_json(config_json)
     tp, control = _init_group(config, rank, port)
@@ -173,7 +179,7 @@ class TPDriver:
         ctx = mp.get_context("spawn")
         payload = config.model_dump_json()
         self.procs = [
-            ctx.Process(target=worker_main, args=(payload, r, port, threads), daemon=True)
+            ctx.Process(target=worker_main, args=(payload, r, port, threads, os.getpid()), daemon=True)
             for r in range(1, world)
         ]
         for p in self.procs:
