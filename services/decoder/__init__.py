@@ -19,6 +19,11 @@ Domain API (what the servicer calls; nothing here knows gRPC or Ray)::
     core.count_tokens(messages, image_tiles=[1]) -> (total_tokens, image_tokens)
     core.shutdown()
 
+The engine (scheduler, model steps, tensor-parallel ranks) runs in a process of its own by default
+(``DecoderConfig.engine_process``; ``False``: a thread of the caller's process). That process is started
+with ``spawn``, so a script that builds a ``DecoderCore`` at import time needs the usual
+``if __name__ == "__main__":`` guard.
+
 ``finish_reason`` is a ``FinishReason`` (``STOP``, ``LENGTH``, ``CANCELLED``, ``DEADLINE``, ``ERROR``);
 ``usage`` has ``prompt_tokens``, ``image_tokens`` and ``completion_tokens``; the first event carries
 ``prompt_tokens`` and ``image_tokens`` too. Bad input (a prompt past the context,
@@ -33,8 +38,8 @@ handles carry these objects as they are, and ``pb`` converts them for gRPC.
 Layout: ``config`` (pydantic configs), ``types`` (the API types above and the hop's), ``pb`` (their
 protobuf conversions), ``prompting`` (chat template,
 safe tokenization, image placeholders), ``engine/`` (pure-Python scheduler and block manager; the model
-runner, sampler, detokenizer and output processor, tensor-parallel workers, the sync ``LLMEngine`` and
-``DecoderCore``),
+runner, sampler, detokenizer and output processor, tensor-parallel workers, the sync ``LLMEngine``, the
+loop that drives it on a thread or in its own process, and ``DecoderCore``),
 ``models/`` (one decoder LM for the Qwen2 / Qwen3 / Llama / Phi-3 families, Megatron-sharded layers),
 ``attention/`` (paged torch and flash-attn backends behind a registry).
 

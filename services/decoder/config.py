@@ -144,6 +144,14 @@ class DecoderSettings(BaseModel):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     structured: StructuredConfig = Field(default_factory=StructuredConfig)
     seed: int = Field(0, ge=0, description="Seeds sampling of requests that bring no seed of their own.")
+    engine_process: bool = Field(
+        True,
+        description=(
+            "Run the engine (scheduler, model, tensor-parallel ranks) in a process of its own, so its steps "
+            "never share the GIL with request handling (gRPC, asyncio, detokenisation). false: a thread of "
+            "the caller's process, for tests and benchmarks that look inside the engine."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DecoderSettings:

@@ -71,7 +71,8 @@ class DecoderDeployment:
         )
 
     def check_health(self) -> None:
-        return None
+        """Serve replaces a replica whose engine (process) is gone."""
+        self.core.check_health()
 
     def __del__(self):
         core = getattr(self, "core", None)

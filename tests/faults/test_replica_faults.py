@@ -10,6 +10,7 @@ import threading
 import time
 
 import httpx
+import psutil
 import pytest
 import redis
 
@@ -137,7 +138,8 @@ def test_encoder_replica_killed(mesh):
     _wait_healthy(mesh, seed=202)
 
 
-def test_decoder_replica_killed_mid_stream(mesh):
+def _started_stream(mesh, seed: int) -> tuple[list[str], threading.Event]:
+    """A long streaming request, read on a thread until it ends; returns once 4 events came."""
     events: list[str] = []
     done = threading.Event()
 
@@ -146,7 +148,7 @@ def test_decoder_replica_killed_mid_stream(mesh):
             with httpx.stream(
                 "POST",
                 mesh["http"] + "/v1/chat/completions",
-                json=_body(seed=301, max_tokens=3000, stream=True),
+                json=_body(seed=seed, max_tokens=3000, stream=True),
                 timeout=120,
             ) as r:
                 for line in r.iter_lines():
@@ -162,9 +164,53 @@ def test_decoder_replica_killed_mid_stream(mesh):
     while len(events) < 4 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(events) >= 4, "the stream did not start"
-    _kill_replica(f"decoder-{MODEL}")
+    return events, done
+
+
+def _ended_with_an_error(events: list[str], done: threading.Event) -> None:
     assert done.wait(120), "the stream hung after its decoder died"
     errors = [e for e in events if e.startswith("{") and "error" in json.loads(e)]
     assert errors or any(e.startswith("transport:") for e in events), events[-3:]
     assert not any('"finish_reason": "length"' in e for e in events), "the stream claims to be complete"
+
+
+def _decoder_engines() -> list[psutil.Process]:
+    """The engine processes of this mesh's decoder replicas: children of a replica's process, which
+    descends from this test process (it started the session's Ray)."""
+    engines = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if f"ServeReplica:decoder-{MODEL}:" in " ".join(proc.cmdline()):
+                engines += [c for c in proc.children() if "spawn_main" in " ".join(c.cmdline())]
+        except psutil.NoSuchProcess:
+            continue
+    return engines
+
+
+def _exited(proc: psutil.Process, timeout: float = 10.0) -> bool:
+    try:
+        proc.wait(timeout)
+    except psutil.TimeoutExpired:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    return True
+
+
+def test_decoder_replica_killed_mid_stream(mesh):
+    events, done = _started_stream(mesh, seed=301)
+    engines = _decoder_engines()
+    assert len(engines) == 1, engines
+    _kill_replica(f"decoder-{MODEL}")
+    _ended_with_an_error(events, done)
+    assert _exited(engines[0]), "the engine process outlived its replica"
     _wait_healthy(mesh, seed=302)
+
+
+def test_decoder_engine_process_killed_mid_stream(mesh):
+    """The stream ends with an error event, the replica reports itself unhealthy, Serve replaces it."""
+    events, done = _started_stream(mesh, seed=311)
+    engines = _decoder_engines()
+    assert len(engines) == 1, engines
+    engines[0].kill()
+    _ended_with_an_error(events, done)
+    _wait_healthy(mesh, seed=312)
+    assert [e.pid for e in _decoder_engines()] != [engines[0].pid]

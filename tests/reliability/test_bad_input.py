@@ -340,7 +340,7 @@ def _usage(http: httpx.Client, content) -> dict:
 
 def _plain_tokens(cores, text: str) -> tuple[int, int]:
     """Tokens of ``text`` read as plain text, and read with special tokens parsed."""
-    tokenizer = cores["decoder"].engine.tokenizer
+    tokenizer = cores["decoder"].tokenizer
     plain = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     parsed = tokenizer(text, add_special_tokens=False)["input_ids"]
     return len(plain), len(parsed)

@@ -1,21 +1,29 @@
 """``DecoderCore``: the asyncio face of the engine.
 
-The engine loop runs in one background thread (schedule -> execute -> update), so model steps never
-block the event loop. Requests reach it through a thread-safe inbox. Each step's outputs (token ids)
-go to a second thread, the ``OutputWorker`` (``output_processor``), which detokenises them, applies
-stop strings and hands the events to each request's ``asyncio.Queue`` through
-``loop.call_soon_threadsafe``, while the engine thread runs the next step. A request the worker ends
-(a stop string) is ended by the engine at the top of its next step (``stop`` in the inbox; the
-worker's module docstring says what that costs). Cancellation (``abort`` or closing the async
-iterator) is handled at the top of the next step too: the request's blocks are freed before that step
-is scheduled, and its stream ends with a ``cancelled`` event. Events of a request keep their order:
-one thread makes them, from outputs the engine thread hands over in order.
+The engine's loop (``engine_loop``: schedule -> execute -> update) runs where
+``DecoderConfig.engine_process`` says: in a process of its own (``core_process``, the default and
+what the Serve deployment runs), so model steps never share the GIL with gRPC, asyncio and
+detokenisation; or on a background thread of this process (``engine_process: false``, for tests and
+benchmarks that look inside the engine). Either way the caller's side is the same: requests are
+built and validated here (``make_request``: prompt building, tokenization), handed to the loop as
+commands, and each turn's report comes back in order — the requests admitted, those refused (the
+error is raised in the caller's stream), the outputs (token ids). A second thread, the
+``OutputWorker`` (``output_processor``), detokenises the outputs, applies stop strings and hands the
+events to each request's ``asyncio.Queue`` through ``loop.call_soon_threadsafe``, while the engine
+runs the next step. A request the worker ends (a stop string) is ended by the engine at the top of
+its next turn (``StopRequest``; the worker's module docstring says what that costs). Cancellation
+(``abort`` or closing the async iterator) is handled at the top of the next turn too: the request's
+blocks are freed before that step is scheduled, and its stream ends with a ``cancelled`` event.
+Events of a request keep their order: one thread makes them, from reports that arrive in order.
+
+An engine process that dies ends every open stream with ``Unavailable``, refuses new requests with
+it, and ``check_health`` raises it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,28 +31,57 @@ from typing import Any
 
 from services.common.errors import InvalidArgument, Unavailable
 from services.decoder.config import DecoderConfig
+from services.decoder.engine.engine_loop import (
+    AbortRequest,
+    AddRequest,
+    Command,
+    EngineReport,
+    EngineStats,
+    EngineThread,
+    StopRequest,
+)
 from services.decoder.engine.llm_engine import LLMEngine
-from services.decoder.engine.output_processor import NewRequest, OutputProcessor, OutputWorker
-from services.decoder.engine.request import Request
+from services.decoder.engine.output_processor import OutputProcessor, OutputWorker
 from services.decoder.types import GenerateInput, GenerationEvent
 
 
 class DecoderCore:
     def __init__(self, config: DecoderConfig, clock: Callable[[], float] = time.monotonic):
-        self.engine = LLMEngine(config, clock=clock)
         self.config = config
-        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self._stopping = False
+        self._failure: str | None = None  # why the engine process is gone, once it is
+        self._stats = EngineStats()
+        if config.engine_process:
+            from services.decoder.engine.intake import RequestIntake
+
+            if clock is not time.monotonic:
+                raise ValueError(
+                    "a clock of its own needs engine_process=False (the engine process's is monotonic)"
+                )
+            self.engine: LLMEngine | None = None  # in the engine process
+            self.intake = RequestIntake(config)
+        else:
+            self.engine = LLMEngine(config, clock=clock)
+            self.intake = self.engine
         self.outputs = OutputWorker(
-            OutputProcessor(self.engine.tokenizer),
+            OutputProcessor(self.intake.tokenizer),
             deliver=lambda event: self._deliver(event, event.request_id),
-            stop=lambda request_id: self._post("stop", request_id),
+            stop=lambda request_id: self._post(StopRequest(request_id)),
         )
-        self._thread = threading.Thread(target=self._loop, name="decoder-engine", daemon=True)
-        self._thread.start()
+        try:
+            self._backend = self._start_backend()
+        except BaseException:
+            self.outputs.close()
+            raise
+
+    def _start_backend(self):
+        if self.engine is not None:
+            return EngineThread(self.engine, self._on_report)
+        from services.decoder.engine.core_process import EngineProcess
+
+        return EngineProcess(self.config, self._on_report, self._on_exit)
 
     @classmethod
     def from_checkpoint(cls, path: str, **overrides: Any) -> DecoderCore:
@@ -53,32 +90,44 @@ class DecoderCore:
     # -- public API --------------------------------------------------------------------------------
     @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        return self.intake.tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.max_model_len
+        return self.intake.max_model_len
+
+    @property
+    def engine_pid(self) -> int | None:
+        """The engine process's id (None when the engine runs on a thread of this process)."""
+        return self._backend.pid
 
     def count_tokens(self, messages: list[dict[str, Any]], image_tiles: list[int]) -> tuple[int, int]:
         """(total prompt tokens, image tokens) the request would use; raises ``InvalidArgument``."""
-        return self.engine.count_tokens(messages, image_tiles)
+        return self.intake.count_tokens(messages, image_tiles)
 
     async def generate(self, inp: GenerateInput) -> AsyncIterator[GenerationEvent]:
         """Stream the events of one request; the last one carries ``finish_reason`` and ``usage``."""
         if self._stopping:
             raise Unavailable("the decoder is shutting down")
-        req = self.engine.make_request(inp)  # validation errors surface here, before anything runs
+        self.check_health()
+        req = self.intake.make_request(inp)  # validation errors surface here, before anything runs
         if req.grammar is not None:
-            await req.grammar.ready()  # compiled on the engine's grammar pool; a refusal surfaces here
+            await req.grammar.ready()  # compiled on the intake's grammar pool; a refusal surfaces here
             if self._stopping:
                 raise Unavailable("the decoder is shutting down")
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         with self._lock:
+            if self._failure is not None:
+                raise Unavailable(self._failure)
             if req.request_id in self._streams:
                 raise InvalidArgument(f"request id {req.request_id!r} is already in use")
-            self._streams[req.request_id] = (loop, events)
-        self._post("add", req)
+            self._streams[req.request_id] = (asyncio.get_running_loop(), events)
+        try:
+            self._backend.post(AddRequest(req))
+        except BaseException:
+            with self._lock:
+                self._streams.pop(req.request_id, None)
+            raise
         finished = False
         try:
             while True:
@@ -95,30 +144,48 @@ class DecoderCore:
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its stream ends with a ``cancelled`` event (if still open)."""
-        self._post("abort", request_id)
+        self._post(AbortRequest(request_id))
 
     def stats(self) -> dict[str, float]:
-        s = self.engine.scheduler
-        return {
-            "running": s.num_running(),
-            "waiting": s.num_waiting(),
-            "kv_usage": self.engine.block_manager.usage,
-            "preemptions": s.num_preemptions,
-        }
+        """The engine's load as of its last turn: running, waiting, kv_usage, preemptions."""
+        return self._stats.as_dict()
+
+    def check_health(self) -> None:
+        """Raise ``Unavailable`` when the engine (its process or thread) is gone."""
+        if self._failure is not None:
+            raise Unavailable(self._failure)
+        self._backend.check_health()
 
     def shutdown(self) -> None:
         if self._stopping:
             return
         self._stopping = True
-        self._wake.set()
-        self._thread.join(timeout=30)
+        self._backend.close()
         self.outputs.close()
-        self.engine.shutdown()
 
-    # -- the engine thread -------------------------------------------------------------------------
-    def _post(self, kind: str, payload: Any) -> None:
-        self._inbox.put((kind, payload))
-        self._wake.set()
+    # -- what the engine reports -------------------------------------------------------------------
+    def _post(self, command: Command) -> None:
+        """Abort and stop: nothing to do once the engine is gone."""
+        with contextlib.suppress(Unavailable):
+            self._backend.post(command)
+
+    def _on_report(self, report: EngineReport) -> None:
+        """One turn of the engine, in order (on the engine thread, or the engine process's reader)."""
+        for new in report.admitted:
+            self.outputs.add_request(new)
+        for refusal in report.refused:
+            self._deliver(refusal.error, refusal.request_id)
+        self.outputs.put(report.outputs)
+        self._stats = report.stats
+
+    def _on_exit(self, error: Unavailable) -> None:
+        """The engine process died: every open stream ends with ``Unavailable``."""
+        with self._lock:
+            self._failure = str(error)
+            streams, self._streams = self._streams, {}
+        for loop, events in streams.values():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(events.put_nowait, Unavailable(self._failure))
 
     def _deliver(self, event: GenerationEvent | BaseException, request_id: str) -> None:
         with self._lock:
@@ -129,41 +196,3 @@ class DecoderCore:
             loop, q = target
             if not loop.is_closed():
                 loop.call_soon_threadsafe(q.put_nowait, event)
-
-    def _drain_inbox(self) -> None:
-        while True:
-            try:
-                kind, payload = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "add":
-                req: Request = payload
-                try:
-                    self.engine.admit(req)
-                except Exception as exc:  # noqa: BLE001 - handed to the caller's stream
-                    self._deliver(exc, req.request_id)
-                else:
-                    self.outputs.add_request(NewRequest.of(req))
-            elif kind == "abort":
-                out = self.engine.abort_output(payload)
-                if out is not None:
-                    self.outputs.put([out])
-            elif kind == "stop":
-                self.engine.stop_request(payload)
-
-    def _loop(self) -> None:
-        while not self._stopping:
-            self._drain_inbox()
-            if not self.engine.has_unfinished:
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            try:
-                outputs = self.engine.step_outputs()
-            except Exception as exc:  # noqa: BLE001 - the step failed: end its requests, keep serving
-                outputs = self.engine.fail_all_outputs(f"{type(exc).__name__}: {exc}")
-            self.outputs.put(outputs)
-        for request_id in list(self.engine.scheduler.requests):
-            out = self.engine.abort_output(request_id)
-            if out is not None:
-                self.outputs.put([out])

@@ -19,13 +19,15 @@ Where it runs:
 
 - in the engine's step (``LLMEngine.step``, for tests and benchmarks that drive the engine): a
   request that meets a stop string is ended before the next step, as it always was;
-- on a thread of its own (``OutputWorker``, what ``DecoderCore`` serves with): the engine thread hands
-  each step's outputs over and goes straight on to the next step, so the text of step N is made while
-  step N+1 runs. A request whose stop string appears in step N's text is ended by the engine at the
-  top of the next step it starts after hearing of it: it runs for one more step (two if step N+1 had
-  already started when the text was ready), whose token is dropped, as vLLM v1 drops it. The
-  worker's Python work (a few microseconds a token) takes the GIL like the engine thread's own: it
-  runs beside the step while torch computes without the GIL, and otherwise takes turns with it.
+- on a thread of its own (``OutputWorker``, what ``DecoderCore`` serves with): the engine hands each
+  step's outputs over (from its own process by default, or from its thread) and goes straight on to
+  the next step, so the text of step N is made while step N+1 runs. A request whose stop string
+  appears in step N's text is ended by the engine at the top of the next step it starts after
+  hearing of it: it runs for one more step (two if step N+1 had already started when the text was
+  ready), whose token is dropped, as vLLM v1 drops it. With the engine in its own process the
+  worker's Python work (a few microseconds a token) never holds up a step; with the engine on a
+  thread it takes the GIL like the engine thread's own: it runs beside the step while torch computes
+  without the GIL, and otherwise takes turns with it.
 """
 
 from __future__ import annotations
