@@ -39,6 +39,7 @@ class DecoderDeployment:
         self.frontend = DecoderFrontend(self.core, EmbeddingResolver(store), mesh_signer("decoder"))
         self.servicer = DecoderServicer(self.frontend)
         self._gauges = _ray_gauges(model.name)
+        self._tenant_gauges = TenantGauges(model.name)
         self._stats_task = asyncio.get_running_loop().create_task(self._publish_stats())
 
     async def _publish_stats(self, interval_s: float = 1.0) -> None:
@@ -47,6 +48,7 @@ class DecoderDeployment:
             stats = self.core.stats()
             for name, gauge in self._gauges.items():
                 gauge.set(float(stats.get(name, 0.0)))
+            self._tenant_gauges.publish(stats.get("tenants", {}))
             await asyncio.sleep(interval_s)
 
     async def generate(self, request: DecodeRequest, refs: list[EmbeddingRef], ctx: RequestContext):
@@ -97,6 +99,45 @@ def _ray_gauges(model: str) -> dict[str, Any]:
         gauge.set_default_tags({"model": model})
         gauges[key] = gauge
     return gauges
+
+
+class TenantGauges:
+    """The fair share's per-tenant figures (``Scheduler.tenant_stats``) as Ray gauges tagged with the
+    model and the tenant; tenants past the label bound are summed under ``other``."""
+
+    DESCRIBED = {
+        "tokens": ("internvl_mesh_tenant_tokens_scheduled", "Tokens scheduled for the tenant's requests."),
+        "queue_s": ("internvl_mesh_tenant_queue_seconds", "Seconds the tenant's requests waited to run."),
+        "passed_over": (
+            "internvl_mesh_tenant_passed_over",
+            "Admissions of other tenants while one of this tenant's requests waited.",
+        ),
+        "running": ("internvl_mesh_tenant_requests_running", "The tenant's requests in the running batch."),
+        "waiting": ("internvl_mesh_tenant_requests_waiting", "The tenant's requests waiting."),
+        "kv_blocks": ("internvl_mesh_tenant_kv_blocks", "KV-cache blocks the tenant's requests hold."),
+    }
+
+    def __init__(self, model: str):
+        from ray.util.metrics import Gauge
+
+        from services.common.tenant_labels import TenantLabels
+
+        self.labels = TenantLabels()
+        self.gauges = {}
+        for key, (name, doc) in self.DESCRIBED.items():
+            gauge = Gauge(name, description=doc, tag_keys=("model", "tenant"))
+            gauge.set_default_tags({"model": model})
+            self.gauges[key] = gauge
+
+    def publish(self, tenants: dict[str, dict[str, float]]) -> None:
+        summed: dict[str, dict[str, float]] = {}
+        for tenant, figures in tenants.items():
+            row = summed.setdefault(self.labels(tenant), dict.fromkeys(self.DESCRIBED, 0.0))
+            for key in self.DESCRIBED:
+                row[key] += float(figures.get(key, 0.0))
+        for label, row in summed.items():
+            for key, gauge in self.gauges.items():
+                gauge.set(row[key], tags={"tenant": label})
 
 
 def build_app(args: dict[str, Any] | DecoderAppArgs):

@@ -185,3 +185,30 @@ async def test_tensor_parallel_ranks_run_under_the_engine_process(tiny_ckpt, ref
     finally:
         core.shutdown()
     assert all(gone(pid) for pid in pids)
+
+
+async def test_structured_outputs_cross_to_the_engine_process(core):
+    """A matcher does not cross processes: the engine process compiles the request's response format
+    again (off its loop), and the document is valid; a schema that does not compile is refused in the
+    parent, before anything crosses."""
+    import json
+
+    import jsonschema
+
+    from tests.decoder.test_structured import PERSON, inp, schema_params
+
+    events = await collect(core, inp("json-proc", schema_params(PERSON, temperature=0.0), "Who are you?"))
+    assert events[-1].finish_reason == "stop"
+    jsonschema.validate(json.loads("".join(e.text for e in events)), PERSON)
+    bad = schema_params({"type": "object", "properties": {"a": {"type": "nope"}}})
+    with pytest.raises(InvalidArgument) as refused:
+        await collect(core, inp("json-bad", bad))
+    assert refused.value.reason == "response_format_invalid"
+
+
+async def test_the_engine_process_reports_its_tenants(core, reference):
+    inputs = [make_input(f"t{k}", CASES[1], reference, LONG, tenant=t) for k, t in enumerate(["a", "b", "a"])]
+    await asyncio.gather(*(collect(core, i) for i in inputs))
+    tenants = core.stats()["tenants"]
+    assert tenants["a"]["admissions"] >= 2 and tenants["b"]["admissions"] >= 1
+    assert tenants["a"]["tokens"] > 0 and tenants["a"]["running"] == 0

@@ -40,6 +40,7 @@ from services.decoder.engine.engine_loop import (
     EngineThread,
     StopRequest,
 )
+from services.decoder.engine.intake import RequestIntake
 from services.decoder.engine.llm_engine import LLMEngine
 from services.decoder.engine.output_processor import OutputProcessor, OutputWorker
 from services.decoder.types import GenerateInput, GenerationEvent
@@ -54,8 +55,6 @@ class DecoderCore:
         self._failure: str | None = None  # why the engine process is gone, once it is
         self._stats = EngineStats()
         if config.engine_process:
-            from services.decoder.engine.intake import RequestIntake
-
             if clock is not time.monotonic:
                 raise ValueError(
                     "a clock of its own needs engine_process=False (the engine process's is monotonic)"
@@ -162,6 +161,8 @@ class DecoderCore:
         self._stopping = True
         self._backend.close()
         self.outputs.close()
+        if isinstance(self.intake, RequestIntake):  # the engine's own compiler closes with the engine
+            self.intake.shutdown()
 
     # -- what the engine reports -------------------------------------------------------------------
     def _post(self, command: Command) -> None:

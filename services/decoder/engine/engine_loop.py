@@ -62,11 +62,14 @@ class EngineStats:
     waiting: int = 0
     kv_usage: float = 0.0
     preemptions: int = 0
+    tenants: dict[str, dict[str, float]] = field(default_factory=dict)  # ``Scheduler.tenant_stats``
 
     @classmethod
     def of(cls, engine: LLMEngine) -> EngineStats:
         s = engine.scheduler
-        return cls(s.num_running(), s.num_waiting(), engine.block_manager.usage, s.num_preemptions)
+        return cls(
+            s.num_running(), s.num_waiting(), engine.block_manager.usage, s.num_preemptions, s.tenant_stats()
+        )
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -102,6 +105,7 @@ class EngineLoop:
         self._wake = threading.Event()
         self._closed = False
         self._stats = EngineStats.of(engine)
+        self._compiling: dict[str, Request] = {}  # added, their grammar still compiling
 
     def post(self, command: Command) -> None:
         """Thread-safe: the command is taken at the top of the next turn."""
@@ -129,21 +133,40 @@ class EngineLoop:
             try:
                 command = self._inbox.get_nowait()
             except queue.Empty:
+                self._admit_compiled(report)
                 return report
             if isinstance(command, AddRequest):
-                req = command.request
-                try:
-                    self.engine.admit(req)
-                except Exception as exc:  # noqa: BLE001 - handed to the caller's stream
-                    report.refused.append(Refusal(req.request_id, exc))
-                else:
-                    report.admitted.append(NewRequest.of(req))
+                self._compile(command.request)
             elif isinstance(command, AbortRequest):
+                if self._compiling.pop(command.request_id, None) is not None:
+                    report.refused.append(Refusal(command.request_id, Unavailable("cancelled")))
                 out = self.engine.abort_output(command.request_id)
                 if out is not None:
                     report.outputs.append(out)
             else:
                 self.engine.stop_request(command.request_id)
+
+    def _compile(self, req: Request) -> None:
+        """Hold ``req`` until its grammar is compiled, on the engine's grammar pool: a request that came
+        from another process brings its response format, not its matcher."""
+        fmt = req.sampling_params.response_format
+        if fmt is not None and req.grammar is None:
+            req.grammar = self.engine.grammars.grammar_for(fmt)
+        if req.grammar is not None and not req.grammar.done():
+            req.grammar.on_done(self._wake.set)
+        self._compiling[req.request_id] = req
+
+    def _admit_compiled(self, report: EngineReport) -> None:
+        for request_id, req in list(self._compiling.items()):
+            if req.grammar is not None and not req.grammar.done():
+                continue
+            del self._compiling[request_id]
+            try:
+                self.engine.admit(req)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller's stream
+                report.refused.append(Refusal(req.request_id, exc))
+            else:
+                report.admitted.append(NewRequest.of(req))
 
     def _step(self) -> list[EngineOutput]:
         try:

@@ -18,6 +18,7 @@ from services.common.checkpoint import Checkpoint
 from services.decoder.config import DecoderConfig
 from services.decoder.engine.llm_engine import LLMEngine
 from services.decoder.engine.model_runner import plan_model
+from services.decoder.engine.structured import GrammarCompiler
 from services.decoder.prompting import load_prompt_builder
 
 
@@ -37,6 +38,14 @@ class RequestIntake:
         self.eos_token_ids = self._eos_ids(checkpoint)
         # ``make_request`` reads the model's hidden size where the engine keeps it: its runner's spec.
         self.executor = SimpleNamespace(runner=SimpleNamespace(spec=plan.spec))
+        # A response format is compiled here too, off the event loop: a schema that does not compile is
+        # refused before the request leaves this process (the engine process compiles its own copy).
+        self.grammars = GrammarCompiler.from_config(
+            self.tokenizer, self.vocab_size, self.eos_token_ids, config.structured
+        )
+
+    def shutdown(self) -> None:
+        self.grammars.close()
 
     # LLMEngine's admission half, one piece of code for both modes.
     _eos_ids = LLMEngine._eos_ids

@@ -110,6 +110,13 @@ class Request:
         self.block_hashes: list[bytes] = []  # hashes of the full blocks of all_token_ids, in order
         self.num_hashed_cached_blocks = 0  # leading blocks already registered in the prefix cache
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What crosses to an engine process: all but the grammar, which is compiled again there from
+        ``sampling_params.response_format`` (a matcher is this process's object)."""
+        state = self.__dict__.copy()
+        state["grammar"] = None
+        return state
+
     # -- views -----------------------------------------------------------------------------------
     @property
     def num_tokens(self) -> int:

@@ -81,6 +81,14 @@ class Grammar:
             raise _too_complex(self.budget_ms)
         self.matcher = compiled.matcher.deep_copy()
 
+    def done(self) -> bool:
+        """``wait`` would return (or raise) at once: compiled, failed, or out of time."""
+        return self.matcher is not None or self._future.done() or time.monotonic() >= self._deadline
+
+    def on_done(self, callback) -> None:
+        """Call ``callback()`` (on the pool's thread) once the compile has ended."""
+        self._future.add_done_callback(lambda _: callback())
+
     def wait(self) -> None:
         """Block until compiled (a synchronous caller); InvalidArgument if it does not compile in time."""
         if self.matcher is not None:
