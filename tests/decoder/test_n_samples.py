@@ -34,7 +34,7 @@ BLOCK_SIZE = 16  # make_config's
 
 @pytest.fixture(scope="module")
 def frontend(tiny_ckpt):
-    core = DecoderCore(make_config(tiny_ckpt, cache={"num_blocks": NUM_BLOCKS}))
+    core = DecoderCore(make_config(tiny_ckpt, cache={"num_blocks": NUM_BLOCKS}, engine_process=False))
     yield DecoderFrontend(core, EmbeddingResolver(None), SIGNER)
     core.shutdown()
 
