@@ -63,7 +63,7 @@ class DecoderCore:
             self.intake = RequestIntake(config)
         else:
             self.engine = LLMEngine(config, clock=clock)
-            self.intake = self.engine
+            self.intake = self.engine.intake
         self.outputs = OutputWorker(
             OutputProcessor(self.intake.tokenizer),
             deliver=lambda event: self._deliver(event, event.request_id),
@@ -161,7 +161,7 @@ class DecoderCore:
         self._stopping = True
         self._backend.close()
         self.outputs.close()
-        if isinstance(self.intake, RequestIntake):  # the engine's own compiler closes with the engine
+        if self.engine is None:  # an engine on a thread closes its own intake
             self.intake.shutdown()
 
     # -- what the engine reports -------------------------------------------------------------------

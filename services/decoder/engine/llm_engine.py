@@ -15,18 +15,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from services.common.checkpoint import Checkpoint
 from services.common.errors import InvalidArgument
 from services.decoder.config import DecoderConfig
 from services.decoder.engine.block_manager import BlockManager
-from services.decoder.engine.model_runner import Launched, ModelRunner, plan_model
+from services.decoder.engine.intake import RequestIntake
+from services.decoder.engine.model_runner import Launched, ModelRunner
 from services.decoder.engine.output_processor import EngineOutput, NewRequest, OutputProcessor
 from services.decoder.engine.request import Request, RequestStatus
 from services.decoder.engine.sampler import SamplerOutput, SampleRow
 from services.decoder.engine.scheduler import ScheduledChunk, Scheduler, SchedulerLimits, SchedulerOutput
-from services.decoder.engine.structured import GrammarCompiler
 from services.decoder.models.layers import TPContext
-from services.decoder.prompting import load_prompt_builder
 from services.decoder.types import GenerateInput, GenerationEvent
 
 
@@ -63,20 +61,18 @@ class LocalExecutor:
 
 class LLMEngine:
     def __init__(self, config: DecoderConfig, clock: Callable[[], float] = time.monotonic):
-        checkpoint = Checkpoint.open(config.model)
-        # What the model runner will build is checked first (no weight read), then the tokenizer: the
+        # Admission (prompt building, validation, grammars) reads no weight: the intake, first, in the
         # order in which ``services.decoder.support`` checks a checkpoint before start-up.
-        self.max_model_len = plan_model(config, checkpoint.text_config).max_model_len
-        # Decided once, here: every rank's runner gets the same, explicit context length.
-        config = config.model_copy(
-            update={"scheduler": config.scheduler.model_copy(update={"max_model_len": self.max_model_len})}
-        )
+        self.intake = RequestIntake(config, clock=clock)
+        self.max_model_len = self.intake.max_model_len
+        config = self.intake.config  # every rank's runner gets the same, explicit context length
         self.config = config
         self.clock = clock
-        self.prompt_builder = load_prompt_builder(checkpoint)
-        self.tokenizer = self.prompt_builder.tokenizer
-        self.vocab_size = int(checkpoint.text_config["vocab_size"])
-        self.eos_token_ids = self._eos_ids(checkpoint)
+        self.prompt_builder = self.intake.prompt_builder
+        self.tokenizer = self.intake.tokenizer
+        self.vocab_size = self.intake.vocab_size
+        self.eos_token_ids = self.intake.eos_token_ids
+        self.grammars = self.intake.grammars
         if config.parallel.tensor_parallel_size > 1:
             from services.decoder.engine.tp_worker import TPDriver
 
@@ -106,90 +102,14 @@ class LLMEngine:
         self.overlap = overlap and config.parallel.tensor_parallel_size == 1
         self._pending: tuple[SchedulerOutput, Launched] | None = None  # the step launched, not resolved
         self.processor = OutputProcessor(self.tokenizer)  # used by ``step``; DecoderCore has its own
-        self.grammars = GrammarCompiler.from_config(
-            self.tokenizer, self.vocab_size, self.eos_token_ids, config.structured
-        )
-
-    def _eos_ids(self, checkpoint: Checkpoint) -> frozenset[int]:
-        ids = set()
-        gen = checkpoint.read_json("generation_config.json") or {}
-        for source in (
-            gen.get("eos_token_id"),
-            checkpoint.text_config.get("eos_token_id"),
-            self.tokenizer.eos_token_id,
-        ):
-            if isinstance(source, int):
-                ids.add(source)
-            elif isinstance(source, list):
-                ids.update(int(t) for t in source)
-        return frozenset(ids)
 
     # -- admission ---------------------------------------------------------------------------------
     def count_tokens(self, messages, image_tiles: list[int]) -> tuple[int, int]:
-        return self.prompt_builder.count_tokens(messages, image_tiles)
+        return self.intake.count_tokens(messages, image_tiles)
 
     def make_request(self, inp: GenerateInput) -> Request:
         """Build and validate a request (tokenization included); raises ``InvalidArgument``."""
-        if not inp.request_id:
-            raise InvalidArgument("request_id must be set")
-        if len(inp.images) > self.config.scheduler.max_images_per_request:
-            raise InvalidArgument(
-                f"{len(inp.images)} images exceed the limit of {self.config.scheduler.max_images_per_request}"
-            )
-        hidden = self.executor.runner.spec.hidden_size
-        tiles_per_row = self.prompt_builder.tokens_per_tile
-        for k, img in enumerate(inp.images):
-            shape = tuple(getattr(img.embeddings, "shape", ()))
-            if (
-                not isinstance(img.tiles, int)
-                or img.tiles < 1
-                or shape != (img.tiles * tiles_per_row, hidden)
-            ):
-                raise InvalidArgument(
-                    f"images[{k}]: embeddings of shape {shape} do not match {img.tiles} tiles "
-                    f"x {tiles_per_row} rows x hidden size {hidden}"
-                )
-        params = inp.sampling.validate(self.vocab_size)
-        prompt = self.prompt_builder.build(
-            inp.messages, [i.tiles for i in inp.images], [i.content_hash for i in inp.images]
-        )
-        n = len(prompt.token_ids)
-        if n >= self.max_model_len:
-            raise InvalidArgument(
-                f"the prompt has {n} tokens ({prompt.num_image_tokens} of them image tokens); the context "
-                f"holds {self.max_model_len} including at least one generated token",
-                reason="context_length_exceeded",
-            )
-        room = self.max_model_len - n
-        max_tokens = room if inp.max_tokens is None else inp.max_tokens
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise InvalidArgument(f"max_tokens must be a positive integer, got {inp.max_tokens!r}")
-        if max_tokens > room:
-            raise InvalidArgument(
-                f"max_tokens={max_tokens} plus the {n}-token prompt exceed the context of {self.max_model_len}",
-                reason="context_length_exceeded",
-            )
-        deadline = inp.deadline
-        if deadline is not None and inp.deadline_is_epoch:
-            deadline = self.clock() + (deadline - time.time())
-        return Request(
-            inp.request_id,
-            prompt.token_ids,
-            params,
-            max_tokens,
-            eos_token_ids=self.eos_token_ids,
-            images=prompt.images,
-            mm_embeddings=[i.embeddings for i in inp.images],
-            cache_namespace=inp.cache_namespace,
-            priority=inp.priority,
-            arrival_time=self.clock(),
-            deadline=deadline,
-            tenant=inp.tenant,
-            weight=inp.weight,
-            max_kv_share=inp.max_kv_share,
-            grammar=self.grammars.grammar_for(params.response_format),  # compiling on its pool
-            prefix_group=inp.prefix_group,
-        )
+        return self.intake.make_request(inp)
 
     def add_request(self, req: Request) -> None:
         """Admit ``req``; its outputs are processed by ``step`` (``DecoderCore`` calls ``admit``)."""
@@ -315,5 +235,5 @@ class LLMEngine:
         return outputs
 
     def shutdown(self) -> None:
-        self.grammars.close()
+        self.intake.shutdown()
         self.executor.shutdown()
