@@ -22,6 +22,17 @@ MAX_TILES_PER_IMAGE = 40  # InternVL 1.5 allows up to 40 dynamic tiles (``max_nu
 MAX_IMAGE_BYTES = 20 * MIB  # an encoded image; 20 MiB covers a 50-megapixel camera JPEG
 MAX_IMAGE_PIXELS = 50_000_000  # width x height, checked from the header before decoding
 
+# Videos (preprocess probes and decodes them; each sampled frame is tiled like an image). A video is one
+# entry of the MAX_IMAGES_PER_REQUEST count; its frames' tiles count against MAX_TILES_PER_REQUEST.
+MAX_VIDEO_BYTES = 64 * MIB  # an encoded video (a data URI of it is ~85 MiB, under the HTTP body bound)
+MAX_VIDEO_DURATION_S = 3600.0  # container or stream duration
+MAX_VIDEO_PIXELS = 3840 * 2160  # width x height of a frame (4K), from the codec parameters and every frame
+MAX_VIDEO_FRAMES = 216_000  # frames (packets) of the video stream: an hour at 60 fps
+MAX_VIDEO_DECODED_FRAMES = 4096  # frames decoded to reach the sampled ones (the work bound of one video)
+MAX_FRAMES_PER_VIDEO = 64  # sampled frames (InternVL's num_segments); the reference's default is 32
+MAX_FRAMES_PER_REQUEST = MAX_TILES_PER_REQUEST  # every frame is at least one tile
+DEFAULT_FRAMES_PER_VIDEO = 8  # InternVL's model cards sample 8 segments
+
 # Text and generation (the decoder tokenises and generates).
 MAX_MESSAGES = 256
 MAX_TEXT_BYTES = 1 * MIB  # UTF-8 bytes of all text parts of a request

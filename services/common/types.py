@@ -10,7 +10,15 @@ import numpy as np
 from services.common.errors import InvalidArgument
 from services.common.limits import MAX_TILES_PER_IMAGE
 
-__all__ = ["MAX_TILES_PER_IMAGE", "TILE_SIZE", "TOKENS_PER_TILE", "TiledImage", "TilingParams", "sha256_hex"]
+__all__ = [
+    "MAX_TILES_PER_IMAGE",
+    "TILE_SIZE",
+    "TOKENS_PER_TILE",
+    "TiledImage",
+    "TilingParams",
+    "VideoClip",
+    "sha256_hex",
+]
 
 TILE_SIZE = 448
 # Image tokens per 448-pixel tile in the InternVL family: (448 / 14)^2 patches, a quarter kept by the
@@ -73,3 +81,28 @@ class TiledImage:
     def num_image_tokens(self, tokens_per_tile: int = TOKENS_PER_TILE) -> int:
         """Number of ``<IMG_CONTEXT>`` tokens this image takes in the prompt."""
         return self.num_tiles * tokens_per_tile
+
+
+def video_frames_sha256(video_sha256: str, frame_indices: tuple[int, ...]) -> str:
+    """The content address of some frames of a video: its bytes' SHA-256 and the frame numbers (the
+    tiling parameters join it in the cache key, as for an image)."""
+    listed = ",".join(str(i) for i in frame_indices)
+    return sha256_hex(f"internvl-video-frames:v1:{video_sha256}:{listed}".encode())
+
+
+@dataclass(frozen=True, eq=False)
+class VideoClip:
+    """Frames of one encoded video to tile: ``frame_indices`` (decord's frame numbers, as the reference's
+    ``get_index`` picks them), each frame tiled with ``tiling`` (the reference: one tile, ``max_num`` 1).
+    Embedded as one entry of ``len(frame_indices)`` frames, its tiles frame by frame."""
+
+    data: bytes
+    frame_indices: tuple[int, ...]
+    tiling: TilingParams = TilingParams(max_num=1)
+
+    @property
+    def frames(self) -> int:
+        return len(self.frame_indices)
+
+    def content_sha256(self) -> str:
+        return video_frames_sha256(sha256_hex(self.data), self.frame_indices)

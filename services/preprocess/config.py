@@ -18,6 +18,11 @@ from services.common.limits import (
     MAX_IMAGES_PER_REQUEST,
     MAX_TILES_PER_IMAGE,
     MAX_TILES_PER_REQUEST,
+    MAX_VIDEO_BYTES,
+    MAX_VIDEO_DECODED_FRAMES,
+    MAX_VIDEO_DURATION_S,
+    MAX_VIDEO_FRAMES,
+    MAX_VIDEO_PIXELS,
 )
 
 # Pillow's own decompression-bomb threshold (``PIL.Image.MAX_IMAGE_PIXELS`` by default): Pillow warns
@@ -57,12 +62,59 @@ class DecodeLimits(BaseModel):
     )
 
 
+class VideoLimits(BaseModel):
+    """Hard bounds applied to one encoded video while it is probed and decoded (``video.py``).
+
+    Each default is the mesh's bound (``services.common.limits``) and its maximum: a lower value only
+    tightens it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_video_bytes: int = Field(
+        default=MAX_VIDEO_BYTES,
+        ge=1,
+        le=MAX_VIDEO_BYTES,
+        description="Largest encoded video, in bytes (64 MiB). Checked before anything is parsed.",
+    )
+    max_pixels: int = Field(
+        default=MAX_VIDEO_PIXELS,
+        ge=1,
+        le=MAX_VIDEO_PIXELS,
+        description=(
+            "Largest frame, width x height (4K UHD). Checked from the codec parameters before any "
+            "packet is read, and again on every decoded frame."
+        ),
+    )
+    max_duration_s: float = Field(
+        default=MAX_VIDEO_DURATION_S,
+        gt=0,
+        le=MAX_VIDEO_DURATION_S,
+        description="Longest video, in seconds (an hour), from the headers and from the packets' timestamps.",
+    )
+    max_frames: int = Field(
+        default=MAX_VIDEO_FRAMES,
+        ge=1,
+        le=MAX_VIDEO_FRAMES,
+        description="Most frames in the video stream (an hour at 60 fps); the packet loop stops there.",
+    )
+    max_decoded_frames: int = Field(
+        default=MAX_VIDEO_DECODED_FRAMES,
+        ge=1,
+        le=MAX_VIDEO_DECODED_FRAMES,
+        description=(
+            "Most frames decoded to reach one video's sampled frames (seeks start at key frames, so "
+            "this bounds the work a file with key frames far apart can cause)."
+        ),
+    )
+
+
 class PreprocessConfig(BaseModel):
     """Everything the preprocess pool needs: decode limits, per-request caps and pool size."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     limits: DecodeLimits = Field(default_factory=DecodeLimits, description="Bounds on each image.")
+    video: VideoLimits = Field(default_factory=VideoLimits, description="Bounds on each video.")
     max_images_per_request: int = Field(
         default=MAX_IMAGES_PER_REQUEST,
         ge=1,

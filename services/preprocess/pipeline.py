@@ -32,10 +32,11 @@ from typing import TypeVar
 from PIL import Image
 
 from services.common.errors import InvalidArgument
-from services.common.types import TiledImage, TilingParams, sha256_hex
+from services.common.types import TiledImage, TilingParams, VideoClip, sha256_hex
 from services.preprocess.config import PreprocessConfig
 from services.preprocess.decoding import load_rgb, open_image
 from services.preprocess.tiling import count_tiles, fill_grid, fill_thumbnail, plan_tiles
+from services.preprocess.video_tiling import tile_clip
 
 T = TypeVar("T")
 
@@ -90,6 +91,14 @@ class Preprocessor:
             for future in futures:
                 future.cancel()
             raise
+
+    def tile_video(self, clip: VideoClip) -> TiledImage:
+        """Decode and tile a video's sampled frames (``video_tiling.tile_clip``) on the pool."""
+        return self._pool.submit(tile_clip, clip, self.config).result()
+
+    async def atile_video(self, clip: VideoClip) -> TiledImage:
+        """``tile_video`` for an asyncio caller: probe, decode and tiling run on one pool thread."""
+        return await asyncio.wrap_future(self._pool.submit(tile_clip, clip, self.config))
 
     def _submit(self, job: _Job) -> Future[TiledImage]:
         """Decode on the pool, then run the grid and thumbnail resizes as two further pool tasks.
