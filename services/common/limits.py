@@ -54,19 +54,29 @@ MIN_WEIGHT = 0.01
 MAX_WEIGHT = 100.0
 
 
-def check_image_tiles(tiles: Sequence[int]) -> None:
-    """InvalidArgument unless ``tiles`` (one count per image) is at most ``MAX_IMAGES_PER_REQUEST``
-    images of 1..``MAX_TILES_PER_IMAGE`` tiles (+ a thumbnail), ``MAX_TILES_PER_REQUEST`` in all: what
-    the encoder and the decoder check again themselves, whoever asks."""
+def check_image_tiles(tiles: Sequence[int], frames: Sequence[int] | None = None) -> None:
+    """InvalidArgument unless ``tiles`` (one count per image or video) is at most
+    ``MAX_IMAGES_PER_REQUEST`` entries, each image 1..``MAX_TILES_PER_IMAGE`` tiles (+ a thumbnail) and
+    each video of ``frames[k]`` (1..``MAX_FRAMES_PER_VIDEO``) frames that many per frame,
+    ``MAX_TILES_PER_REQUEST`` in all: what the encoder and the decoder check again themselves, whoever
+    asks. ``frames`` None: every entry is an image (one frame)."""
+    frames = [1] * len(tiles) if frames is None else list(frames)
     if len(tiles) > MAX_IMAGES_PER_REQUEST:
         raise InvalidArgument(
             f"{len(tiles)} images, over the limit of {MAX_IMAGES_PER_REQUEST} per request",
             reason="too_many_images",
         )
-    for k, n in enumerate(tiles):
-        if not 1 <= n <= MAX_TILES_PER_IMAGE + 1:
+    if len(frames) != len(tiles):
+        raise InvalidArgument(f"{len(tiles)} images but {len(frames)} frame counts")
+    for k, (n, f) in enumerate(zip(tiles, frames)):
+        if not 1 <= f <= MAX_FRAMES_PER_VIDEO:
             raise InvalidArgument(
-                f"image {k}: {n} tiles, outside 1..{MAX_TILES_PER_IMAGE + 1}", reason="too_many_tiles"
+                f"video {k}: {f} frames, outside 1..{MAX_FRAMES_PER_VIDEO}", reason="invalid_num_frames"
+            )
+        if not f <= n <= f * (MAX_TILES_PER_IMAGE + 1) or n % f:
+            raise InvalidArgument(
+                f"image {k}: {n} tiles for {f} frame(s), outside 1..{MAX_TILES_PER_IMAGE + 1} per frame",
+                reason="too_many_tiles",
             )
     if sum(tiles) > MAX_TILES_PER_REQUEST:
         raise InvalidArgument(

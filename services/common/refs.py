@@ -92,6 +92,7 @@ class EmbeddingRef:
     dtype: str
     grid: tuple[int, int] = (1, 1)
     cache_hit: bool = False
+    frames: int = 1  # a video's sampled frames; its tiles are theirs, frame by frame
     object_ref: Any = field(default=None, compare=False, repr=False)
     tensor: WireTensor | None = field(default=None, compare=False, repr=False)
 
@@ -100,6 +101,8 @@ class EmbeddingRef:
             raise InvalidArgument(f"embedding reference kind must be one of {KINDS}, got {self.kind!r}")
         if self.tiles < 1 or self.tokens_per_tile < 1 or self.dim < 1:
             raise InvalidArgument("embedding reference needs tiles, tokens_per_tile and dim >= 1")
+        if self.frames < 1 or self.tiles % self.frames:
+            raise InvalidArgument(f"{self.tiles} tiles cannot be {self.frames} frames of equal tiles")
         if self.kind == KIND_INLINE:
             if self.tensor is None:
                 raise InvalidArgument("an inline embedding reference carries its tensor")

@@ -19,7 +19,7 @@ from services.common.limits import (
     check_n,
 )
 from services.common.refs import EmbeddingRef
-from services.decoder.types import ChatMessage, DecodeRequest, TextContent
+from services.decoder.types import ChatMessage, DecodeRequest, TextContent, entry_frames
 
 
 def text_bytes(messages: Sequence[ChatMessage]) -> int:
@@ -44,4 +44,10 @@ def check_messages(messages: Sequence[ChatMessage]) -> None:
 def check_request(request: DecodeRequest, refs: Sequence[EmbeddingRef]) -> None:
     check_n(request.n)
     check_messages(request.messages)
-    check_image_tiles([r.tiles for r in refs])
+    check_image_tiles([r.tiles for r in refs], [r.frames for r in refs])
+    frames = entry_frames(request.messages)
+    if len(frames) == len(refs) and frames != [r.frames for r in refs]:
+        raise InvalidArgument(
+            f"the messages' videos have {frames} frames, their embedding references {[r.frames for r in refs]}",
+            reason="image_count_mismatch",
+        )

@@ -10,6 +10,10 @@ Two builders sit behind a small registry:
   ``config.json`` (``"template"``); ``services.convert.templates`` renders it with each image part
   written as the context token, then expansion is the same.
 
+Videos (``{"type": "video", "frames": n}`` parts) are rendered as the checkpoint renders them
+(``FrameStyle``): one labelled context token per frame, each then expanded like an image of the video's
+tiles per frame. A video is one entry of ``image_tiles`` (its tiles, frame by frame).
+
 User text never becomes control tokens. When no text part contains the string of an added/special
 token, the rendered prompt is tokenized in one piece (token-identical to the reference). Otherwise the
 template is rendered with a private marker in place of each text part, the template's own text is
@@ -22,7 +26,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.checkpoint import Checkpoint
@@ -35,8 +39,42 @@ from services.decoder.types import ROLES
 @dataclass
 class Prompt:
     token_ids: list[int]
-    images: list[ImageSpan]  # one span per image, in prompt order
+    images: list[ImageSpan]  # one span per image or video frame, in prompt order
     num_image_tokens: int
+    # per span: (entry, first row) of the embeddings it takes (an image is one entry, a video one entry
+    # of all its frames)
+    sources: list[tuple[int, int]] = field(default_factory=list)
+
+    def embeddings_for(self, entries: list[Any]) -> list[Any]:
+        """Each span's rows of ``entries`` (one (rows, hidden) tensor per image or video): views."""
+        return [entries[k][row : row + span.length] for span, (k, row) in zip(self.images, self.sources)]
+
+
+@dataclass(frozen=True)
+class FrameStyle:
+    """How a checkpoint labels video frames (INTERNVL.md, "Prompt side").
+
+    ``native``: the checkpoint's chat template renders a video part as the tokenizer's video token and
+    the frames replace it as transformers' ``InternVLProcessor.replace_video_token`` writes them:
+    ``"\n".join(f"Frame{i + 1}: <image>")`` (the template's own newline follows). Otherwise the video part
+    is written where the template puts text, as the reference's ``load_video`` callers write it:
+    ``"".join(f"{label}<image>\n")`` with ``label`` ``Frame-{k}: `` (OpenGVLab's current model cards,
+    InternVL 2.5 and 3) or ``Frame{k}: `` (the InternVL 2.0 model cards).
+    """
+
+    label: str = "Frame-{k}: "
+    native: bool = False
+
+    def text(self, frames: int, image: str) -> str:
+        labelled = [self.label.format(k=k + 1) + image for k in range(frames)]
+        return "\n".join(labelled) if self.native else "".join(f"{x}\n" for x in labelled)
+
+
+# The label of the reference's video prompt by conversation template: 2.5 / 3 write ``Frame-1:``, the
+# 2.0 model cards ``Frame1:``. A checkpoint's config.json may name its own (``video_frame_label``).
+TEMPLATE_FRAME_LABELS = {"internvl2_5": "Frame-{k}: "}
+LEGACY_FRAME_LABEL = "Frame{k}: "
+NATIVE_FRAME_LABEL = "Frame{k}: "
 
 
 class PromptBuilder:
@@ -62,6 +100,18 @@ class PromptBuilder:
         # What the tokenizer puts in front of any text (InternLM2 / Llama: BOS; Qwen2: nothing). The
         # reference tokenizes its whole prompt with special tokens on, so the prompt starts with it.
         self.prefix_ids: list[int] = list(tokenizer("", add_special_tokens=True)["input_ids"])
+        self.video_token: str | None = getattr(tokenizer, "video_token", None)
+        self.frame_style = FrameStyle()  # set from the checkpoint by ``make_prompt_builder``
+
+    def renders_video_natively(self) -> bool:
+        """Whether the chat template writes a video part as the tokenizer's video token."""
+        if not self.video_token:
+            return False
+        probe = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "q"}]}]
+        try:
+            return self.render(probe).count(self.video_token) == 1
+        except Exception:  # a template that refuses video parts
+            return False
 
     # -- to implement ---------------------------------------------------------------------------
     def render(self, messages: list[dict[str, Any]]) -> str:
@@ -72,7 +122,7 @@ class PromptBuilder:
         self, messages: list[dict[str, Any]], image_tiles: list[int], image_hashes: list[str]
     ) -> Prompt:
         messages = normalize_messages(messages)
-        num_parts = sum(1 for m in messages for p in parts_of(m) if p["type"] == "image")
+        num_parts = sum(1 for m in messages for p in parts_of(m) if p["type"] in ("image", "video"))
         if num_parts != len(image_tiles):
             raise InvalidArgument(
                 f"the messages have {num_parts} image parts but {len(image_tiles)} images were given",
@@ -81,7 +131,7 @@ class PromptBuilder:
         ids = self._tokenize(messages)
         if self.prefix_ids and ids[: len(self.prefix_ids)] != self.prefix_ids:
             ids = self.prefix_ids + ids
-        return self._expand(ids, image_tiles, image_hashes)
+        return self._expand(ids, *_per_context_token(messages, image_tiles, image_hashes))
 
     def _contains_special(self, text: str) -> bool:
         return any(s in text for s in self.special_strings)
@@ -96,7 +146,7 @@ class PromptBuilder:
     def _tokenize(self, messages: list[dict[str, Any]]) -> list[int]:
         texts = [p["text"] for m in messages for p in parts_of(m) if p["type"] == "text"]
         if not any(self._contains_special(t) for t in texts):
-            return self._encode(self.render(messages), parse_special=True)
+            return self._encode(self._render_frames(messages), parse_special=True)
         marker = f"\x00{uuid.uuid4().hex}\x00"
         marked, k = [], 0
         for m in messages:
@@ -112,7 +162,7 @@ class PromptBuilder:
                 else:
                     parts.append(p)
             marked.append({**m, "content": parts})
-        rendered = self.render(marked)
+        rendered = self._render_frames(marked)
         pieces = re.split(f"{re.escape(marker)}(\\d+){re.escape(marker)}", rendered)
         ids: list[int] = []
         for i, piece in enumerate(pieces):
@@ -122,7 +172,34 @@ class PromptBuilder:
                 ids += self._encode(texts[int(piece)], parse_special=False)
         return ids
 
-    def _expand(self, ids: list[int], image_tiles: list[int], image_hashes: list[str]) -> Prompt:
+    def _render_frames(self, messages: list[dict[str, Any]]) -> str:
+        """``render``, with every video part written as its frames (``FrameStyle``)."""
+        frames = [p["frames"] for m in messages for p in parts_of(m) if p["type"] == "video"]
+        if not frames:
+            return self.render(messages)
+        style = self.frame_style
+        slot = self.video_token if style.native else f"\x00{uuid.uuid4().hex}\x00"
+        stand_in = {"type": "video"} if style.native else {"type": "text", "text": slot}
+        swapped = [
+            m
+            if isinstance(m["content"], str)
+            else {**m, "content": [stand_in if p["type"] == "video" else p for p in m["content"]]}
+            for m in messages
+        ]
+        pieces = self.render(swapped).split(slot)
+        if len(pieces) != len(frames) + 1:
+            raise InvalidArgument(
+                f"the chat template placed {len(pieces) - 1} of {len(frames)} videos",
+                reason="image_count_mismatch",
+            )
+        out = pieces[0]
+        for n, rest in zip(frames, pieces[1:]):
+            out += style.text(n, self.context_token) + rest
+        return out
+
+    def _expand(
+        self, ids: list[int], image_tiles: list[int], image_hashes: list[str], sources: list[tuple[int, int]]
+    ) -> Prompt:
         if ids.count(self.context_id) != len(image_tiles):
             raise InvalidArgument(
                 f"the prompt has {ids.count(self.context_id)} image placeholders for {len(image_tiles)} images",
@@ -141,7 +218,8 @@ class PromptBuilder:
             out.extend([self.context_id] * n)
             out.append(self.end_id)
             k += 1
-        return Prompt(out, spans, sum(s.length for s in spans))
+        rows = [(entry, first * self.tokens_per_tile) for entry, first in sources]
+        return Prompt(out, spans, sum(s.length for s in spans), rows)
 
     def count_tokens(self, messages: list[dict[str, Any]], image_tiles: list[int]) -> tuple[int, int]:
         prompt = self.build(messages, image_tiles, [""] * len(image_tiles))
@@ -212,8 +290,29 @@ def make_prompt_builder(config: dict[str, Any], tokenizer, tokens_per_tile: int)
     message) only for a tokenizer without one."""
     name = config.get("template")
     if name and not getattr(tokenizer, "chat_template", None):
-        return PROMPT_BUILDERS["template"](tokenizer, name, tokens_per_tile)
-    return PROMPT_BUILDERS["native"](tokenizer, tokens_per_tile)
+        builder = PROMPT_BUILDERS["template"](tokenizer, name, tokens_per_tile)
+    else:
+        builder = PROMPT_BUILDERS["native"](tokenizer, tokens_per_tile)
+    builder.frame_style = frame_style(config, builder)
+    return builder
+
+
+def frame_style(config: dict[str, Any], builder: PromptBuilder) -> FrameStyle:
+    """The checkpoint's way of labelling video frames: ``video_frame_label`` in its config.json if set
+    (a format with ``{k}``, the frame number from 1); else transformers' when its chat template renders
+    video parts itself; else the reference's for its conversation template (``Frame-{k}: `` for
+    ``internvl2_5``, ``Frame{k}: `` for the 2.0-era templates)."""
+    native = builder.renders_video_natively()
+    label = config.get("video_frame_label")
+    if label is None:
+        label = (
+            NATIVE_FRAME_LABEL
+            if native
+            else TEMPLATE_FRAME_LABELS.get(config.get("template") or "internvl2_5", LEGACY_FRAME_LABEL)
+        )
+    if not isinstance(label, str) or "{k}" not in label or len(label) > 64:
+        raise FailedPrecondition(f"video_frame_label must be a short string with {{k}}, got {label!r}")
+    return FrameStyle(label=label, native=native)
 
 
 def parts_of(message: dict[str, Any]) -> list[dict[str, Any]]:
@@ -240,9 +339,42 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
                     parts.append({"type": "text", "text": p["text"]})
                 elif kind == "image":
                     parts.append({"type": "image"})
+                elif kind == "video" and _is_count(p.get("frames")):
+                    parts.append({"type": "video", "frames": p["frames"]})
                 else:
-                    raise InvalidArgument(f"messages[{i}].content[{j}] must be a text or image part")
+                    raise InvalidArgument(f"messages[{i}].content[{j}] must be a text, image or video part")
         else:
             raise InvalidArgument(f"messages[{i}].content must be a string or a list of parts")
         out.append({"role": m["role"], "content": parts})
     return out
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _per_context_token(
+    messages: list[dict[str, Any]], image_tiles: list[int], image_hashes: list[str]
+) -> tuple[list[int], list[str], list[tuple[int, int]]]:
+    """Tiles, hash and (entry, first tile) of every context token in prompt order: an image is one,
+    a video one per frame, each frame ``tiles / frames`` tiles of its video's embeddings."""
+    tiles, hashes, sources = [], [], []
+    entry = 0
+    for m in messages:
+        for p in parts_of(m):
+            if p["type"] not in ("image", "video"):
+                continue
+            frames = p["frames"] if p["type"] == "video" else 1
+            if image_tiles[entry] % frames:
+                raise InvalidArgument(
+                    f"video {entry}: {image_tiles[entry]} tiles are not {frames} frames of equal tiles",
+                    reason="image_count_mismatch",
+                )
+            per_frame = image_tiles[entry] // frames
+            for f in range(frames):
+                tiles.append(per_frame)
+                name = image_hashes[entry]
+                hashes.append(f"{name}#frame{f}" if name and p["type"] == "video" else name)
+                sources.append((entry, f * per_frame))
+            entry += 1
+    return tiles, hashes, sources

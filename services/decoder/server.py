@@ -40,6 +40,7 @@ from services.decoder.types import (
     ImageEmbedding,
     TokenLogprob,
     TopLogprob,
+    entry_frames,
     template_messages,
 )
 from services.embedding_cache.resolver import EmbeddingResolver
@@ -94,7 +95,7 @@ class DecoderFrontend:
     ) -> tuple[int, int]:
         self.signer.verify(ctx)
         check_messages(messages)
-        check_image_tiles(image_tiles)
+        check_image_tiles(image_tiles, entry_frames(messages))
         return self.core.count_tokens(template_messages(messages), image_tiles)
 
     async def _input(

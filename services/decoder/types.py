@@ -33,6 +33,7 @@ __all__ = [
     "TokenLogprob",
     "TopLogprob",
     "Usage",
+    "VideoPlaceholder",
     "template_messages",
 ]
 
@@ -58,6 +59,15 @@ class ImagePlaceholder:
     """Where the next image goes: the k-th placeholder of a request is its k-th embedding reference."""
 
 
+@dataclass(frozen=True)
+class VideoPlaceholder:
+    """Where the next video goes: ``frames`` sampled frames, rendered as the checkpoint labels video
+    frames (``services.decoder.prompting``). A video is one embedding reference, like an image; its
+    tiles are the frames' tiles, frame by frame."""
+
+    frames: int
+
+
 # The roles of a chat message, as the chat templates know them (the gateway maps HTTP's "developer" to
 # "system" before a request gets here).
 ROLES = ("system", "user", "assistant")
@@ -66,11 +76,12 @@ ROLES = ("system", "user", "assistant")
 @dataclass
 class ChatMessage:
     role: str  # one of ROLES
-    content: list[TextContent | ImagePlaceholder]
+    content: list[TextContent | ImagePlaceholder | VideoPlaceholder]
 
     @property
     def num_images(self) -> int:
-        return sum(1 for p in self.content if isinstance(p, ImagePlaceholder))
+        """Image and video parts: each takes one embedding reference."""
+        return sum(1 for p in self.content if isinstance(p, ImagePlaceholder | VideoPlaceholder))
 
 
 @dataclass
@@ -98,12 +109,28 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         if all(isinstance(p, TextContent) for p in m.content):
             out.append({"role": m.role, "content": "".join(p.text for p in m.content)})
         else:
-            parts = [
-                {"type": "text", "text": p.text} if isinstance(p, TextContent) else {"type": "image"}
-                for p in m.content
-            ]
+            parts = [_template_part(p) for p in m.content]
             out.append({"role": m.role, "content": parts})
     return out
+
+
+def _template_part(part: TextContent | ImagePlaceholder | VideoPlaceholder) -> dict[str, Any]:
+    if isinstance(part, TextContent):
+        return {"type": "text", "text": part.text}
+    if isinstance(part, VideoPlaceholder):
+        return {"type": "video", "frames": part.frames}
+    return {"type": "image"}
+
+
+def entry_frames(messages: list[ChatMessage]) -> list[int]:
+    """Frames of each image or video part in order (an image is one frame): what the embedding
+    references of the request must say."""
+    return [
+        p.frames if isinstance(p, VideoPlaceholder) else 1
+        for m in messages
+        for p in m.content
+        if isinstance(p, ImagePlaceholder | VideoPlaceholder)
+    ]
 
 
 # -- the engine's input -----------------------------------------------------------------------------

@@ -115,7 +115,7 @@ class RequestIntake:
             max_tokens,
             eos_token_ids=self.eos_token_ids,
             images=prompt.images,
-            mm_embeddings=[i.embeddings for i in inp.images],
+            mm_embeddings=prompt.embeddings_for([i.embeddings for i in inp.images]),  # one per span
             cache_namespace=inp.cache_namespace,
             priority=inp.priority,
             arrival_time=self.clock(),
