@@ -21,7 +21,8 @@ from gateway.intake import check_conversation, text_bytes
 from gateway.tenancy.config import SCOPE_CHAT, Tenant, parse_key_id
 from gateway.tenancy.keys import Authenticator, Principal
 from gateway.tenancy.limiter import Limiter
-from gateway.types import ChatChunk, ChatRequest, ImagePart, TokenLogprob, Usage
+from gateway.types import ChatChunk, ChatRequest, ImagePart, TokenLogprob, Usage, VideoPart
+from gateway.videos import VideoPlan, plan_video, resolve_video, visual_item
 from services.common import tracing
 from services.common.context import ContextSigner, RequestContext
 from services.common.errors import (
@@ -36,7 +37,7 @@ from services.common.errors import (
 )
 from services.common.limits import MAX_TILES_PER_IMAGE
 from services.common.refs import EmbeddingRef
-from services.common.types import TOKENS_PER_TILE, TilingParams
+from services.common.types import TOKENS_PER_TILE, TilingParams, VideoClip
 from services.decoder.types import ChatMessage, DecodeRequest, FinishReason, GenerationEvent
 from services.preprocess.config import DecodeLimits
 from services.preprocess.decoding import open_image
@@ -50,9 +51,12 @@ TEMPLATE_TOKENS_PER_MESSAGE = 16
 
 class EncoderClient(Protocol):
     async def embed(
-        self, images: Sequence[tuple[bytes, TilingParams]], ctx: RequestContext, inline: bool = False
+        self,
+        images: Sequence[tuple[bytes, TilingParams] | VideoClip],
+        ctx: RequestContext,
+        inline: bool = False,
     ) -> list[EmbeddingRef]:
-        """References for the images; ``inline``: the tensors themselves (a second attempt, when the
+        """References for the images and videos (``VideoClip``); ``inline``: the tensors themselves (a second attempt, when the
         decoder could not read the first references)."""
 
 
@@ -345,7 +349,7 @@ class Gateway:
         tilings: list[TilingParams],
         decode: DecodeRequest,
     ) -> AsyncIterator[ChatChunk]:
-        items = [(img.data, t) for img, t in zip(req.images, tilings)]
+        items = [visual_item(img, t) for img, t in zip(req.images, tilings)]
         record = call.record
         for attempt in (1, 2):
             # A second attempt asks for the tensors themselves: the first references could not be read.
@@ -416,7 +420,10 @@ class Gateway:
             return
         for k, img in remote:
             img.data = await self.fetcher.fetch(img.url)
-            tiles[k] = self._image_tiles(k, img.data, tilings[k])
+            if isinstance(img, VideoPart):
+                tiles[k] = resolve_video(k, tilings[k], img.data)
+            else:
+                tiles[k] = self._image_tiles(k, img.data, tilings[k])
         tenant.check_request_size(tiles=sum(tiles))
 
     async def _check_context(
@@ -452,10 +459,10 @@ class Gateway:
 
     def _plan_images(
         self, req: ChatRequest, tenant: Tenant, route: ModelRoute
-    ) -> tuple[list[TilingParams], list[int]]:
-        """Tiling per image (capped by model and tenant) and its tiles, from headers only; a remote
+    ) -> tuple[list[TilingParams | VideoPlan], list[int]]:
+        """Tiling per image (a ``VideoPlan`` per video) (capped by model and tenant) and its tiles, from headers only; a remote
         image (not fetched yet) counts its most, ``max_num`` + a thumbnail."""
-        images: list[ImagePart] = req.images
+        images: list[ImagePart | VideoPart] = req.images
         tenant.check_request_size(images=len(images))
         if any(img.url for img in images) and self.fetcher is None:
             raise InvalidArgument(
@@ -463,6 +470,14 @@ class Gateway:
             )
         tilings, tiles = [], []
         for k, img in enumerate(images):
+            if isinstance(img, VideoPart):
+                plan, n = plan_video(k, img, route.max_tiles_per_image)
+                tenant.check_request_size(
+                    frames=sum(p.frames for p in [*tilings, plan] if isinstance(p, VideoPlan))
+                )
+                tilings.append(plan)
+                tiles.append(n)
+                continue
             max_num = route.max_tiles_per_image if img.max_num is None else img.max_num
             if not 1 <= max_num <= MAX_TILES_PER_IMAGE:
                 raise InvalidArgument(

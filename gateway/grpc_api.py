@@ -13,7 +13,8 @@ from gateway.core import Gateway
 from gateway.images import checked_image, decode_data_uri, is_remote
 from gateway.intake import api_key, response_format, trace_context
 from gateway.tenancy.config import SCOPE_CHAT
-from gateway.types import ChatChunk, ChatRequest, ImagePart, Message, TextPart, Usage
+from gateway.types import ChatChunk, ChatRequest, ImagePart, Message, TextPart, Usage, VideoPart
+from gateway.videos import checked_video, decode_video_data_uri, video_part
 from services.common.errors import InvalidArgument
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -23,13 +24,15 @@ def chat_from_pb(request: gateway_pb2.ChatRequest, allow_remote: bool = False) -
     """The wire format only; the rules of the conversation are checked for both APIs by the gateway."""
     messages = []
     for k, m in enumerate(request.messages):
-        parts: list[TextPart | ImagePart] = []
+        parts: list[TextPart | ImagePart | VideoPart] = []
         for part in m.content:
             which = part.WhichOneof("part")
             if which == "text":
                 parts.append(TextPart(part.text))
             elif which == "image":
                 parts.append(_image_from_pb(part.image, k, allow_remote))
+            elif which == "video":
+                parts.append(_video_from_pb(part.video, k, allow_remote))
             else:
                 raise InvalidArgument(f"messages[{k}]: an empty content part")
         messages.append(Message(m.role, parts))
@@ -73,7 +76,7 @@ def _response_format_from_pb(request: gateway_pb2.ChatRequest):
 
 
 def count_images(request: gateway_pb2.ChatRequest) -> int:
-    return sum(1 for m in request.messages for p in m.content if p.WhichOneof("part") == "image")
+    return sum(1 for m in request.messages for p in m.content if p.WhichOneof("part") in ("image", "video"))
 
 
 def _image_from_pb(img: gateway_pb2.Image, k: int, allow_remote: bool) -> ImagePart:
@@ -85,6 +88,20 @@ def _image_from_pb(img: gateway_pb2.Image, k: int, allow_remote: bool) -> ImageP
     if source == "url":
         return ImagePart(decode_data_uri(img.url), img.max_num or None)
     raise InvalidArgument(f"messages[{k}]: an image part has neither data nor url")
+
+
+def _video_from_pb(video: gateway_pb2.Video, k: int, allow_remote: bool) -> VideoPart:
+    source = video.WhichOneof("source")
+    if source == "data":
+        data, url = checked_video(video.data), None
+    elif source == "url" and allow_remote and is_remote(video.url):
+        data, url = b"", video.url
+    elif source == "url":
+        data, url = decode_video_data_uri(video.url), None
+    else:
+        raise InvalidArgument(f"messages[{k}]: a video part has neither data nor url")
+    bound = (video.bound.start_s, video.bound.end_s) if video.HasField("bound") else None
+    return video_part(data, url, video.num_frames or None, bound, video.max_num or None)
 
 
 def _timeout_s(timeout_ms: int) -> float | None:

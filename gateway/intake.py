@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from gateway.types import ChatRequest, ImagePart, TextPart
+from gateway.types import ChatRequest, ImagePart, TextPart, VideoPart
 from services.common.errors import InvalidArgument
 from services.common.limits import MAX_MESSAGES, MAX_TEXT_BYTES, MAX_TOP_LOGPROBS
 from services.decoder.engine.response_format import REASON_INVALID, ResponseFormat
@@ -105,9 +105,9 @@ def check_conversation(req: ChatRequest) -> None:
             )
         if not m.parts:
             raise InvalidArgument(f"messages[{k}].content must not be empty", reason="empty_content")
-        if m.role != "user" and any(isinstance(p, ImagePart) for p in m.parts):
+        if m.role != "user" and any(isinstance(p, ImagePart | VideoPart) for p in m.parts):
             raise InvalidArgument(
-                f"messages[{k}]: images are accepted in user messages only",
+                f"messages[{k}]: images and videos are accepted in user messages only",
                 reason="image_not_in_user_message",
             )
     if messages[-1].role == "assistant":

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from gateway.images import decode_data_uri, is_remote, max_num_for_detail
 from gateway.intake import response_format
 from gateway.types import ChatRequest, ImagePart, Message, TextPart
+from gateway.videos import decode_video_data_uri, video_part
 from services.common.errors import InvalidArgument
 from services.common.limits import MAX_TILES_PER_IMAGE, MAX_TOKENS_PER_REQUEST
 from services.decoder.engine.response_format import parse_logit_bias
@@ -59,10 +60,32 @@ class ImageContent(BaseModel):
     image_url: ImageURL
 
 
+class VideoURL(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(max_length=96 * 1024 * 1024)
+    num_frames: int | None = Field(default=None, description="Extension: frames to sample (1..64; 8).")
+    bound: tuple[float, float] | None = Field(default=None, description="Extension: [start, end] seconds.")
+    max_num: int | None = Field(default=None, description="Extension: tiles per frame at most (1).")
+
+
+class VideoContent(BaseModel):
+    """vLLM's and LMDeploy's ``video_url`` content part."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+    def to_domain(self, allow_remote: bool):
+        v = self.video_url
+        remote = allow_remote and is_remote(v.url)
+        data = b"" if remote else decode_video_data_uri(v.url)
+        return video_part(data, v.url if remote else None, v.num_frames, v.bound, v.max_num)
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str = Field(max_length=64, description="system, user, assistant, or developer (= system).")
-    content: str | list[TextContent | ImageContent] | None = None
+    content: str | list[TextContent | ImageContent | VideoContent] | None = None
     name: str | None = Field(default=None, max_length=64)
 
 
@@ -148,13 +171,15 @@ class ChatCompletionRequest(_Lenient):
         messages = []
         for m in self.messages:
             role = "system" if m.role == "developer" else m.role
-            parts: list[TextPart | ImagePart] = []
+            parts: list = []
             if isinstance(m.content, str):
                 parts.append(TextPart(m.content))
             elif m.content is not None:
                 for part in m.content:
                     if isinstance(part, TextContent):
                         parts.append(TextPart(part.text))
+                    elif isinstance(part, VideoContent):
+                        parts.append(part.to_domain(allow_remote))
                     else:
                         url = part.image_url.url
                         remote = allow_remote and is_remote(url)

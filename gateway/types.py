@@ -12,6 +12,7 @@ from services.decoder.types import (
     ImagePlaceholder,
     SamplingParams,
     TextContent,
+    VideoPlaceholder,
 )
 
 
@@ -23,6 +24,18 @@ class ImagePart:
 
 
 @dataclass
+class VideoPart:
+    """A video: its frames are sampled as the reference's ``load_video`` samples them (``num_frames``
+    segments, optionally within ``bound`` seconds), each tiled with ``max_num`` tiles (1: one tile)."""
+
+    data: bytes
+    num_frames: int | None = None  # None: the default (8)
+    bound: tuple[float, float] | None = None
+    max_num: int | None = None  # None: one tile per frame
+    url: str | None = None  # a remote video still to fetch (only where remote fetching is enabled)
+
+
+@dataclass
 class TextPart:
     text: str
 
@@ -30,7 +43,7 @@ class TextPart:
 @dataclass
 class Message:
     role: str
-    parts: list[TextPart | ImagePart]
+    parts: list[TextPart | ImagePart | VideoPart]
 
 
 @dataclass
@@ -56,8 +69,9 @@ class ChatRequest:
     trace: dict[str, str] = field(default_factory=dict)  # the caller's W3C trace context, if any
 
     @property
-    def images(self) -> list[ImagePart]:
-        return [p for m in self.messages for p in m.parts if isinstance(p, ImagePart)]
+    def images(self) -> list[ImagePart | VideoPart]:
+        """Image and video parts in order: each is one embedding reference."""
+        return [p for m in self.messages for p in m.parts if isinstance(p, ImagePart | VideoPart)]
 
     def decode_request(self, max_tokens: int) -> DecodeRequest:
         """What the decoder is asked: the messages with a placeholder for each image (the images travel
@@ -66,7 +80,7 @@ class ChatRequest:
             messages=[
                 ChatMessage(
                     m.role,
-                    [TextContent(p.text) if isinstance(p, TextPart) else ImagePlaceholder() for p in m.parts],
+                    [_placeholder(p) for p in m.parts],
                 )
                 for m in self.messages
             ],
@@ -86,6 +100,16 @@ class ChatRequest:
             max_tokens=max_tokens,
             n=self.n,
         )
+
+
+def _placeholder(part: TextPart | ImagePart | VideoPart):
+    if isinstance(part, TextPart):
+        return TextContent(part.text)
+    if isinstance(part, VideoPart):
+        from services.common.limits import DEFAULT_FRAMES_PER_VIDEO
+
+        return VideoPlaceholder(part.num_frames or DEFAULT_FRAMES_PER_VIDEO)
+    return ImagePlaceholder()
 
 
 @dataclass

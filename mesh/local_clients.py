@@ -12,7 +12,7 @@ from typing import Any
 
 from services.common.context import RequestContext
 from services.common.refs import EmbeddingRef
-from services.common.types import TilingParams
+from services.common.types import TilingParams, VideoClip
 from services.decoder.server import DecoderFrontend
 from services.decoder.types import ChatMessage, DecodeRequest, GenerationEvent
 from services.encoder.core import EncoderCore, ImageInput
@@ -25,10 +25,13 @@ class LocalEncoderClient:
         self.core = core
 
     async def embed(
-        self, images: Sequence[tuple[bytes, TilingParams]], ctx: RequestContext, inline: bool = False
+        self,
+        images: Sequence[tuple[bytes, TilingParams] | VideoClip],
+        ctx: RequestContext,
+        inline: bool = False,
     ) -> list[EmbeddingRef]:
         return await self.core.embed_images(
-            [ImageInput(d, t) for d, t in images],
+            [item if isinstance(item, VideoClip) else ImageInput(*item) for item in images],
             namespace=ctx.cache_namespace,
             priority=ctx.priority,
             inline=inline,

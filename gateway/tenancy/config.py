@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from services.common.errors import InvalidArgument, PermissionDenied
 from services.common.limits import (
+    MAX_FRAMES_PER_REQUEST,
     MAX_GRAMMAR_COMPILE_MS,
     MAX_IMAGES_PER_REQUEST,
     MAX_N,
@@ -111,7 +112,19 @@ class TenantLimits(_Strict):
         description="Image tiles (448x448 crops, thumbnails included) in one request; at most 128.",
     )
     max_images_per_request: int = Field(
-        default=8, ge=1, le=MAX_IMAGES_PER_REQUEST, description="Images in one request; at most 16."
+        default=8,
+        ge=1,
+        le=MAX_IMAGES_PER_REQUEST,
+        description="Images and videos in one request; at most 16.",
+    )
+    max_frames_per_request: int = Field(
+        default=32,
+        ge=1,
+        le=MAX_FRAMES_PER_REQUEST,
+        description=(
+            "Video frames sampled in one request, all videos together (each video's num_frames, 8 by "
+            "default); at most 128. Every frame is at least one tile of max_tiles_per_request too."
+        ),
     )
     max_tokens_per_request: int = Field(
         default=4096,
@@ -160,6 +173,7 @@ class TenantLimits(_Strict):
             daily_token_quota=MAX_DAILY_TOKENS,
             max_tiles_per_request=MAX_TILES_PER_REQUEST,
             max_images_per_request=MAX_IMAGES_PER_REQUEST,
+            max_frames_per_request=MAX_FRAMES_PER_REQUEST,
             max_tokens_per_request=MAX_TOKENS_PER_REQUEST,
             max_schema_bytes=MAX_SCHEMA_BYTES,
             max_grammar_compile_ms=MAX_GRAMMAR_COMPILE_MS,
@@ -228,10 +242,16 @@ class Tenant(_Strict):
                 f"tenant {self.name!r} may not use model {model!r}", reason="model_not_allowed"
             )
 
-    def check_request_size(self, *, images: int = 0, tiles: int = 0) -> None:
-        """InvalidArgument if one request carries more images or tiles than this tenant's caps (never
-        above the mesh's bounds): retrying it unchanged cannot succeed."""
+    def check_request_size(self, *, images: int = 0, tiles: int = 0, frames: int = 0) -> None:
+        """InvalidArgument if one request carries more images (videos included), tiles or video frames
+        than this tenant's caps (never above the mesh's bounds): retrying it unchanged cannot succeed."""
         lim = self.limits
+        if frames > lim.max_frames_per_request:
+            raise InvalidArgument(
+                f"the videos ask for {frames} frames, over the limit of {lim.max_frames_per_request} per "
+                "request; lower num_frames",
+                reason="too_many_frames",
+            )
         if images > lim.max_images_per_request:
             raise InvalidArgument(
                 f"{images} images, over the limit of {lim.max_images_per_request} per request",

@@ -102,6 +102,7 @@ def ref_to_pb(ref: EmbeddingRef) -> common_pb2.EmbeddingRef:
         grid_cols=ref.grid[0],
         grid_rows=ref.grid[1],
         cache_hit=ref.cache_hit,
+        frames=ref.frames,
     )
     if ref.kind == KIND_INLINE and ref.tensor is not None:
         pb.tensor.CopyFrom(tensor_to_pb(ref.tensor))
@@ -128,5 +129,6 @@ def ref_from_pb(pb: common_pb2.EmbeddingRef) -> EmbeddingRef:
         dtype=dtype_from_pb(pb.dtype),
         grid=(pb.grid_cols or 1, pb.grid_rows or 1),
         cache_hit=pb.cache_hit,
+        frames=pb.frames or 1,
         tensor=tensor,
     )

@@ -47,7 +47,7 @@ from services.common.refs import (
     validate_namespace,
 )
 from services.common.tensors import WireTensor, torch_dtype_name
-from services.common.types import TiledImage, TilingParams, sha256_hex
+from services.common.types import TiledImage, TilingParams, VideoClip, sha256_hex
 from services.embedding_cache.errors import StoreFull, StoreUnavailable
 from services.embedding_cache.memory import MemoryEmbeddingStore
 from services.embedding_cache.redis_store import RedisEmbeddingStore
@@ -70,6 +70,9 @@ class TileSource(Protocol):
         self, items: Sequence[tuple[bytes, TilingParams]], ctx: RequestContext | None = None
     ) -> list[TiledImage]: ...
 
+    async def tile_video(self, clip: VideoClip, ctx: RequestContext | None = None) -> TiledImage:
+        """A video's sampled frames decoded and tiled: one ``TiledImage``, its tiles frame by frame."""
+
 
 class PreprocessorTileSource:
     """A ``TileSource`` over an in-process ``services.preprocess.pipeline.Preprocessor``."""
@@ -81,6 +84,9 @@ class PreprocessorTileSource:
         self, items: Sequence[tuple[bytes, TilingParams]], ctx: RequestContext | None = None
     ) -> list[TiledImage]:
         return await self.preprocessor.atile_images(items)
+
+    async def tile_video(self, clip: VideoClip, ctx: RequestContext | None = None) -> TiledImage:
+        return await self.preprocessor.atile_video(clip)
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,7 @@ class _Job:
     deadline: float | None
     tenant: str = ""  # whose fair share of the tiles pays for an encode (the first asker's)
     weight: float = 1.0
+    frames: int = 1  # a video's sampled frames (an image is one)
 
 
 class EncoderCore:
@@ -206,7 +213,7 @@ class EncoderCore:
     # -- public API ---------------------------------------------------------------------------------
     async def embed_images(
         self,
-        images: Sequence[ImageInput],
+        images: Sequence[ImageInput | VideoClip],
         namespace: str,
         priority: int = 0,
         deadline: float | None = None,
@@ -226,7 +233,7 @@ class EncoderCore:
         headers, before any work) hold whoever asks.
         """
         validate_namespace(namespace)
-        check_image_tiles([_header_tiles(image) for image in images])
+        check_image_tiles([_header_tiles(i) for i in images], [_frames(i) for i in images])
         if self.tile_source is None:
             raise InvalidArgument(
                 "this encoder has no tile source: send tiles (embed_tiles) instead of bytes"
@@ -236,16 +243,19 @@ class EncoderCore:
             if not image.data:
                 raise InvalidArgument("an image has no bytes")
             tiling = image.tiling.validate()
-            sha = sha256_hex(image.data)
+            video = isinstance(image, VideoClip)
+            # A video's address: its bytes' hash and the sampled frame numbers (the tiling joins in the key).
+            sha = image.content_sha256() if video else sha256_hex(image.data)
             jobs.append(
                 _Job(
                     embedding_key(namespace, self.identity, tiling, sha, self.key_prefix),
                     sha,
-                    self._tiler(image.data, tiling, ctx),
+                    self._video_tiler(image, ctx) if video else self._tiler(image.data, tiling, ctx),
                     priority,
                     deadline,
                     tenant,
                     weight,
+                    _frames(image),
                 )
             )
         return await self._run_jobs(jobs, deadline, inline)
@@ -401,7 +411,7 @@ class EncoderCore:
 
     async def _encode(self, job: _Job) -> StoredEmbedding:
         tiled = await job.get_tiles()
-        self._check_tiled(tiled)
+        self._check_tiled(tiled, job.frames)
         tiles = torch.from_numpy(np.ascontiguousarray(tiled.tiles))  # (N, S, S, 3) uint8, no copy
         with tracing.span(tracing.SPAN_ENCODE, {tracing.ATTR_TILES: int(tiles.shape[0])}):
             out = await self.batcher.submit(
@@ -412,7 +422,7 @@ class EncoderCore:
         self.stats.tiles_encoded += n
         self.metrics.images.labels(self.label, "encoded").inc()
         wire = WireTensor.from_torch(out.reshape(n * t, d))  # (N, T, D) -> (N*T, D), tile-major rows
-        return StoredEmbedding.from_tensor(wire, n, {"grid": list(tiled.grid)})
+        return StoredEmbedding.from_tensor(wire, n, {"grid": list(tiled.grid), "frames": job.frames})
 
     # -- references ---------------------------------------------------------------------------------
     def _reference(
@@ -428,6 +438,7 @@ class EncoderCore:
             dtype=entry.dtype,
             grid=(int(grid[0]), int(grid[1])),
             cache_hit=hit,
+            frames=int(entry.meta.get("frames") or 1),
         )
         if shared:
             return EmbeddingRef(kind=KIND_CACHE, **common)
@@ -469,7 +480,15 @@ class EncoderCore:
 
         return tile
 
-    def _check_tiled(self, image: TiledImage) -> None:
+    def _video_tiler(
+        self, clip: VideoClip, ctx: RequestContext | None
+    ) -> Callable[[], Awaitable[TiledImage]]:
+        async def tile() -> TiledImage:
+            return await self.tile_source.tile_video(clip, ctx)  # type: ignore[union-attr]
+
+        return tile
+
+    def _check_tiled(self, image: TiledImage, frames: int = 1) -> None:
         tiles = image.tiles
         s = self.encoder.tile_size
         if (
@@ -482,9 +501,10 @@ class EncoderCore:
             raise InvalidArgument(
                 f"tiles must be uint8 (N, {s}, {s}, 3), got {getattr(tiles, 'dtype', '?')} {shape}"
             )
-        if not 1 <= tiles.shape[0] <= self.config.max_tiles_per_image:
+        most = self.config.max_tiles_per_image * frames
+        if not frames <= tiles.shape[0] <= most or tiles.shape[0] % frames:
             raise InvalidArgument(
-                f"an image has {tiles.shape[0]} tiles; 1..{self.config.max_tiles_per_image} are accepted"
+                f"an image of {frames} frame(s) has {tiles.shape[0]} tiles; {frames}..{most} are accepted"
             )
 
     def _forward(self, tiles: torch.Tensor) -> torch.Tensor:
@@ -534,12 +554,20 @@ def _store_observer(metrics: EncoderMetrics, label: str) -> Callable[[str], None
     return observe
 
 
-def _header_tiles(image: ImageInput) -> int:
-    """The tiles an image will take, from its header alone (no pixels decoded)."""
-    from services.preprocess.config import DecodeLimits
+def _frames(image: ImageInput | VideoClip) -> int:
+    return image.frames if isinstance(image, VideoClip) else 1
+
+
+def _header_tiles(image: ImageInput | VideoClip) -> int:
+    """The tiles an image (or a video's frames, at most) will take, from headers alone (no pixels)."""
+    from services.preprocess.config import DecodeLimits, VideoLimits
     from services.preprocess.decoding import open_image
     from services.preprocess.tiling import count_tiles
 
+    if isinstance(image, VideoClip):
+        from services.preprocess.video_tiling import check_clip
+
+        return check_clip(image, VideoLimits())[1]
     if not image.data:
         raise InvalidArgument("an image has no bytes")
     header = open_image(image.data, DecodeLimits())

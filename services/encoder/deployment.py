@@ -22,7 +22,7 @@ from services.common.context import RequestContext
 from services.common.grpc_server import via_serve_proxy
 from services.common.refs import KIND_OBJECT
 from services.common.serve_args import app_args, mesh_signer, redis_url_with_password, resolve_device
-from services.common.types import TilingParams
+from services.common.types import TilingParams, VideoClip
 from services.encoder.config import EncoderAppArgs
 from services.encoder.core import EncoderCore, ImageInput
 from services.encoder.server import EncoderServicer
@@ -43,6 +43,10 @@ class HandleTileSource:
         # signed context of the request (preprocess verifies it too).
         ctx = replace(ctx or RequestContext(), trace=tracing.current_carrier())
         return await self.handle.tile.remote(list(items), ctx)
+
+    async def tile_video(self, clip: VideoClip, ctx: RequestContext | None = None):
+        ctx = replace(ctx or RequestContext(), trace=tracing.current_carrier())
+        return await self.handle.tile_video.remote(clip, ctx)
 
 
 class EncoderDeployment:
@@ -67,7 +71,7 @@ class EncoderDeployment:
         ctx = self.signer.verify(ctx)
         remaining = ctx.remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
-        inputs = [ImageInput(data, tiling) for data, tiling in images]
+        inputs = [item if isinstance(item, VideoClip) else ImageInput(*item) for item in images]
         with tracing.span_from(ctx.trace, tracing.SPAN_ENCODER, {tracing.ATTR_IMAGES: len(inputs)}) as span:
             refs = await self.core.embed_images(
                 inputs,

@@ -15,6 +15,7 @@ from services.common import tracing
 from services.common.context import RequestContext
 from services.common.grpc_server import via_serve_proxy
 from services.common.serve_args import app_args, mesh_signer
+from services.common.types import VideoClip
 from services.preprocess.config import PreprocessAppArgs
 from services.preprocess.pipeline import Preprocessor
 from services.preprocess.server import PreprocessServicer
@@ -31,6 +32,11 @@ class PreprocessDeployment:
         ctx = self.signer.verify(ctx)
         with tracing.span_from(ctx.trace, tracing.SPAN_PREPROCESS, {tracing.ATTR_IMAGES: len(items)}):
             return await self.preprocessor.atile_images(items)
+
+    async def tile_video(self, clip: VideoClip, ctx: RequestContext):
+        ctx = self.signer.verify(ctx)
+        with tracing.span_from(ctx.trace, tracing.SPAN_PREPROCESS, {tracing.ATTR_IMAGES: 1}):
+            return await self.preprocessor.atile_video(clip)
 
     async def TileImages(self, request, grpc_context=None):  # noqa: N802 - gRPC method name
         return await via_serve_proxy(

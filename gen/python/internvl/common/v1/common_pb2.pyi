@@ -91,7 +91,7 @@ class RequestContext(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., tenant: _Optional[str] = ..., cache_namespace: _Optional[str] = ..., priority: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., expires_unix_ms: _Optional[int] = ..., signature: _Optional[bytes] = ..., weight: _Optional[float] = ..., max_kv_share: _Optional[float] = ...) -> None: ...
 
 class EmbeddingRef(_message.Message):
-    __slots__ = ("kind", "key", "image_sha256", "tiles", "tokens_per_tile", "dim", "dtype", "grid_cols", "grid_rows", "cache_hit", "tensor")
+    __slots__ = ("kind", "key", "image_sha256", "tiles", "tokens_per_tile", "dim", "dtype", "grid_cols", "grid_rows", "cache_hit", "tensor", "frames")
     KIND_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class EmbeddingRef(_message.Message):
     GRID_ROWS_FIELD_NUMBER: _ClassVar[int]
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
     kind: EmbeddingRefKind
     key: str
     image_sha256: str
@@ -114,4 +115,5 @@ class EmbeddingRef(_message.Message):
     grid_rows: int
     cache_hit: bool
     tensor: Tensor
-    def __init__(self, kind: _Optional[_Union[EmbeddingRefKind, str]] = ..., key: _Optional[str] = ..., image_sha256: _Optional[str] = ..., tiles: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[ElementType, str]] = ..., grid_cols: _Optional[int] = ..., grid_rows: _Optional[int] = ..., cache_hit: _Optional[bool] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    frames: int
+    def __init__(self, kind: _Optional[_Union[EmbeddingRefKind, str]] = ..., key: _Optional[str] = ..., image_sha256: _Optional[str] = ..., tiles: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[ElementType, str]] = ..., grid_cols: _Optional[int] = ..., grid_rows: _Optional[int] = ..., cache_hit: _Optional[bool] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., frames: _Optional[int] = ...) -> None: ...

@@ -28,13 +28,37 @@ class Image(_message.Message):
     max_num: int
     def __init__(self, data: _Optional[bytes] = ..., url: _Optional[str] = ..., max_num: _Optional[int] = ...) -> None: ...
 
+class Video(_message.Message):
+    __slots__ = ("data", "url", "num_frames", "bound", "max_num")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    BOUND_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    url: str
+    num_frames: int
+    bound: TimeBound
+    max_num: int
+    def __init__(self, data: _Optional[bytes] = ..., url: _Optional[str] = ..., num_frames: _Optional[int] = ..., bound: _Optional[_Union[TimeBound, _Mapping]] = ..., max_num: _Optional[int] = ...) -> None: ...
+
+class TimeBound(_message.Message):
+    __slots__ = ("start_s", "end_s")
+    START_S_FIELD_NUMBER: _ClassVar[int]
+    END_S_FIELD_NUMBER: _ClassVar[int]
+    start_s: float
+    end_s: float
+    def __init__(self, start_s: _Optional[float] = ..., end_s: _Optional[float] = ...) -> None: ...
+
 class Part(_message.Message):
-    __slots__ = ("text", "image")
+    __slots__ = ("text", "image", "video")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
     text: str
     image: Image
-    def __init__(self, text: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
+    video: Video
+    def __init__(self, text: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., video: _Optional[_Union[Video, _Mapping]] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
