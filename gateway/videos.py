@@ -78,7 +78,7 @@ def video_part(
     max_num: int | None,
 ) -> VideoPart:
     """A ``VideoPart`` with its sampling checked (both APIs call this)."""
-    FrameSampling(num_frames or DEFAULT_FRAMES_PER_VIDEO, bound).validate()
+    FrameSampling(DEFAULT_FRAMES_PER_VIDEO if num_frames is None else num_frames, bound).validate()
     if max_num is not None and not 1 <= max_num <= MAX_TILES_PER_IMAGE:
         raise InvalidArgument(
             f"video max_num must be in 1..{MAX_TILES_PER_IMAGE}, got {max_num}", reason="invalid_max_num"

@@ -3,9 +3,6 @@ and containers, constant and variable frame rate, rotated; each sampled frame eq
 the same frame decoded sequentially without seeking. Then the tiles equal ``load_video``'s, and every
 bad video is refused with its reason."""
 
-import io
-from fractions import Fraction
-
 import numpy as np
 import pytest
 
@@ -21,6 +18,8 @@ from tests.support.videos import (
     CLIP_KINDS,
     Clip,
     decord_reader,
+    huge_clip,
+    long_clip,
     make_clip,
     reference_load_video,
     sequential_frames,
@@ -107,25 +106,6 @@ def test_tiles_equal_the_reference_load_video(max_num):
 
 
 # -- bad videos ------------------------------------------------------------------------------------
-def _long_clip() -> bytes:
-    """Two frames an hour and a half apart: a tiny file declaring an absurd duration."""
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as out:
-        stream = out.add_stream("mpeg4", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        stream.codec_context.time_base = Fraction(1, 1000)
-        for pts in (0, 5_400_000):
-            frame = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")
-            frame.pts, frame.time_base = pts, Fraction(1, 1000)
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return buf.getvalue()
-
-
 GOOD = make_clip(Clip(frames=48, gop=48, width=96, height=64))
 
 
@@ -139,8 +119,8 @@ GOOD = make_clip(Clip(frames=48, gop=48, width=96, height=64))
         (GOOD, VideoLimits(max_video_bytes=1000), "video_too_large"),
         (GOOD, VideoLimits(max_pixels=95 * 64), "video_too_large"),
         (GOOD, VideoLimits(max_frames=40), "video_too_long"),
-        (_long_clip(), LIMITS, "video_too_long"),
-        (make_clip(Clip(codec="mpeg4", frames=1, width=4096, height=2176)), LIMITS, "video_too_large"),
+        (long_clip(), LIMITS, "video_too_long"),
+        (huge_clip(), LIMITS, "video_too_large"),
     ],
     ids=["empty", "png", "zeros", "truncated", "bytes", "pixels", "frames", "duration", "4k-plus"],
 )

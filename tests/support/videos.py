@@ -79,6 +79,30 @@ def make_clip(clip: Clip = Clip()) -> bytes:
     return buf.getvalue()
 
 
+def long_clip() -> bytes:
+    """Two frames an hour and a half apart: a tiny file declaring an absurd duration."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for pts in (0, 5_400_000):
+            frame = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def huge_clip() -> bytes:
+    """One 4096x2176 frame: over the 4K UHD frame bound."""
+    return make_clip(Clip(codec="mpeg4", frames=1, width=4096, height=2176))
+
+
 def sequential_frames(data: bytes) -> list[np.ndarray]:
     """Every frame, decoded in order from the start without seeking: RGB24 arrays, turned upright."""
     import av
