@@ -47,7 +47,12 @@ HTTP_CASES = [
     ("video-max-num-41", with_videos(video(GOOD, max_num=41)), 400, "invalid_max_num"),
     ("video-remote-url", with_videos(video(url="https://example.com/a.mp4")), 400, "remote_images_disabled"),
     ("video-image-mime", with_videos(video(url=uri(GOOD))), 400, "video_url_invalid"),
-    ("video-in-assistant-message", with_videos(video(GOOD), role="assistant"), 400, "image_not_in_user_message"),
+    (
+        "video-in-assistant-message",
+        with_videos(video(GOOD), role="assistant"),
+        400,
+        "image_not_in_user_message",
+    ),
 ]
 
 
