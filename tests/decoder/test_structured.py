@@ -292,7 +292,7 @@ def test_a_token_id_outside_the_vocabulary_is_invalid(engine):
 def test_requests_without_either_leave_the_logits_untouched():
     from services.decoder.engine.logit_constraints import allowed_tokens, apply_logit_constraints
 
-    logits = torch.randn(3, 70)
+    logits = torch.randint(-8, 8, (3, 70)).float()  # integers: a bias adds exactly
     requests = [Request(f"r{i}", [1], SamplingParams(), 4) for i in range(3)]
     assert apply_logit_constraints(logits, requests) is logits
     requests[1].sampling_params.logit_bias = {5: 2.0, 69: -1.0}
