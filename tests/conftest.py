@@ -17,6 +17,18 @@ from tests.support.signing import ENV as MESH_SECRET_ENV
 os.environ.update(MESH_SECRET_ENV)
 
 
+def _triton_interpreter_without_cuda() -> None:
+    """Without CUDA, Triton kernels run in Triton's interpreter on CPU tensors; it reads
+    ``TRITON_INTERPRET`` once, when Triton is first imported, so it is set here, before any test."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_triton_interpreter_without_cuda()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     from services.common.tiny_checkpoint import make_tiny_checkpoint

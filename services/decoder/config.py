@@ -136,8 +136,12 @@ class DecoderSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    attention_backend: Literal["auto", "torch_paged", "flash_attn"] = Field(
-        "auto", description="auto: flash_attn on CUDA when installed and the block size suits it."
+    attention_backend: Literal["auto", "torch_paged", "flash_attn", "triton_paged"] = Field(
+        "auto",
+        description=(
+            "auto: flash_attn on CUDA when installed and the block size suits it, else torch_paged. "
+            "triton_paged (decode reads the paged cache in place with a Triton kernel) only when named."
+        ),
     )
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)

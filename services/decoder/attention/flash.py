@@ -3,7 +3,9 @@
 ``flash_attn_varlen_func`` with ``block_table`` reads K/V straight from the paged cache: ``k``/``v`` are
 the cache tensors (num_blocks, block_size, Hkv, D), ``cu_seqlens_k`` the cumulative context lengths,
 and ``causal=True`` aligns the mask bottom-right, which is what chunked prefill and prefix hits need.
-Its paged path requires ``block_size % 256 == 0``.
+Its paged path requires ``block_size % 256 == 0``. A static-shape decode step (``meta.static``, the
+CUDA-graph path) runs ``flash_attn_with_kvcache`` with ``block_table`` and ``cache_seqlens``: one query
+per sequence against its blocks, in place.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ class FlashAttnBackend:
     name = "flash_attn"
 
     def __init__(self):
-        from flash_attn import flash_attn_varlen_func
+        from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
         self._varlen = flash_attn_varlen_func
+        self._with_kvcache = flash_attn_with_kvcache
 
     def validate_block_size(self, block_size: int) -> None:
         if block_size % FLASH_BLOCK_MULTIPLE != 0:
@@ -58,6 +61,16 @@ class FlashAttnBackend:
         num_kv_heads, head_dim = k_cache.shape[-2], k_cache.shape[-1]
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+        if meta.static is not None:
+            return self._with_kvcache(
+                q.unsqueeze(1),  # (B, H, D) -> (B, 1, H, D)
+                k_cache,
+                v_cache,
+                cache_seqlens=meta.static.context_lens,
+                block_table=meta.static.block_table,
+                softmax_scale=scale,
+                causal=True,
+            ).squeeze(1)  # (B, 1, H, D) -> (B, H, D)
         x = meta.extra
         return self._varlen(
             q,

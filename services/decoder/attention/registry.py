@@ -19,6 +19,18 @@ from services.common.errors import FailedPrecondition, InvalidArgument
 
 
 @dataclass
+class StaticDecode:
+    """A decode-only step in fixed-shape device tensors (the CUDA-graph path, ``engine/decode_graphs``):
+    row ``b`` is one query against the blocks ``block_table[b]`` (B, W) int32 and the first
+    ``context_lens[b]`` (B,) int32 tokens in them. The host lists of ``AttentionMetadata`` are empty:
+    nothing about the step is read on the host. Padding rows have length 1 and read a scratch block;
+    their outputs are ignored."""
+
+    block_table: Any
+    context_lens: Any
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: Any  # (T,) int64 tensor on the device
     query_start_loc: list[int]  # B + 1 offsets into the flat token dimension
@@ -26,6 +38,7 @@ class AttentionMetadata:
     block_tables: list[list[int]]  # B lists of block ids
     block_size: int
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific, built by ``prepare``
+    static: StaticDecode | None = None  # set instead of ``prepare`` for a static-shape decode step
 
     @property
     def query_lens(self) -> list[int]:
@@ -42,7 +55,8 @@ class AttentionBackend(Protocol):
         """Build the backend's per-step tensors once; every layer reuses them."""
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        """q (T, H, D), k/v (T, Hkv, D) -> (T, H, D); writes k/v into the cache first."""
+        """q (T, H, D), k/v (T, Hkv, D) -> (T, H, D); writes k/v into the cache first. With
+        ``meta.static`` set, T is the static batch and every row is a decode query."""
 
 
 _BACKENDS: dict[str, Callable[[], AttentionBackend]] = {}
@@ -62,7 +76,8 @@ def is_backend_available(name: str, device: str) -> bool:
 
 
 def resolve_backend_name(name: str, device: str, block_size: int) -> str:
-    """``auto``: flash-attn on CUDA when installed and ``block_size`` suits it, else the torch path."""
+    """``auto``: flash-attn on CUDA when installed and ``block_size`` suits it, else the torch path.
+    ``triton_paged`` is used only when asked for by name."""
     _load_builtin()
     if name == "auto":
         if device == "cuda" and is_backend_available("flash_attn", device) and block_size % 256 == 0:
@@ -84,7 +99,8 @@ def get_backend(name: str, device: str, block_size: int) -> AttentionBackend:
 def _load_builtin() -> None:
     if _BACKENDS:
         return
-    from services.decoder.attention import flash, torch_paged
+    from services.decoder.attention import flash, torch_paged, triton_paged
 
     register_backend("torch_paged", torch_paged.TorchPagedBackend, torch_paged.is_available)
     register_backend("flash_attn", flash.FlashAttnBackend, flash.is_available)
+    register_backend("triton_paged", triton_paged.TritonPagedBackend, triton_paged.is_available)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from services.common.errors import InvalidArgument
-from services.decoder.attention.registry import AttentionMetadata
+from services.decoder.attention.registry import AttentionMetadata, StaticDecode
 
 DECODE_STRATEGIES = ("auto", "per_sequence", "padded")
 
@@ -42,6 +42,102 @@ def _consecutive(blocks: list[int]) -> bool:
     return blocks[-1] - blocks[0] == len(blocks) - 1 and all(
         blocks[j + 1] == blocks[j] + 1 for j in range(len(blocks) - 1)
     )
+
+
+def split_step(meta: AttentionMetadata, device) -> tuple[list[int], list[dict]]:
+    """The step's decode requests (indices: one query after a non-empty context) and the prefill
+    chunks' entries for ``run_prefills``."""
+    qsl, ctx, bs = meta.query_start_loc, meta.context_lens, meta.block_size
+    decode: list[int] = []
+    prefills = []
+    for i, q_len in enumerate(meta.query_lens):
+        if q_len == 1 and ctx[i] > 1:
+            decode.append(i)
+            continue
+        start = ctx[i] - q_len  # tokens cached before this chunk
+        entry = {"q": (qsl[i], qsl[i + 1]), "start": start, "len": ctx[i]}
+        if start > 0:
+            blocks = meta.block_tables[i][: _cdiv(ctx[i], bs)]
+            entry["block0"] = blocks[0] if _consecutive(blocks) else None
+            entry["blocks"] = None if _consecutive(blocks) else torch.tensor(blocks, device=device)
+            q_pos = torch.arange(start, ctx[i], device=device)
+            entry["mask"] = torch.arange(ctx[i], device=device)[None, :] <= q_pos[:, None]  # (q_len, ctx)
+        prefills.append(entry)
+    return decode, prefills
+
+
+def decode_rows(meta: AttentionMetadata, decode: list[int], device) -> dict:
+    """Where the decode queries sit in the flat batch: usually rows first..first+B-1 (then a slice,
+    ``rows`` None), else an index tensor."""
+    rows = [meta.query_start_loc[i] for i in decode]
+    first = rows[0]
+    contiguous = rows == list(range(first, first + len(rows)))
+    return {
+        "rows": None if contiguous else torch.tensor(rows, device=device),
+        "first": first,
+        "num": len(rows),
+    }
+
+
+def write_cache(k, v, k_cache, v_cache, slot_mapping):
+    """Write the step's K/V (T, Hkv, D) into their slots; the caches as (slots, Hkv, D) views."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # (num_blocks * block_size, Hkv, D)
+    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+    k_flat.index_copy_(0, slot_mapping, k)
+    v_flat.index_copy_(0, slot_mapping, v)
+    return k_flat, v_flat
+
+
+def run_prefills(q, k, v, k_cache, v_cache, prefills: list[dict], out, scale: float) -> None:
+    """One SDPA per prefill chunk (``split_step``'s entries), written into ``out`` (T, H, D)."""
+    block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    gqa = q.shape[1] != num_kv_heads
+    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
+    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+    for entry in prefills:
+        s, e = entry["q"]
+        qp = q[s:e].transpose(0, 1).unsqueeze(0)  # (n, H, D) -> (1, H, n, D)
+        if entry["start"] == 0:
+            kp = k[s:e].transpose(0, 1).unsqueeze(0)  # (n, Hkv, D) -> (1, Hkv, n, D)
+            vp = v[s:e].transpose(0, 1).unsqueeze(0)
+            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=e - s > 1, scale=scale, enable_gqa=gqa)
+        else:
+            n = entry["len"]
+            if entry["blocks"] is None:
+                first = entry["block0"] * block_size
+                kc, vc = k_flat[first : first + n], v_flat[first : first + n]  # (ctx, Hkv, D) views
+            else:
+                kc = k_cache.index_select(0, entry["blocks"]).view(-1, num_kv_heads, head_dim)[:n]
+                vc = v_cache.index_select(0, entry["blocks"]).view(-1, num_kv_heads, head_dim)[:n]
+            kp = kc.transpose(0, 1).unsqueeze(0)  # (ctx, Hkv, D) -> (1, Hkv, ctx, D)
+            vp = vc.transpose(0, 1).unsqueeze(0)
+            op = F.scaled_dot_product_attention(
+                qp, kp, vp, attn_mask=entry["mask"], scale=scale, enable_gqa=gqa
+            )
+        out[s:e] = op.squeeze(0).transpose(0, 1)  # (1, H, n, D) -> (n, H, D)
+
+
+def decode_static_padded(q, k_cache, v_cache, static: StaticDecode, scale: float):
+    """The static-shape decode in torch: every row's whole table width (W blocks) gathered and masked
+    past its length. Shapes depend on the buffers only, never on the lengths (graph-safe); it reads
+    W blocks per row, so it is the reference of the static path, not its fast kernel."""
+    num_kv_heads, head_dim, block_size = k_cache.shape[2], k_cache.shape[3], k_cache.shape[1]
+    b, w = static.block_table.shape
+    flat = static.block_table.reshape(-1)  # (B * W,)
+    kd = k_cache.index_select(0, flat).view(b, w * block_size, num_kv_heads, head_dim).transpose(1, 2)
+    vd = v_cache.index_select(0, flat).view(b, w * block_size, num_kv_heads, head_dim).transpose(1, 2)
+    # (B * W, bs, Hkv, D) -> (B, L, Hkv, D) -> (B, Hkv, L, D)
+    visible = torch.arange(w * block_size, device=q.device)[None, :] < static.context_lens[:, None]  # (B, L)
+    od = F.scaled_dot_product_attention(
+        q.unsqueeze(2),
+        kd,
+        vd,
+        attn_mask=visible[:, None, None, :],
+        scale=scale,
+        enable_gqa=q.shape[1] != num_kv_heads,
+    )  # (B, H, 1, D)
+    return od.squeeze(2)  # (B, H, D)
 
 
 class TorchPagedBackend:
@@ -64,105 +160,68 @@ class TorchPagedBackend:
         return "per_sequence" if torch.device(device).type == "cpu" else "padded"
 
     def prepare(self, meta: AttentionMetadata, device) -> None:
-        qsl, ctx, bs = meta.query_start_loc, meta.context_lens, meta.block_size
-        decode: list[int] = []  # request indices
-        prefills = []
-        for i, q_len in enumerate(meta.query_lens):
-            if q_len == 1 and ctx[i] > 1:
-                decode.append(i)
-                continue
-            start = ctx[i] - q_len  # tokens cached before this chunk
-            entry = {"q": (qsl[i], qsl[i + 1]), "start": start, "len": ctx[i]}
-            if start > 0:
-                blocks = meta.block_tables[i][: _cdiv(ctx[i], bs)]
-                entry["block0"] = blocks[0] if _consecutive(blocks) else None
-                entry["blocks"] = None if _consecutive(blocks) else torch.tensor(blocks, device=device)
-                q_pos = torch.arange(start, ctx[i], device=device)
-                entry["mask"] = torch.arange(ctx[i], device=device)[None, :] <= q_pos[:, None]  # (q_len, ctx)
-            prefills.append(entry)
+        decode, prefills = split_step(meta, device)
         extra = {"prefills": prefills, "decode": None}
         if decode:
-            rows = [qsl[i] for i in decode]
-            lens = [ctx[i] for i in decode]
-            first = rows[0]
-            d = {
-                # the decode queries are usually rows first..first+B-1: then a slice, not an index
-                "rows": None
-                if rows == list(range(first, first + len(rows)))
-                else torch.tensor(rows, device=device),
-                "first": first,
-                "num": len(rows),
-            }
             if self._strategy(device) == "per_sequence":
-                gathered: list[int] = []
-                seqs = []  # (row, context length, first block of a consecutive run or None, token offset)
-                for i, row, n in zip(decode, rows, lens, strict=True):
-                    blocks = meta.block_tables[i][: _cdiv(n, bs)]
-                    if _consecutive(blocks):
-                        seqs.append((row, n, blocks[0], 0))
-                    else:
-                        seqs.append((row, n, None, len(gathered) * bs))
-                        gathered += blocks
-                d["strategy"] = "per_sequence"
-                d["seqs"] = seqs
-                d["blocks"] = torch.tensor(gathered, device=device) if gathered else None
+                extra["decode"] = self._prepare_per_sequence(meta, decode, device)
             else:
-                max_blocks = _cdiv(max(lens), bs)
-                table = []
-                for i, n in zip(decode, lens, strict=True):
-                    blocks = meta.block_tables[i][: _cdiv(n, bs)]
-                    table += blocks + [0] * (max_blocks - len(blocks))
-                d["strategy"] = "padded"
-                d["blocks"] = torch.tensor(table, device=device)  # (B * max_blocks,)
-                d["max_len"] = max_blocks * bs
-                d["mask"] = None
-                if min(lens) != max_blocks * bs:
-                    len_t = torch.tensor(lens, device=device)
-                    d["mask"] = (torch.arange(max_blocks * bs, device=device)[None, :] < len_t[:, None])[
-                        :, None, None, :
-                    ]  # (B, 1, 1, L)
-            extra["decode"] = d
+                extra["decode"] = self._prepare_padded(meta, decode, device)
         meta.extra = extra
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-        k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # (num_blocks * block_size, Hkv, D)
-        v_flat = v_cache.view(-1, num_kv_heads, head_dim)
-        k_flat.index_copy_(0, meta.slot_mapping, k)
-        v_flat.index_copy_(0, meta.slot_mapping, v)
-        gqa = q.shape[1] != num_kv_heads
-        out = torch.empty_like(q)
+    @staticmethod
+    def _prepare_per_sequence(meta: AttentionMetadata, decode: list[int], device) -> dict:
+        bs, ctx = meta.block_size, meta.context_lens
+        d = decode_rows(meta, decode, device)
+        gathered: list[int] = []
+        seqs = []  # (row, context length, first block of a consecutive run or None, token offset)
+        for i in decode:
+            row, n = meta.query_start_loc[i], ctx[i]
+            blocks = meta.block_tables[i][: _cdiv(n, bs)]
+            if _consecutive(blocks):
+                seqs.append((row, n, blocks[0], 0))
+            else:
+                seqs.append((row, n, None, len(gathered) * bs))
+                gathered += blocks
+        d["strategy"] = "per_sequence"
+        d["seqs"] = seqs
+        d["blocks"] = torch.tensor(gathered, device=device) if gathered else None
+        return d
 
+    @staticmethod
+    def _prepare_padded(meta: AttentionMetadata, decode: list[int], device) -> dict:
+        bs = meta.block_size
+        d = decode_rows(meta, decode, device)
+        lens = [meta.context_lens[i] for i in decode]
+        max_blocks = _cdiv(max(lens), bs)
+        table = []
+        for i, n in zip(decode, lens, strict=True):
+            blocks = meta.block_tables[i][: _cdiv(n, bs)]
+            table += blocks + [0] * (max_blocks - len(blocks))
+        d["strategy"] = "padded"
+        d["blocks"] = torch.tensor(table, device=device)  # (B * max_blocks,)
+        d["max_len"] = max_blocks * bs
+        d["mask"] = None
+        if min(lens) != max_blocks * bs:
+            len_t = torch.tensor(lens, device=device)
+            d["mask"] = (torch.arange(max_blocks * bs, device=device)[None, :] < len_t[:, None])[
+                :, None, None, :
+            ]  # (B, 1, 1, L)
+        return d
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        k_flat, v_flat = write_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.static is not None:
+            return decode_static_padded(q, k_cache, v_cache, meta.static, scale)
+        gqa = q.shape[1] != k_cache.shape[2]
+        out = torch.empty_like(q)
         decode = meta.extra["decode"]
         if decode is not None:
             if decode["strategy"] == "per_sequence":
                 self._decode_per_sequence(q, k_flat, v_flat, k_cache, v_cache, decode, out, scale)
             else:
                 self._decode_padded(q, k_cache, v_cache, decode, out, scale, gqa)
-
-        for entry in meta.extra["prefills"]:
-            s, e = entry["q"]
-            qp = q[s:e].transpose(0, 1).unsqueeze(0)  # (n, H, D) -> (1, H, n, D)
-            if entry["start"] == 0:
-                kp = k[s:e].transpose(0, 1).unsqueeze(0)  # (n, Hkv, D) -> (1, Hkv, n, D)
-                vp = v[s:e].transpose(0, 1).unsqueeze(0)
-                op = F.scaled_dot_product_attention(
-                    qp, kp, vp, is_causal=e - s > 1, scale=scale, enable_gqa=gqa
-                )
-            else:
-                n = entry["len"]
-                if entry["blocks"] is None:
-                    first = entry["block0"] * block_size
-                    kc, vc = k_flat[first : first + n], v_flat[first : first + n]  # (ctx, Hkv, D) views
-                else:
-                    kc = k_cache.index_select(0, entry["blocks"]).view(-1, num_kv_heads, head_dim)[:n]
-                    vc = v_cache.index_select(0, entry["blocks"]).view(-1, num_kv_heads, head_dim)[:n]
-                kp = kc.transpose(0, 1).unsqueeze(0)  # (ctx, Hkv, D) -> (1, Hkv, ctx, D)
-                vp = vc.transpose(0, 1).unsqueeze(0)
-                op = F.scaled_dot_product_attention(
-                    qp, kp, vp, attn_mask=entry["mask"], scale=scale, enable_gqa=gqa
-                )
-            out[s:e] = op.squeeze(0).transpose(0, 1)  # (1, H, n, D) -> (n, H, D)
+        run_prefills(q, k, v, k_cache, v_cache, meta.extra["prefills"], out, scale)
         return out
 
     @staticmethod
