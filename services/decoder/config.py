@@ -126,6 +126,23 @@ class ParallelConfig(BaseModel):
     start_timeout_s: float = Field(300.0, gt=0)
 
 
+class CompileConfig(BaseModel):
+    """How decode steps are executed. Off by default: a GPU default is switched on only after the GPU
+    kit's fidelity stage has passed with it on, on a real card (README, GPU verification)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cuda_graphs: bool = Field(
+        False,
+        description=(
+            "Decode-only steps padded to batch buckets (1, 2, 4, 8, then every 16 up to "
+            "scheduler.max_num_seqs) on static buffers, one CUDA graph per bucket captured at start-up; "
+            "on the CPU the same static path runs eagerly. Prefill and mixed steps stay eager. "
+            "Tensor parallelism 1 only."
+        ),
+    )
+
+
 class DecoderSettings(BaseModel):
     """What a mesh config may set for one model's decoder (``models[].decoder_settings``).
 
@@ -147,6 +164,7 @@ class DecoderSettings(BaseModel):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     structured: StructuredConfig = Field(default_factory=StructuredConfig)
+    compile: CompileConfig = Field(default_factory=CompileConfig)
     seed: int = Field(0, ge=0, description="Seeds sampling of requests that bring no seed of their own.")
     engine_process: bool = Field(
         True,
@@ -164,6 +182,8 @@ class DecoderSettings(BaseModel):
                 raise ValueError(
                     "without chunked prefill, scheduler.max_num_batched_tokens must be >= max_model_len"
                 )
+        if self.compile.cuda_graphs and self.parallel.tensor_parallel_size > 1:
+            raise ValueError("compile.cuda_graphs needs tensor_parallel_size 1: turn one of them off")
         return self
 
 

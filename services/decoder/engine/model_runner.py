@@ -31,6 +31,7 @@ from services.common.checkpoint import Checkpoint, SliceReader
 from services.common.errors import FailedPrecondition
 from services.decoder.attention.registry import AttentionBackend, AttentionMetadata, get_backend
 from services.decoder.config import DecoderConfig
+from services.decoder.engine.decode_graphs import DecodeGraphs, StaticStep
 from services.decoder.engine.sampler import BYTES_PER_LOGIT, DeviceSample, Sampler, SamplerOutput, SampleRow
 from services.decoder.engine.scheduler import ScheduledChunk
 from services.decoder.models.decoder_lm import DecoderLM, build_model, check_tp_split
@@ -58,6 +59,8 @@ class StepInput:
     # tokens sampled by the step still running (overlapped scheduling): (flat index, row of that
     # step's sampled ids) pairs, filled in on the device before the forward
     pending: tuple[torch.Tensor, torch.Tensor] | None = None
+    # the step padded to a batch bucket for the static decode path (``compile.cuda_graphs``), or None
+    static: StaticStep | None = None
 
 
 @dataclass
@@ -200,6 +203,7 @@ class ModelRunner:
         self.num_blocks = 0
         self.sampler = Sampler(self.device, seed=config.seed) if tp.rank == 0 else None
         self.last_sampled: torch.Tensor | None = None  # (S,) the last step's sampled ids, on the device
+        self.graphs: DecodeGraphs | None = None  # the static decode path, built with the cache
 
     def _load(self, checkpoint: Checkpoint) -> DecoderLM:
         stored_head = bool(checkpoint.component_keys("lm_head"))  # none stored: tied to the embedding
@@ -268,11 +272,21 @@ class ModelRunner:
         return num_blocks
 
     def init_cache(self, num_blocks: int) -> None:
-        shape = (2, num_blocks, self.block_size, self.kv_heads_local, self.spec.head_dim)
+        """``num_blocks`` for the block manager; with ``compile.cuda_graphs`` one more, the scratch
+        block the padding rows of a static decode step write and read."""
+        graphs = self.config.compile.cuda_graphs
+        shape = (2, num_blocks + int(graphs), self.block_size, self.kv_heads_local, self.spec.head_dim)
         self.kv_caches = [
             torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.spec.num_layers)
         ]
         self.num_blocks = num_blocks
+        if graphs:
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_caches, self.block_size, self.config.scheduler.max_num_seqs,
+                self.max_model_len, self.device, pad_block=num_blocks, capture=self.device.type == "cuda",
+            )  # fmt: skip
+            if self.device.type == "cuda":
+                self.graphs.capture_all()
 
     # -- a step ------------------------------------------------------------------------------------
     def prepare(self, chunks: list[ScheduledChunk], pending_rows: dict[str, int] | None = None) -> StepInput:
@@ -310,6 +324,11 @@ class ModelRunner:
                 pending_at.append(base + n - 1)
                 pending_rows.append(item.pending_row)
         pin = self.device.type == "cuda"
+        static = None
+        if self.graphs is not None and all(
+            len(it.token_ids) == 1 and it.sample and it.image_rows is None for it in items
+        ):
+            static = self.graphs.stage(ids, positions, slots, ctx, list(tables), pin)
         return StepInput(
             input_ids=host_tensor(ids, pin),
             positions=host_tensor(positions, pin),
@@ -321,10 +340,13 @@ class ModelRunner:
             image_rows=torch.cat(rows).to(self.dtype) if rows else None,  # (R, hidden)
             image_index=torch.tensor(row_index, dtype=torch.long) if rows else None,
             pending=(host_tensor(pending_at, pin), host_tensor(pending_rows, pin)) if pending_at else None,
+            static=static,
         )
 
     def metadata(self, step: StepInput) -> AttentionMetadata:
         """The attention backend's view of the step (host work: under overlap, while a step runs)."""
+        if step.static is not None:
+            return self.graphs.meta(step.static)  # the bucket's static buffers: nothing to build
         meta = AttentionMetadata(
             slot_mapping=step.slot_mapping.to(self.device, non_blocking=True),
             query_start_loc=step.query_start_loc,
@@ -338,6 +360,9 @@ class ModelRunner:
     def execute(self, step: StepInput, meta: AttentionMetadata | None = None) -> torch.Tensor | None:
         """Run the forward on this rank; rank 0 returns the logits (S, vocab) of the sampling rows."""
         dev = self.device
+        if step.static is not None:
+            hidden = self.graphs.run(step.static, step.pending, self.last_sampled)  # (S, hidden)
+            return self.model.compute_logits(hidden)  # (S, vocab)
         meta = self.metadata(step) if meta is None else meta
         input_ids = step.input_ids.to(dev, non_blocking=True)
         if step.pending is not None:
