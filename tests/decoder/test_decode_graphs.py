@@ -29,7 +29,9 @@ def test_buckets():
 
 def test_graphs_need_one_rank(tiny_ckpt):
     with pytest.raises(ValueError, match="compile.cuda_graphs needs tensor_parallel_size 1"):
-        DecoderConfig(model=str(tiny_ckpt), compile={"cuda_graphs": True}, parallel={"tensor_parallel_size": 2})
+        DecoderConfig(
+            model=str(tiny_ckpt), compile={"cuda_graphs": True}, parallel={"tensor_parallel_size": 2}
+        )
 
 
 class Recorder:
@@ -66,8 +68,12 @@ def test_static_decode_gives_the_dynamic_tokens(tiny_ckpt, reference, overlap, b
     inputs, arrivals = _inputs(reference, text_only=backend == "triton_paged")
     engines = {
         graphs: LLMEngine(
-            make_config(tiny_ckpt, attention_backend=backend, scheduler={"overlap": overlap},
-                        compile={"cuda_graphs": graphs})
+            make_config(
+                tiny_ckpt,
+                attention_backend=backend,
+                scheduler={"overlap": overlap},
+                compile={"cuda_graphs": graphs},
+            )
         )  # fmt: skip
         for graphs in (False, True)
     }
