@@ -98,10 +98,9 @@ def _flash_supports(device: torch.device, dtype: torch.dtype) -> bool:
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     from flash_attn import flash_attn_func
 
-    # flash-attn takes (B, L, H, Dh) directly and wants the last dimension contiguous.
-    return flash_attn_func(
-        q.contiguous(), k.contiguous(), v.contiguous(), dropout_p=0.0, softmax_scale=scale, causal=False
-    )
+    # flash-attn takes (B, L, H, Dh) directly and any strides but the last dimension's (the views of
+    # the fused qkv output have unit stride there); it copies only a tensor whose last stride is not 1.
+    return flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=scale, causal=False)
 
 
 FLASH_ATTN = register(AttentionBackend("flash_attn", _flash, supports=_flash_supports, preference=10))

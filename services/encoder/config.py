@@ -103,6 +103,14 @@ class EncoderSettings(BaseModel):
         default=None, description="The shared cache; None = no shared cache (embedded default)."
     )
     lru: LruConfig = Field(default_factory=LruConfig)
+    staged_io: bool = Field(
+        default=False,
+        description=(
+            "Tiles reach the device from a page-locked staging buffer without blocking and embeddings come "
+            "back into one (a single wait per batch); a batch is padded to a bucket (1, 2, 4, 8, then every "
+            "8 tiles) so the forward sees few shapes. Off until the GPU kit's encoder stage passes with it on."
+        ),
+    )
     max_tiles_per_image: int = Field(
         default=MAX_TILES_PER_IMAGE + 1,
         ge=1,

@@ -184,7 +184,9 @@ class EncoderCore:
         """Load the checkpoint's vision side and connect the store (lazily: Redis may be down now)."""
         ckpt = Checkpoint.open(config.checkpoint)
         if encoder is None:
-            encoder = VisionEncoder.load(ckpt, config.device, config.dtype, config.attention)
+            encoder = VisionEncoder.load(
+                ckpt, config.device, config.dtype, config.attention, staged_io=config.staged_io
+            )
         identity = encoder_identity(
             f"{ckpt.identity()}+vision-{encoder.spec.digest()}",
             torch_dtype_name(encoder.dtype),

@@ -345,18 +345,31 @@ def plan_vision(ckpt: Checkpoint, device: str | torch.device, dtype: str, attent
     return VisionPlan(spec, torch_dtype, backend)
 
 
+def tile_bucket(n: int) -> int:
+    """The batch size ``n`` tiles are padded to with ``staged_io``: 1, 2, 4, 8, then a multiple of 8."""
+    return 1 << max(n - 1, 0).bit_length() if n <= 8 else -(-n // 8) * 8
+
+
 class VisionEncoder:
     """The loaded encoder on its device: ``encode(uint8 tiles) -> embeddings`` plus the facts around it.
 
     Not thread-safe by itself: the batcher runs every forward on its one worker thread.
     """
 
-    def __init__(self, module: VisionEncoderModule, device: torch.device, dtype: torch.dtype, backend: str):
+    def __init__(
+        self,
+        module: VisionEncoderModule,
+        device: torch.device,
+        dtype: torch.dtype,
+        backend: str,
+        staged_io: bool = False,
+    ):
         self.module = module
         self.spec = module.spec
         self.device = device
         self.dtype = dtype
         self.backend = backend
+        self.staged_io = staged_io  # ``EncoderSettings.staged_io``
 
     @classmethod
     def load(
@@ -365,6 +378,7 @@ class VisionEncoder:
         device: str | torch.device = "cpu",
         dtype: str = "auto",
         attention: str = "auto",
+        staged_io: bool = False,
     ) -> VisionEncoder:
         device = torch.device(device)
         plan = plan_vision(ckpt, device, dtype, attention)
@@ -383,7 +397,7 @@ class VisionEncoder:
                 reason="checkpoint_incomplete",
             )
         module = module.to(device=device).eval().requires_grad_(False)
-        return cls(module, device, torch_dtype, backend.name)
+        return cls(module, device, torch_dtype, backend.name, staged_io)
 
     @property
     def tokens_per_tile(self) -> int:
@@ -408,7 +422,34 @@ class VisionEncoder:
     def encode(self, tiles: torch.Tensor) -> torch.Tensor:
         """(N, S, S, 3) uint8 tiles (any device) -> (N, tokens_per_tile, D) in ``dtype`` on the CPU."""
         self.check_tiles(tiles)
+        if self.staged_io:
+            return self._encode_staged(tiles)
         tiles = tiles.to(self.device, non_blocking=True)
         pixels = normalize_tiles(tiles, self.dtype)  # (N, S, S, 3) uint8 -> (N, 3, S, S), on the device
         out = self.module(pixels)  # (N, 3, S, S) -> (N, tokens_per_tile, D)
         return out.to("cpu")
+
+    def _encode_staged(self, tiles: torch.Tensor) -> torch.Tensor:
+        """``encode`` with ``staged_io``: the batch padded to its bucket with blank tiles (each tile is
+        encoded on its own, so padding changes no real tile's embedding), host tiles copied through a
+        page-locked buffer without blocking, the embeddings copied back into another and waited for
+        once. On the CPU there is no copy: only the bucket padding applies."""
+        n = tiles.shape[0]
+        bucket = tile_bucket(n)
+        cuda = self.device.type == "cuda"
+        if cuda and tiles.device.type == "cpu":
+            staged = torch.empty((bucket, *tiles.shape[1:]), dtype=torch.uint8, pin_memory=True)
+            staged[:n].copy_(tiles)
+            staged[n:].zero_()
+            tiles = staged.to(self.device, non_blocking=True)  # (bucket, S, S, 3)
+        else:
+            tiles = tiles.to(self.device)
+            if bucket > n:
+                tiles = torch.cat((tiles, tiles.new_zeros((bucket - n, *tiles.shape[1:]))))
+        out = self.module(normalize_tiles(tiles, self.dtype))[:n]  # (n, tokens_per_tile, D)
+        if not cuda:
+            return out
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()  # the one wait: the embeddings are home
+        return host
