@@ -46,7 +46,31 @@ def decode_checkpoint(ctx) -> Path:
     return tiny_checkpoint(ctx) if ctx.smoke else qwen_shaped_checkpoint(ctx)
 
 
-def make_engine(ckpt: Path, device: str, dtype: str, max_num_seqs: int = 16, max_model_len: int = 2048):
+# The switches the kit proves before they become defaults: name -> ``DecoderConfig`` overrides. Each is
+# off by default (README, GPU verification) until stage 2 passes with it on, on a real card.
+SWITCHES: dict[str, dict] = {
+    "triton_paged": {"attention_backend": "triton_paged"},
+    "cuda_graphs": {"compile": {"cuda_graphs": True}},
+    "triton_paged+cuda_graphs": {"attention_backend": "triton_paged", "compile": {"cuda_graphs": True}},
+}
+
+
+def switch_unavailable(name: str, device: str) -> str | None:
+    """Why switch ``name`` is not run on ``device`` here, or None when it runs."""
+    from services.decoder.attention.registry import is_backend_available
+
+    if "triton_paged" in name:
+        if device != "cuda":
+            return "the Triton kernel runs compiled on CUDA only (its CPU interpreter run is tests/decoder's)"
+        if not is_backend_available("triton_paged", device):
+            return "triton is not installed"
+    return None
+
+
+def make_engine(
+    ckpt: Path, device: str, dtype: str, max_num_seqs: int = 16, max_model_len: int = 2048, **overrides
+):
+    """An engine of ``ckpt``; ``overrides`` are ``DecoderConfig`` fields (a ``SWITCHES`` entry)."""
     from services.decoder.config import CacheConfig, DecoderConfig, SchedulerConfig
     from services.decoder.engine.llm_engine import LLMEngine
 
@@ -66,6 +90,7 @@ def make_engine(ckpt: Path, device: str, dtype: str, max_num_seqs: int = 16, max
                 max_num_batched_tokens=max(4096, max_model_len),
                 max_num_seqs=max_num_seqs,
             ),
+            **overrides,
         )
     )
 

@@ -10,6 +10,12 @@ fp32 (reference), transformers bf16 (the noise bf16 itself brings) and the engin
   Fewer than 200 such positions: INCONCLUSIVE, never PASS.
 - ``batch_invariance``: 16 mixed greedy requests batched vs each alone give identical tokens.
 
+The engine's logits cover both paths: the first half of every prompt is one prefill (every position a
+logits row), the second half is fed one token per step to the whole batch of prompts (teacher-forced
+decode steps), so the decode kernels, and with ``cuda_graphs`` the captured graphs, are held to the
+same reference. Each switch of ``common.SWITCHES`` is checked the same way (labels ``<model>.<switch>``,
+and ``batch_invariance.<switch>``); a switch that cannot run here is INCONCLUSIVE with the reason.
+
 Models: the tiny checkpoint and, outside smoke, a 4-layer random checkpoint with Qwen2.5-1.5B's widths.
 """
 
@@ -18,12 +24,14 @@ from __future__ import annotations
 import torch
 
 from .common import (
+    SWITCHES,
     free,
     greedy_request,
     make_engine,
     qwen_shaped_checkpoint,
     random_prompts,
     run_to_completion,
+    switch_unavailable,
     tiny_checkpoint,
 )
 from .report import INCONCLUSIVE, Context, StageResult, Verdict, judge
@@ -50,19 +58,29 @@ def reference_logits(ckpt, device: str, dtype: torch.dtype, prompts: list[list[i
 
 
 def engine_logits(engine, prompts: list[list[int]]) -> torch.Tensor:
-    """The engine's logits at every position: one prefill per prompt through the model runner, with
-    every position a logits row (the runner's own step samples only the last)."""
+    """The engine's logits at every position of every prompt (equal lengths), prompt by prompt:
+    (sum of lengths, vocab). Through the model runner, with no request holding a block: positions
+    below half the length in one prefill of all prompts (every position a logits row), then one
+    decode step per position for all prompts at once, each fed its own next prompt token."""
     from services.decoder.engine.model_runner import ChunkWork
 
     runner = engine.executor.runner
-    out = []
+    n, length = len(prompts), len(prompts[0])
+    half = length // 2
+    per = -(-length // runner.block_size)
+    tables = [list(range(i * per, (i + 1) * per)) for i in range(n)]  # disjoint blocks per prompt
     with torch.no_grad():
-        for ids in prompts:
-            blocks = list(range(-(-len(ids) // runner.block_size)))  # no request holds a block meanwhile
-            step = runner.build_step([ChunkWork(start=0, token_ids=ids, sample=True)], [blocks])
-            step.logits_indices = torch.arange(len(ids))  # (T,)
-            out.append(runner.execute(step).float().cpu())  # (T, vocab)
-    return torch.cat(out)
+        step = runner.build_step(
+            [ChunkWork(start=0, token_ids=p[:half], sample=True) for p in prompts], tables
+        )
+        step.logits_indices = torch.arange(n * half)  # (n * half,)
+        prefill = runner.execute(step).float().cpu().view(n, half, -1)  # (n, half, vocab)
+        decode = []
+        for pos in range(half, length):
+            items = [ChunkWork(start=pos, token_ids=[p[pos]], sample=True) for p in prompts]
+            decode.append(runner.execute(runner.build_step(items, tables)).float().cpu())  # (n, vocab)
+    out = torch.cat((prefill, torch.stack(decode, dim=1)), dim=1)  # (n, length, vocab)
+    return out.reshape(n * length, -1)
 
 
 def compare(ref: torch.Tensor, hf_bf16: torch.Tensor, ours: torch.Tensor) -> dict[str, float]:
@@ -84,10 +102,10 @@ def compare(ref: torch.Tensor, hf_bf16: torch.Tensor, ours: torch.Tensor) -> dic
     }
 
 
-def engine_pass(ctx: Context, ckpt, n: int, length: int) -> tuple[list[list[int]], torch.Tensor]:
+def engine_pass(ctx: Context, ckpt, n: int, length: int, **overrides) -> tuple[list[list[int]], torch.Tensor]:
     """``n`` random prompts of ``length`` tokens and the engine's logits on them; the engine is gone
     (its memory free) when this returns."""
-    engine = make_engine(ckpt, ctx.device, "bfloat16")
+    engine = make_engine(ckpt, ctx.device, "bfloat16", **overrides)
     try:
         prompts = random_prompts(n, length, engine.vocab_size, seed=1)
         return prompts, engine_logits(engine, prompts)
@@ -98,10 +116,24 @@ def engine_pass(ctx: Context, ckpt, n: int, length: int) -> tuple[list[list[int]
 
 
 def fidelity(ctx: Context, res: StageResult, label: str, ckpt, n: int, length: int) -> None:
+    """The default engine, then every switch that runs here, against the same references."""
     prompts, ours = engine_pass(ctx, ckpt, n, length)
     ref = reference_logits(ckpt, ctx.device, torch.float32, prompts)
     hf_bf16 = reference_logits(ckpt, ctx.device, torch.bfloat16, prompts)
-    f = res.figures[label] = compare(ref, hf_bf16, ours)
+    judge_logits(res, label, compare(ref, hf_bf16, ours))
+    for switch, overrides in SWITCHES.items():
+        why = switch_unavailable(switch, ctx.device)
+        if why is not None:
+            res.add(
+                Verdict(f"{label}.{switch}", INCONCLUSIVE, f"not run: {why}", "stage 2 passes with it on")
+            )
+            continue
+        _, ours = engine_pass(ctx, ckpt, n, length, **overrides)
+        judge_logits(res, f"{label}.{switch}", compare(ref, hf_bf16, ours))
+
+
+def judge_logits(res: StageResult, label: str, f: dict) -> None:
+    res.figures[label] = f
     limit = ERROR_RATIO * f["hf_bf16_rel_error"]
     res.add(judge(f"{label}.logit_error", f["engine_bf16_rel_error"] <= limit,
                   f"engine {f['engine_bf16_rel_error']:.3e} rel vs fp32",
@@ -115,8 +147,9 @@ def fidelity(ctx: Context, res: StageResult, label: str, ckpt, n: int, length: i
         res.add(judge(f"{label}.top1", agreement >= TOP1_AGREEMENT, measured, threshold))
 
 
-def batch_invariance(ctx: Context, res: StageResult, ckpt) -> None:
-    engine = make_engine(ckpt, ctx.device, "bfloat16", max_num_seqs=16)
+def batch_invariance(ctx: Context, res: StageResult, ckpt, switch: str = "") -> None:
+    engine = make_engine(ckpt, ctx.device, "bfloat16", max_num_seqs=16, **SWITCHES.get(switch, {}))
+    check = f"batch_invariance.{switch}" if switch else "batch_invariance"
     try:
         g = torch.Generator().manual_seed(5)
         lengths = torch.randint(3, 200, (16,), generator=g).tolist()
@@ -130,8 +163,8 @@ def batch_invariance(ctx: Context, res: StageResult, ckpt) -> None:
         for i, (p, s) in enumerate(zip(prompts, steps, strict=True)):
             alone.update(run_to_completion(engine, [greedy_request(f"a{i}", p, s)]))
         differ = [i for i in range(16) if batched[f"b{i}"] != alone[f"a{i}"]]
-        res.figures["batch_invariance"] = {"prompt_lengths": lengths, "max_tokens": steps, "differ": differ}
-        res.add(judge("batch_invariance", not differ, f"{len(differ)} of 16 requests differ batched vs alone",
+        res.figures[check] = {"prompt_lengths": lengths, "max_tokens": steps, "differ": differ}
+        res.add(judge(check, not differ, f"{len(differ)} of 16 requests differ batched vs alone",
                       "0 differ (greedy tokens identical)"))  # fmt: skip
     finally:
         engine.shutdown()
@@ -142,4 +175,8 @@ def run(ctx: Context, res: StageResult) -> None:
     fidelity(ctx, res, "tiny", tiny_checkpoint(ctx), n=4, length=128)
     if not ctx.smoke:
         fidelity(ctx, res, "qwen2_5_1_5b_4l", qwen_shaped_checkpoint(ctx), n=8, length=512)
-    batch_invariance(ctx, res, tiny_checkpoint(ctx) if ctx.smoke else qwen_shaped_checkpoint(ctx))
+    ckpt = tiny_checkpoint(ctx) if ctx.smoke else qwen_shaped_checkpoint(ctx)
+    batch_invariance(ctx, res, ckpt)
+    for switch in SWITCHES:
+        if switch_unavailable(switch, ctx.device) is None:
+            batch_invariance(ctx, res, ckpt, switch)

@@ -6,6 +6,8 @@ batch. Reported per batch: wall seconds per step, GPU seconds per step from CUDA
 CPU), tokens/s = batch / step time, and the percent of the bandwidth bound: the time to read the weights
 read each step (all but the embedding table, which a step gathers B rows of) plus the KV bytes the batch
 attends over, at stage 0's measured copy bandwidth, divided by the measured step time.
+
+Then each switch (``stage3_switches``): the same decode with it on, against the default engine.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from services.decoder.engine.sampling_params import SamplingParams
 
 from .common import decode_checkpoint, engine_model, free, greedy_request, make_engine, random_prompts
 from .report import INCONCLUSIVE, Context, StageResult, Verdict, judge
+from .stage3_switches import compare_switches
 
 
 def plan(smoke: bool) -> tuple[list[int], int, int]:
@@ -106,6 +109,7 @@ def run(ctx: Context, res: StageResult) -> None:
         res.figures["prompt_len"], res.figures["decode_steps"], res.figures["rows"] = prompt_len, steps, rows
         engine.shutdown()
         free(ctx.device)
+    compare_switches(ctx, res, prompt_len, steps)
 
 
 def device_idle_share(ctx: Context, engine, batch: int, prompt_len: int, steps: int, sampling=None) -> dict:
