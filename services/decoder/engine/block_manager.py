@@ -11,15 +11,18 @@ channel, like an embedding-cache hit. A block is registered only after its KV ha
 (``cache_computed_blocks``), never at allocation, so a preempted or aborted step cannot leave a hash
 pointing at garbage.
 
-Freed blocks keep their hash and go to the tail of an LRU free queue; allocation takes from the head
-and only then forgets the hash, so a freed prefix stays reusable until its memory is needed.
+Freed blocks keep their hash and wait in the free queue (``free_queue.py``); allocation takes blocks
+that hold nothing first and only then evicts a cached one, forgetting its hash, so a freed prefix stays
+reusable until its memory is needed. Which cached block goes first: with fair share, the least recently
+freed of the tenant furthest over its share of the cache (blocks held and cached per unit of weight);
+without it, the least recently freed.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 
+from services.decoder.engine.free_queue import FreeQueue
 from services.decoder.engine.request import Request
 
 
@@ -42,7 +45,9 @@ def hash_block(parent: bytes, token_ids: list[int], extra: tuple[tuple[str, int]
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, fair_share: bool = True
+    ):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
@@ -50,7 +55,7 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_cnt = [0] * num_blocks
         self.block_hash: list[bytes | None] = [None] * num_blocks
-        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.free_queue = FreeQueue(num_blocks, fair=fair_share)  # eviction per tenant with fair share
         self.hash_to_block: dict[bytes, int] = {}
         # statistics for metrics and tests
         self.prefix_queries = 0
@@ -121,14 +126,14 @@ class BlockManager:
             return False
         for block_id in computed_blocks:
             if self.ref_cnt[block_id] == 0:
-                del self.free_queue[block_id]
+                self.free_queue.take(block_id, req.tenant, req.weight)
             self.ref_cnt[block_id] += 1
             req.block_ids.append(block_id)
         if computed_blocks:
             req.num_hashed_cached_blocks = len(req.block_ids)
         total = req.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
         for _ in range(self.blocks_needed(total) - len(req.block_ids)):
-            block_id, _ = self.free_queue.popitem(last=False)
+            block_id = self.free_queue.pop(req.tenant, req.weight)
             old_hash = self.block_hash[block_id]
             if old_hash is not None:
                 if self.hash_to_block.get(old_hash) == block_id:
@@ -158,10 +163,6 @@ class BlockManager:
             if self.ref_cnt[block_id] < 0:
                 raise RuntimeError(f"block {block_id} freed twice")
             if self.ref_cnt[block_id] == 0:
-                if self.block_hash[block_id] is None:
-                    self.free_queue[block_id] = None
-                    self.free_queue.move_to_end(block_id, last=False)  # unhashed: reuse first
-                else:
-                    self.free_queue[block_id] = None
+                self.free_queue.release(block_id, cached=self.block_hash[block_id] is not None)
         req.block_ids = []
         req.num_hashed_cached_blocks = 0

@@ -86,7 +86,10 @@ class LLMEngine:
             self.executor.shutdown()
             raise
         self.block_manager = BlockManager(
-            num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+            num_blocks,
+            config.cache.block_size,
+            config.cache.enable_prefix_caching,
+            fair_share=config.scheduler.fair_share,
         )
         limits = SchedulerLimits(
             max_num_seqs=config.scheduler.max_num_seqs,
