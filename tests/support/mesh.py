@@ -17,22 +17,31 @@ def one_model_mesh_config(
     """A MeshConfig for one tiny model, fp32 on CPU, one replica each, without the gateway's gRPC and
     metrics listeners; ``sections`` add or override top-level sections (``gateway`` entries are merged
     into the test defaults)."""
+    return mesh_config(http_port, [model_entry(model, checkpoint, **(model_extra or {}))], **sections)
+
+
+def model_entry(model: str, checkpoint, **extra) -> dict[str, Any]:
+    """One model of the mesh: ``checkpoint`` served as ``model``, fp32 on CPU, one replica each."""
+    return {
+        "name": model,
+        "path": str(checkpoint),
+        "dtype": "float32",
+        "device": "cpu",
+        "encoder": ONE,
+        "decoder": ONE,
+        **extra,
+    }
+
+
+def mesh_config(http_port: int, models: list[dict[str, Any]], **sections):
+    """A MeshConfig for ``models`` (entries as :func:`model_entry` makes them), as
+    :func:`one_model_mesh_config` describes."""
     from mesh.topology import MeshConfig
     from services.common.config import build
 
     gateway = {"http_port": http_port, "grpc_port": 0, "metrics_port": 0, **sections.pop("gateway", {})}
     data: dict[str, Any] = {
-        "models": [
-            {
-                "name": model,
-                "path": str(checkpoint),
-                "dtype": "float32",
-                "device": "cpu",
-                "encoder": ONE,
-                "decoder": ONE,
-                **(model_extra or {}),
-            }
-        ],
+        "models": models,
         "preprocess_deployment": ONE,
         "gateway_deployment": ONE,
         "gateway": gateway,
