@@ -33,8 +33,8 @@ def same_step(a, b) -> None:
 
 def test_mirror_rebuilds_the_drivers_step_from_edits():
     runner = SimpleNamespace(
-        block_size=BS, dtype=torch.float32, device=torch.device("cpu")
-    )  # what build_step reads
+        block_size=BS, dtype=torch.float32, device=torch.device("cpu"), graphs=None
+    )  # what build_step reads (tensor parallelism runs without decode graphs)
     encoder, mirror = DeltaEncoder(), TableMirror()
     r1, r2 = request("r1", 6), request("r2", 3)
 
