@@ -23,45 +23,59 @@ def is_remote(url: str) -> bool:
     return isinstance(url, str) and url.startswith(("http://", "https://"))
 
 
-def checked_image(data: bytes) -> bytes:
-    """``data`` if it holds between 1 byte and the image-size bound; InvalidArgument otherwise."""
+def checked_media(data: bytes, kind: str = "image", limit: int = MAX_IMAGE_BYTES) -> bytes:
+    """``data`` if it holds between 1 byte and ``limit``; InvalidArgument (``<kind>_empty``,
+    ``<kind>_too_large``) otherwise."""
     if not data:
-        raise InvalidArgument("image holds no bytes", reason="image_empty")
-    if len(data) > MAX_IMAGE_BYTES:
-        raise InvalidArgument(
-            f"image is larger than the {MAX_IMAGE_BYTES}-byte limit", reason="image_too_large"
-        )
+        raise InvalidArgument(f"{kind} holds no bytes", reason=f"{kind}_empty")
+    if len(data) > limit:
+        raise InvalidArgument(f"{kind} is larger than the {limit}-byte limit", reason=f"{kind}_too_large")
     return data
 
 
-def decode_data_uri(url: str) -> bytes:
-    """The bytes of a base64 ``data:`` URI; InvalidArgument with a reason for anything else."""
+def checked_image(data: bytes) -> bytes:
+    return checked_media(data)
+
+
+def decode_media_data_uri(
+    url: str,
+    kind: str = "image",
+    limit: int = MAX_IMAGE_BYTES,
+    pattern: re.Pattern = _DATA_URI,
+    example: str = "png",
+) -> bytes:
+    """The bytes of a base64 ``data:`` URI of ``kind`` (image or video), at most ``limit`` of them, its
+    size bounded from the base64 length before decoding; InvalidArgument with a reason otherwise."""
+    field = f"{kind}_url"
     if not isinstance(url, str) or not url:
-        raise InvalidArgument("image_url.url must be a non-empty string", reason="image_url_invalid")
+        raise InvalidArgument(f"{field}.url must be a non-empty string", reason=f"{field}_invalid")
     if url.startswith(("http://", "https://")):
         raise InvalidArgument(
-            "remote image URLs are not fetched by this server; send the image as a data URI "
-            "(data:image/png;base64,...)",
+            f"remote {kind} URLs are not fetched by this server; send the {kind} as a data URI "
+            f"(data:{kind}/{example};base64,...)",
             reason="remote_images_disabled",
         )
-    match = _DATA_URI.match(url)
+    match = pattern.match(url)
     if match is None:
         raise InvalidArgument(
-            "image_url.url must be a base64 data URI: data:image/<type>;base64,<data>",
-            reason="image_url_invalid",
+            f"{field}.url must be a base64 data URI: data:{kind}/<type>;base64,<data>",
+            reason=f"{field}_invalid",
         )
     payload = url[match.end() :]
-    if len(payload) > (MAX_IMAGE_BYTES * 4) // 3 + 4:
-        raise InvalidArgument(
-            f"image is larger than the {MAX_IMAGE_BYTES}-byte limit", reason="image_too_large"
-        )
+    if len(payload) > (limit * 4) // 3 + 4:
+        raise InvalidArgument(f"{kind} is larger than the {limit}-byte limit", reason=f"{kind}_too_large")
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidArgument(
-            f"image data URI is not valid base64: {exc}", reason="image_url_invalid"
+            f"{kind} data URI is not valid base64: {exc}", reason=f"{field}_invalid"
         ) from None
-    return checked_image(data)
+    return checked_media(data, kind, limit)
+
+
+def decode_data_uri(url: str) -> bytes:
+    """The bytes of a base64 ``data:image/...`` URI; InvalidArgument with a reason for anything else."""
+    return decode_media_data_uri(url)
 
 
 def max_num_for_detail(detail: str | None, model_default: int) -> int | None:

@@ -9,11 +9,10 @@ counts its most until it is fetched after admission (``resolve_remote_video``).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from dataclasses import dataclass
 
+from gateway.images import checked_media, decode_media_data_uri
 from gateway.types import VideoPart
 from services.common.errors import InvalidArgument
 from services.common.limits import DEFAULT_FRAMES_PER_VIDEO, MAX_TILES_PER_IMAGE, MAX_VIDEO_BYTES
@@ -30,44 +29,12 @@ _LIMITS = VideoLimits()
 
 
 def checked_video(data: bytes) -> bytes:
-    """``data`` if it holds between 1 byte and the video-size bound; InvalidArgument otherwise."""
-    if not data:
-        raise InvalidArgument("video holds no bytes", reason="video_empty")
-    if len(data) > MAX_VIDEO_BYTES:
-        raise InvalidArgument(
-            f"video is larger than the {MAX_VIDEO_BYTES}-byte limit", reason="video_too_large"
-        )
-    return data
+    return checked_media(data, "video", MAX_VIDEO_BYTES)
 
 
 def decode_video_data_uri(url: str) -> bytes:
     """The bytes of a base64 ``data:video/...`` URI; InvalidArgument with a reason for anything else."""
-    if not isinstance(url, str) or not url:
-        raise InvalidArgument("video_url.url must be a non-empty string", reason="video_url_invalid")
-    if url.startswith(("http://", "https://")):
-        raise InvalidArgument(
-            "remote video URLs are not fetched by this server; send the video as a data URI "
-            "(data:video/mp4;base64,...)",
-            reason="remote_images_disabled",
-        )
-    match = _DATA_URI.match(url)
-    if match is None:
-        raise InvalidArgument(
-            "video_url.url must be a base64 data URI: data:video/<type>;base64,<data>",
-            reason="video_url_invalid",
-        )
-    payload = url[match.end() :]
-    if len(payload) > (MAX_VIDEO_BYTES * 4) // 3 + 4:
-        raise InvalidArgument(
-            f"video is larger than the {MAX_VIDEO_BYTES}-byte limit", reason="video_too_large"
-        )
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidArgument(
-            f"video data URI is not valid base64: {exc}", reason="video_url_invalid"
-        ) from None
-    return checked_video(data)
+    return decode_media_data_uri(url, "video", MAX_VIDEO_BYTES, _DATA_URI, "mp4")
 
 
 def video_part(
