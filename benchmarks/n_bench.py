@@ -21,10 +21,8 @@ prefix-cache hits (the block manager's own counters).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +35,12 @@ from services.decoder.engine.llm_engine import LLMEngine
 from services.decoder.engine.sampling_params import SamplingParams
 from services.decoder.samples import sample_inputs
 from services.decoder.types import GenerateInput, ImageEmbedding
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.engine_common import machine, write_results  # noqa: E402
 
 N = 4
 TILES = 2
@@ -133,23 +137,17 @@ def main() -> None:
         ckpt = make_tiny_checkpoint(Path(tmp.name) / "small", preset="small", llm="qwen2")
     results = bench(ckpt, args.rounds)
     results["target"] = {"ratio_tokens_per_s_min": 1.5}
-    results["setup"] = {
-        "checkpoint": str(args.checkpoint) if args.checkpoint else "tiny_checkpoint preset=small llm=qwen2",
-        "n": N,
-        "image_tiles": TILES,
-        "output_tokens_per_choice": OUTPUT_TOKENS,
-        "block_size": 16,
-        "max_num_batched_tokens": 2048,
-        "device": "cpu",
-        "torch_threads": torch.get_num_threads(),
-        "rounds": args.rounds,
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "load_average_at_end": os.getloadavg(),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    results["setup"] = machine(
+        checkpoint=str(args.checkpoint) if args.checkpoint else "tiny_checkpoint preset=small llm=qwen2",
+        n=N,
+        image_tiles=TILES,
+        output_tokens_per_choice=OUTPUT_TOKENS,
+        block_size=16,
+        max_num_batched_tokens=2048,
+        device="cpu",
+        rounds=args.rounds,
+    )
+    write_results(args.out, results)
     m = results["medians"]
     for mode in ("n4", "separate"):
         print(
