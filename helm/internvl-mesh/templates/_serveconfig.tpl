@@ -31,7 +31,7 @@ one STRICT_PACK bundle, since the rank processes it spawns only see the replica'
 {{- $tp := int $m.tensorParallelSize }}
 {{- if gt $tp 1 }}
 {{- $cpus := mulf (maxf $m.decoder.numCpus 1.0) $tp }}
-{{- $bundle := dict "CPU" $cpus }}
+{{- $bundle := merge (dict "CPU" $cpus) ($m.decoder.resources | default dict) }}
 {{- $actor := $opts.ray_actor_options }}
 {{- $_ := set $actor "num_cpus" $cpus }}
 {{- if ne $m.device "cpu" }}
