@@ -41,6 +41,12 @@ PREPROCESS_BUILDER = "services.preprocess.deployment:build_app"
 ENCODER_BUILDER = "services.encoder.deployment:build_app"
 DECODER_BUILDER = "services.decoder.deployment:build_app"
 GATEWAY_BUILDER = "gateway.deployment:build_app"
+# Requests to decoder replicas are routed by prefix affinity (services/decoder/routing.py; the chart
+# renders the same). Serve's default router is the power of two choices by load.
+DECODER_ROUTER = {
+    "request_router_class": "services.decoder.routing.PrefixAffinityRouter",
+    "request_router_kwargs": {"max_imbalance": 8},
+}
 
 
 class AutoscalingConfig(StrictModel):
@@ -191,13 +197,18 @@ def _model_args(m: ServedModel) -> dict[str, Any]:
 
 
 def decoder_options(m: ServedModel) -> dict[str, Any]:
-    """The decoder's options; with tensor parallelism, a placement group holding every rank's GPU.
+    """The decoder's options: the prefix-affinity request router; with tensor parallelism, a placement
+    group holding every rank's GPU.
 
     The engine spawns one process per rank from the replica, and those processes can only use GPUs the
     replica's actor can see, so the replica reserves all of them in one ``STRICT_PACK`` bundle (one node:
     NCCL over NVLink, not the network) rather than one bundle per rank.
     """
     options = m.decoder.serve_options()
+    options["request_router_config"] = {
+        "request_router_class": DECODER_ROUTER["request_router_class"],
+        "request_router_kwargs": dict(DECODER_ROUTER["request_router_kwargs"]),
+    }
     tp = m.tensor_parallel_size
     if tp > 1:
         actor = options["ray_actor_options"]

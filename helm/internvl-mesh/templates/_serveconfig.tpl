@@ -28,6 +28,8 @@ one STRICT_PACK bundle, since the rank processes it spawns only see the replica'
 {{- define "internvl-mesh.decoderOptions" -}}
 {{- $m := .m }}
 {{- $opts := include "internvl-mesh.serveOptions" (dict "d" $m.decoder) | fromYaml }}
+{{- /* Prefix-affinity routing to decoder replicas (services/decoder/routing.py; topology.DECODER_ROUTER). */}}
+{{- $_ := set $opts "request_router_config" (dict "request_router_class" "services.decoder.routing.PrefixAffinityRouter" "request_router_kwargs" (dict "max_imbalance" 8)) }}
 {{- $tp := int $m.tensorParallelSize }}
 {{- if gt $tp 1 }}
 {{- $cpus := mulf (maxf $m.decoder.numCpus 1.0) $tp }}
