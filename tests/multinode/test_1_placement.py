@@ -25,7 +25,9 @@ def replicas_by_stage(cluster) -> dict[str, list[dict]]:
     return out
 
 
-def chat(mesh, image: bytes, question: str = "What is in this image?", **extra) -> httpx.Response:
+def chat(
+    mesh, image: bytes, question: str = "What is in this image?", timeout: float = 120, **extra
+) -> httpx.Response:
     uri = "data:image/png;base64," + base64.b64encode(image).decode()
     body = {
         "model": mesh["model"],
@@ -42,7 +44,9 @@ def chat(mesh, image: bytes, question: str = "What is in this image?", **extra) 
         ],
         **extra,
     }
-    return httpx.post(mesh["base"] + "/v1/chat/completions", json=body, timeout=120)
+    return httpx.post(
+        mesh["base"] + "/v1/chat/completions", json={**body, "timeout": timeout}, timeout=timeout + 30
+    )
 
 
 def test_every_replica_runs_on_a_node_of_its_pool(cluster, mesh):
