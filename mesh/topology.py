@@ -31,6 +31,7 @@ from typing import Any
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from gateway.config import GatewayAppArgs, GatewaySettings
+from mesh.autoscaling import SIGNALS, policy_config
 from services.common.config import CommonConfig, ModelConfig, StrictModel, build
 from services.decoder.config import DecoderAppArgs, DecoderSettings
 from services.encoder.config import EncoderAppArgs, EncoderSettings
@@ -55,12 +56,35 @@ class AutoscalingConfig(StrictModel):
     target_ongoing_requests: float = Field(default=8, gt=0, le=10_000)
     upscale_delay_s: float = Field(default=10.0, ge=0, le=3600)
     downscale_delay_s: float = Field(default=120.0, ge=0, le=86_400)
+    look_back_period_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Window over which Serve averages the signals."
+    )
+    signal_targets: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "Per-replica targets of the stage's own signals (mesh/autoscaling.py: tiles_waiting, "
+            "queue_depth, waiting_tokens, kv_usage): replicas = max over the signals of their sum over "
+            "the replicas / target. Empty: Serve's own policy on target_ongoing_requests."
+        ),
+    )
 
     @model_validator(mode="after")
     def _order(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must not exceed max_replicas")
+        unknown = set(self.signal_targets) - set(SIGNALS)
+        if unknown:
+            raise ValueError(f"signal_targets: unknown signals {sorted(unknown)}; known: {list(SIGNALS)}")
+        if any(t <= 0 for t in self.signal_targets.values()):
+            raise ValueError("signal_targets: every target must be > 0")
         return self
+
+    def serve_config(self) -> dict[str, Any]:
+        """Serve's ``autoscaling_config``: with signal targets, our policy on the replicas' own stats."""
+        out = self.model_dump(exclude={"signal_targets"})
+        if self.signal_targets:
+            out["policy"] = policy_config(self.signal_targets)
+        return out
 
 
 class DeploymentConfig(StrictModel):
@@ -92,7 +116,7 @@ class DeploymentConfig(StrictModel):
             actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(self.torch_threads)}}
         return {
             "ray_actor_options": actor,
-            "autoscaling_config": self.autoscaling.model_dump(),
+            "autoscaling_config": self.autoscaling.serve_config(),
             "max_ongoing_requests": self.max_ongoing_requests,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
         }
@@ -122,11 +146,23 @@ def _gateway_pool() -> DeploymentConfig:
     return pool
 
 
+def _preprocess_pool() -> DeploymentConfig:
+    return DeploymentConfig(
+        autoscaling=AutoscalingConfig(
+            min_replicas=1, max_replicas=8, target_ongoing_requests=4, signal_targets={"queue_depth": 8}
+        )
+    )
+
+
+def _vision_pool() -> DeploymentConfig:
+    return DeploymentConfig(autoscaling=AutoscalingConfig(signal_targets={"tiles_waiting": 64}))
+
+
 class ServedModel(ModelConfig):
     """A model with its two pools."""
 
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
-    encoder: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    encoder: DeploymentConfig = Field(default_factory=_vision_pool)
     decoder: DeploymentConfig = Field(default_factory=DeploymentConfig)
     encoder_settings: EncoderSettings = Field(
         default_factory=EncoderSettings, description="The encoder's settings (services.encoder.config)."
@@ -161,7 +197,7 @@ class MeshConfig(CommonConfig):
     preprocess: PreprocessConfig = Field(
         default_factory=PreprocessConfig, description="The preprocess pool (services.preprocess.config)."
     )
-    preprocess_deployment: DeploymentConfig = Field(default_factory=_cpu_pool)
+    preprocess_deployment: DeploymentConfig = Field(default_factory=_preprocess_pool)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     gateway_deployment: DeploymentConfig = Field(default_factory=_gateway_pool)
 

@@ -101,6 +101,11 @@ class EncoderDeployment:
     def stats(self) -> dict[str, int]:
         return self.core.stats.as_dict()
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The stage's own signal for Serve's custom autoscaling (mesh/autoscaling.py): tiles waiting
+        in the batcher for the vision tower."""
+        return {"tiles_waiting": float(self.core.batcher.queued_tiles)}
+
     async def EmbedImages(self, request, grpc_context=None):  # noqa: N802 - gRPC method name
         return await via_serve_proxy(
             self.servicer.EmbedImages(request, grpc_context), grpc_context, encoder_pb2.EmbedImagesResponse

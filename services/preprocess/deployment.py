@@ -27,11 +27,21 @@ class PreprocessDeployment:
         self.preprocessor = Preprocessor(args.config)
         self.signer = mesh_signer("preprocess")
         self.servicer = PreprocessServicer(self.preprocessor, self.signer, args.default_max_num)
+        self._queued_images = 0
 
     async def tile(self, items, ctx: RequestContext):
         ctx = self.signer.verify(ctx)
-        with tracing.span_from(ctx.trace, tracing.SPAN_PREPROCESS, {tracing.ATTR_IMAGES: len(items)}):
-            return await self.preprocessor.atile_images(items)
+        self._queued_images += len(items)
+        try:
+            with tracing.span_from(ctx.trace, tracing.SPAN_PREPROCESS, {tracing.ATTR_IMAGES: len(items)}):
+                return await self.preprocessor.atile_images(items)
+        finally:
+            self._queued_images -= len(items)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The stage's own signal for Serve's custom autoscaling (mesh/autoscaling.py): images queued
+        for or in the tiling workers."""
+        return {"queue_depth": float(self._queued_images)}
 
     async def tile_video(self, clip: VideoClip, ctx: RequestContext):
         ctx = self.signer.verify(ctx)

@@ -25,6 +25,15 @@ def replicas_by_stage(cluster) -> dict[str, list[dict]]:
     return out
 
 
+def encoder_table(cluster) -> list[tuple[str, str]]:
+    """Every encoder replica Serve knows, with its state and node group (for failure messages)."""
+    for name, app in cluster.serve_applications().items():
+        if name.startswith("encoder-"):
+            d = next(iter(app["deployments"].values()))
+            return [(r["state"], cluster.name_of(r.get("node_id") or "")) for r in d["replicas"]]
+    return []
+
+
 def chat(
     mesh, image: bytes, question: str = "What is in this image?", timeout: float = 120, **extra
 ) -> httpx.Response:

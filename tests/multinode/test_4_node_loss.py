@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis
 
-from tests.multinode.test_1_placement import chat, replicas_by_stage
+from tests.multinode.test_1_placement import chat, encoder_table, replicas_by_stage
 from tests.support.images import png
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.multinode]
@@ -59,8 +59,9 @@ def test_vision_node_lost_under_load(cluster, mesh):
     killed_at = time.monotonic()
     lost.kill()
     deadline = killed_at + 150
-    replaced_at = None
+    replaced_at, seen = None, []
     while time.monotonic() < deadline:
+        seen.append((round(time.monotonic() - killed_at), encoder_table(cluster)))
         now = replicas_by_stage(cluster).get("encoder", [])
         if replaced_at is None and now and now[0]["node_id"] != lost.node_id:
             replaced_at = time.monotonic()
@@ -71,7 +72,7 @@ def test_vision_node_lost_under_load(cluster, mesh):
     stop.set()
     for c in clients:
         c.join(120)
-    assert replaced_at is not None, "the encoder was not replaced on the spare vision node"
+    assert replaced_at is not None, f"the encoder was not replaced on the spare vision node: {seen[::5]}"
     assert all(r["status"] in CLEAR for r in results), [r for r in results if r["status"] not in CLEAR]
     for r in results:
         if r["status"] != 200:

@@ -2,9 +2,9 @@
 own raylet and object store), each advertising the custom resources of one pool as the Helm chart's
 worker groups do (``workerGroups.<group>.rayResources`` of the chart's values, named by mesh/pools.py).
 
-Every node runs ``ray start --block`` in a session of its own, so a node is its process group: the
-cluster stops a node (or all of them) by killing that group, and finally any process left under its
-own ``--temp-dir``. The test process never connects to the cluster as a driver (another session Ray
+Every node runs ``ray start --block`` in a session of its own, so a node is the processes of that
+session (Ray gives its workers process groups of their own, inside it): the cluster stops a node (or
+all of them) by killing those PIDs, and finally any process left under its own ``--temp-dir``. The test process never connects to the cluster as a driver (another session Ray
 may live in it): it talks to the head's dashboard (``serve deploy``, the state API) over HTTP.
 """
 
@@ -41,6 +41,10 @@ NODE_ENV = {
     "RAY_prestart_worker_first_driver": "0",
     "RAY_SERVE_LOG_TO_STDERR": "0",
     "PYTHONPATH": str(ROOT),
+    # Replicas and handles push autoscaling metrics every second (default 10 s), so a scaling test
+    # sees a burst within seconds.
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
 }
 
 
@@ -63,13 +67,31 @@ class Node:
         return self.proc.poll() is None
 
     def kill(self) -> None:
-        """Every process of the node at once (raylet, object store, agents, its replicas' workers)."""
+        """Every process of the node at once: its session (``ray start``, raylet, agents) and the worker
+        processes there, which Ray puts in process groups of their own within that session."""
         if self.alive():
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            for pid in session_members(self.proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             self.proc.wait(30)
+
+
+def session_members(sid: int) -> list[int]:
+    """The PIDs whose session id is ``sid`` (field 6 of /proc/<pid>/stat)."""
+    out = []
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            stat = (pid_dir / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[3]) == sid:
+            out.append(int(pid_dir.name))
+    return out
 
 
 class RayCluster:
@@ -186,6 +208,9 @@ class RayCluster:
 
     def group_of(self, node_id: str) -> str:
         return next(n.group for n in self.nodes.values() if n.node_id == node_id)
+
+    def name_of(self, node_id: str) -> str:
+        return next((n.name for n in self.nodes.values() if n.node_id == node_id), "?")
 
     def serve_deploy(self, config: dict[str, Any], timeout_s: float = 120) -> None:
         path = Path(self.temp_dir) / "serve-config.yaml"

@@ -17,7 +17,11 @@ render_serve_config, built from .Values.mesh. tests/helm compares the two for ev
 {{- $_ := set $actor "resources" $d.resources }}
 {{- end }}
 {{- $a := $d.autoscaling }}
-{{- $autoscaling := dict "min_replicas" $a.minReplicas "max_replicas" $a.maxReplicas "target_ongoing_requests" $a.targetOngoingRequests "upscale_delay_s" $a.upscaleDelayS "downscale_delay_s" $a.downscaleDelayS }}
+{{- $autoscaling := dict "min_replicas" $a.minReplicas "max_replicas" $a.maxReplicas "target_ongoing_requests" $a.targetOngoingRequests "upscale_delay_s" $a.upscaleDelayS "downscale_delay_s" $a.downscaleDelayS "look_back_period_s" ($a.lookBackPeriodS | default 30) }}
+{{- /* A stage's own signals: mesh/autoscaling.py's policy (topology.AutoscalingConfig.serve_config). */}}
+{{- if $a.signalTargets }}
+{{- $_ := set $autoscaling "policy" (dict "policy_function" "mesh.autoscaling.SignalPolicy" "policy_kwargs" (dict "targets" $a.signalTargets)) }}
+{{- end }}
 {{- toYaml (dict "ray_actor_options" $actor "autoscaling_config" $autoscaling "max_ongoing_requests" $d.maxOngoingRequests "graceful_shutdown_timeout_s" $d.gracefulShutdownTimeoutS) }}
 {{- end }}
 
