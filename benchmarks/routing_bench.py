@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -165,7 +166,8 @@ def main() -> None:
     from tests.support.ports import free_port
 
     _mesh_secret(None)
-    ckpt = make_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="ivm-routing-")) / "tiny", preset="tiny", seed=0)
+    work = Path(tempfile.mkdtemp(prefix="ivm-routing-"))
+    ckpt = make_tiny_checkpoint(work / "tiny", preset="tiny", seed=0)
     temp_dir = tempfile.mkdtemp(prefix="ivm-bench-ray-", dir="/tmp")
     ray.init(
         num_cpus=8,
@@ -189,6 +191,8 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     one = results["one_replica"]["hit_rate"]
     report = {
         "benchmark": "routing",

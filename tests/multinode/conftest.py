@@ -56,13 +56,13 @@ DEPLOYMENTS = [
     "models.0.decoder.autoscaling.max_replicas=2",
     "models.0.encoder.autoscaling.min_replicas=1",
     "models.0.encoder.autoscaling.max_replicas=2",
-    "models.0.encoder.autoscaling.signal_targets.tiles_waiting=4",
+    "models.0.encoder.autoscaling.signal_targets.tiles_waiting=3",
     # On this CPU the tiny vision tower is far faster than tiling and decoding, so tiles never wait
     # for it; a wide batching window (tiles wait up to 0.5 s for company, as a GPU deployment may
     # choose for fuller forwards) makes the queue that the encoder scales on measurable.
     "models.0.encoder_settings.batching.max_wait_ms=500",
     "models.0.encoder_settings.batching.max_batch_tiles=256",
-    "models.0.encoder.autoscaling.look_back_period_s=2",
+    "models.0.encoder.autoscaling.look_back_period_s=4",
     "models.0.encoder.autoscaling.upscale_delay_s=1",
     "models.0.encoder.autoscaling.downscale_delay_s=5",
 ]

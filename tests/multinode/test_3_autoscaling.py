@@ -1,6 +1,6 @@
 """The encoder scales on its own signal (tiles waiting in its batcher, reported through Serve's custom
 autoscaling metrics to mesh/autoscaling.py's policy): a burst of new images takes it from one replica
-to two (its max_replicas; the second on the other vision node; a target of 4 tiles a replica, which the
+to two (its max_replicas; the second on the other vision node; a target of 3 tiles a replica, which the
 node-loss module's lighter load stays under), and it comes back to one after the
 burst (a 5 s downscale delay), never leaving its bounds."""
 

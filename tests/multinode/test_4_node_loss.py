@@ -52,7 +52,7 @@ def test_vision_node_lost_under_load(cluster, mesh):
     assert len(encoders) == 1
     lost = node_named(cluster, encoders[0]["node_id"])
     stop, results = threading.Event(), []
-    clients = [threading.Thread(target=load, args=(mesh, stop, results, 10_000 * (i + 1))) for i in range(3)]
+    clients = [threading.Thread(target=load, args=(mesh, stop, results, 10_000 * (i + 1))) for i in range(2)]
     for c in clients:
         c.start()
     time.sleep(4)

@@ -125,7 +125,12 @@ class RayCluster:
         resources = group_resources(group)
         args = [*RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={self.num_cpus}"]
         args += [f"--resources={json.dumps(resources)}", f"--object-store-memory={self.object_store}"]
-        args += ["--disable-usage-stats", f"--temp-dir={self.temp_dir}", *self._ports()]
+        args += [
+            "--disable-usage-stats",
+            f"--temp-dir={self.temp_dir}",
+            f"--node-name={name}",
+            *self._ports(),
+        ]
         if head:
             args += [
                 "--head",
@@ -194,17 +199,13 @@ class RayCluster:
             nodes = list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")], timeout=10)
         except Exception:  # the dashboard is still starting
             return []
-        return [{"node_id": n.node_id, "resources": n.resources_total} for n in nodes]
+        return [{"node_id": n.node_id, "name": n.node_name, "resources": n.resources_total} for n in nodes]
 
     def _name_nodes(self) -> None:
-        """Match each node of the state API to ours by its custom resources and start order."""
-        for n in self.alive_nodes():
-            for node in self.nodes.values():
-                if node.node_id:
-                    continue
-                if all(n["resources"].get(k) == v for k, v in node.resources.items()):
-                    node.node_id = n["node_id"]
-                    break
+        """Each node's Ray id, by the name it was started with (``--node-name``)."""
+        ids = {n["name"]: n["node_id"] for n in self.alive_nodes()}
+        for node in self.nodes.values():
+            node.node_id = ids[node.name]
 
     def group_of(self, node_id: str) -> str:
         return next(n.group for n in self.nodes.values() if n.node_id == node_id)
