@@ -19,6 +19,7 @@ from services.common.context import RequestContext
 from services.common.grpc_server import stream_via_serve_proxy, via_serve_proxy
 from services.common.refs import EmbeddingRef
 from services.common.serve_args import app_args, mesh_signer, redis_url_with_password, resolve_device
+from services.decoder.autoscaling import autoscaling_stats
 from services.decoder.config import DecoderAppArgs
 from services.decoder.server import DecoderFrontend, DecoderServicer
 from services.decoder.types import ChatMessage, DecodeRequest
@@ -59,6 +60,11 @@ class DecoderDeployment:
         self, messages: list[ChatMessage], image_tiles: list[int], ctx: RequestContext
     ) -> tuple[int, int]:
         return self.frontend.count_tokens(messages, image_tiles, ctx)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The stage's own signals for Serve's custom autoscaling (mesh/autoscaling.py): prompt tokens
+        waiting in the scheduler and the KV cache's usage."""
+        return autoscaling_stats(self.core.stats())
 
     def info(self) -> dict[str, Any]:
         return {"max_model_len": self.core.max_model_len, **self.core.stats()}

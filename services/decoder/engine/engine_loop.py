@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from services.common.errors import Unavailable
+from services.decoder.autoscaling import waiting_tokens
 from services.decoder.engine.llm_engine import LLMEngine
 from services.decoder.engine.output_processor import EngineOutput, NewRequest
 from services.decoder.engine.request import Request
@@ -63,12 +64,18 @@ class EngineStats:
     kv_usage: float = 0.0
     preemptions: int = 0
     tenants: dict[str, dict[str, float]] = field(default_factory=dict)  # ``Scheduler.tenant_stats``
+    waiting_tokens: int = 0  # prompt tokens still to compute over the waiting requests (autoscaling)
 
     @classmethod
     def of(cls, engine: LLMEngine) -> EngineStats:
         s = engine.scheduler
         return cls(
-            s.num_running(), s.num_waiting(), engine.block_manager.usage, s.num_preemptions, s.tenant_stats()
+            s.num_running(),
+            s.num_waiting(),
+            engine.block_manager.usage,
+            s.num_preemptions,
+            s.tenant_stats(),
+            waiting_tokens(s.waiting),
         )
 
     def as_dict(self) -> dict[str, float]:
