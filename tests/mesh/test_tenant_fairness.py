@@ -119,13 +119,15 @@ def outcomes(mesh):
 def test_with_fair_share_b_is_not_passed_over_and_answers_before_a_drains(outcomes):
     fair = outcomes["fair"]
     assert fair["b"]["passed_over"] == 0
-    assert fair["a_after_b"] >= MAX_NUM_SEQS  # at least a whole batch of A's backlog was still to finish
+    # more of A finished after B than one batch: B went ahead of A requests that were queued
+    assert fair["a_after_b"] > MAX_NUM_SEQS
 
 
 def test_without_fair_share_a_queued_flood_goes_first(outcomes):
     fifo = outcomes["fifo"]
     assert fifo["b"]["passed_over"] > 0
-    assert fifo["a_after_b"] < MAX_NUM_SEQS  # B is admitted after every queued A request
+    # B is admitted after every queued A request: at most the batch it joined finishes after it
+    assert fifo["a_after_b"] <= MAX_NUM_SEQS
 
 
 def test_b_greedy_answer_is_the_same_on_both_models(outcomes):

@@ -3,6 +3,7 @@ request with an image crosses the nodes: gateway and preprocess on the head, the
 node writing the embedding to Redis, the decoder on the decoder node reading it back."""
 
 import base64
+import time
 
 import httpx
 import pytest
@@ -32,6 +33,19 @@ def encoder_table(cluster) -> list[tuple[str, str]]:
             d = next(iter(app["deployments"].values()))
             return [(r["state"], cluster.name_of(r.get("node_id") or "")) for r in d["replicas"]]
     return []
+
+
+def one_encoder(cluster, timeout_s: float = 120.0) -> list[dict]:
+    """The encoder's replicas once it runs exactly one and holds no other (an earlier test's load may
+    have scaled it up: it comes back down after its downscale delay); fails past ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        running = replicas_by_stage(cluster).get("encoder", [])
+        if len(running) == 1 and len(encoder_table(cluster)) == 1:
+            return running
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the encoder did not settle at one replica: {encoder_table(cluster)}")
+        time.sleep(0.5)
 
 
 def chat(

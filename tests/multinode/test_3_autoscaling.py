@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.multinode.test_1_placement import chat, encoder_table, replicas_by_stage
+from tests.multinode.test_1_placement import chat, encoder_table, one_encoder, replicas_by_stage
 from tests.support.images import png
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.multinode]
@@ -37,7 +37,7 @@ def watch(cluster, until, timeout_s: float, trace: list, t0: float) -> bool:
 
 
 def test_encoder_scales_up_on_a_burst_and_back_down(cluster, mesh):
-    assert len(encoder_replicas(cluster)) == 1
+    one_encoder(cluster)
     stop, statuses, trace = threading.Event(), [], []
     t0 = time.monotonic()
     clients = [

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis
 
-from tests.multinode.test_1_placement import chat, encoder_table, replicas_by_stage
+from tests.multinode.test_1_placement import chat, encoder_table, one_encoder, replicas_by_stage
 from tests.support.images import png
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.multinode]
@@ -48,8 +48,7 @@ def usage_ids(mesh) -> dict[str, str]:
 
 
 def test_vision_node_lost_under_load(cluster, mesh):
-    encoders = replicas_by_stage(cluster)["encoder"]
-    assert len(encoders) == 1
+    encoders = one_encoder(cluster)
     lost = node_named(cluster, encoders[0]["node_id"])
     stop, results = threading.Event(), []
     clients = [threading.Thread(target=load, args=(mesh, stop, results, 10_000 * (i + 1))) for i in range(2)]
