@@ -139,17 +139,24 @@ class FairShare:
     def stats(self, running: list[Request], waiting: list[Request]) -> dict[str, dict[str, float]]:
         """Per tenant: tokens scheduled, admissions, seconds waited before them, admissions of others
         ahead of its waiting requests, requests running and waiting, KV blocks held now."""
-        tenants = set(self.tokens) | set(self.admissions) | {r.tenant for r in running + waiting}
+        now: dict[str, list[int]] = {}  # tenant -> [running, waiting, KV blocks]: one pass (every step)
+        for r in running:
+            row = now.setdefault(r.tenant, [0, 0, 0])
+            row[0] += 1
+            row[2] += len(r.block_ids)
+        for r in waiting:
+            now.setdefault(r.tenant, [0, 0, 0])[1] += 1
         out = {}
-        for t in sorted(tenants):
+        for t in sorted(set(self.tokens) | set(self.admissions) | set(now)):
+            running_now, waiting_now, blocks = now.get(t, (0, 0, 0))
             out[t] = {
                 "tokens": self.tokens.get(t, 0),
                 "admissions": self.admissions.get(t, 0),
                 "queue_s": self.queue_s.get(t, 0.0),
                 "passed_over": self.passed_over.get(t, 0),
-                "running": sum(1 for r in running if r.tenant == t),
-                "waiting": sum(1 for r in waiting if r.tenant == t),
-                "kv_blocks": sum(len(r.block_ids) for r in running if r.tenant == t),
+                "running": running_now,
+                "waiting": waiting_now,
+                "kv_blocks": blocks,
                 "weight": self.weight.get(t, 1.0),
             }
         return out
